@@ -1,0 +1,125 @@
+"""The `fuzzmmu` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from fuzzmmu import __version__
+
+# A 4-level example: a user read-only page, a user no-execute page and a supervisor 2 MiB page.
+DEMO_SPEC = """\
+mode 4level
+cr3 0x1000
+nxe
+0x1000 = 0x2027     # PML4E[0] -> PDPT at 0x2000, P|W|U|A
+0x2000 = 0x3027     # PDPTE[0] -> PD at 0x3000,   P|W|U|A
+0x3000 = 0x4027     # PDE[0]   -> PT at 0x4000,   P|W|U|A
+0x3008 = 0x2000a3   # PDE[1]   -> 2 MiB page at 0x200000, P|W|A|PS (supervisor)
+0x4008 = 0x5025     # PTE[1]   -> 0x5000, P|U|A (read-only)
+0x4010 = 0x8000000000006067  # PTE[2] -> 0x6000, P|W|U|A|D|NX
+"""
+DEMO_WALKS = (
+    (0x1008, "read", True, "user read of a read-only user page"),
+    (0x1008, "write", True, "user write to it: protection fault"),
+    (0x1008, "write", False, "supervisor write with CR0.WP=1: protection fault"),
+    (0x2000, "fetch", True, "user fetch from an NX page"),
+    (0x201234, "read", False, "supervisor read in the 2 MiB page"),
+    (0x201234, "read", True, "user read of the supervisor 2 MiB page"),
+    (0x3000, "read", True, "a not-present PTE"),
+)
+
+
+def _cmd_walk(args: argparse.Namespace, console: Console) -> int:
+    from fuzzmmu.arch.walker import Access, NonCanonicalAddress, walk_trace
+    from fuzzmmu.ui.tablespec import TableSpec, TableSpecError
+    from fuzzmmu.ui.walkview import show_walk, walk_json
+
+    spec = TableSpec()
+    try:
+        if args.demo:
+            spec.parse_text(DEMO_SPEC, "demo")
+        if args.file:
+            try:
+                text = Path(args.file).read_text()
+            except OSError as exc:
+                raise TableSpecError(f"cannot read {args.file}: {exc.strerror}") from exc
+            spec.parse_text(text, args.file)
+        for key in ("mode", "cr3", "gva", "access", "maxphyaddr", "pkru", "pages"):
+            value = getattr(args, key)
+            if value is not None:
+                spec.set(key, value, f"--{key}")
+        for flag in args.flag:
+            spec.set(flag, None, "--flag")
+        for entry in args.entry:
+            spec.add_entry(entry, "--entry")
+        mem, cpu, acc = spec.build()
+    except TableSpecError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+
+    if args.demo and args.gva is None:
+        for gva, kind, user, what in DEMO_WALKS:
+            console.rule(what)
+            show_walk(console, mem, cpu, gva,
+                      Access(write=kind == "write", fetch=kind == "fetch", user=user))
+        return 0
+    set_ad = "set-ad" in spec.flags
+    try:
+        if args.json:
+            res, steps = walk_trace(mem, cpu, spec.gva, acc, set_ad=set_ad)
+            print(json.dumps(walk_json(cpu, spec.gva, acc, res, steps)))
+        else:
+            res = show_walk(console, mem, cpu, spec.gva, acc, set_ad=set_ad)
+    except NonCanonicalAddress as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
+    return 0 if res.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fuzzmmu", description="Differential fuzzer for x86 shadow paging (KVM's shadow MMU).")
+    parser.add_argument("--version", action="version", version=f"fuzzmmu {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    w = sub.add_parser("walk", help="walk guest page tables with the architectural reference",
+                       description="Walk a gva through page tables given in FILE and/or flags "
+                                   "and print each level, the rights and the verdict. Exit 0 on "
+                                   "a translation, 1 on #PF or #GP, 2 on bad input.")
+    w.add_argument("file", nargs="?", help="page-table description (see fuzzmmu/ui/tablespec.py)")
+    w.add_argument("--demo", action="store_true", help="walk a built-in 4-level example")
+    w.add_argument("--mode", help="off | 32bit | pae | 4level | 5level")
+    w.add_argument("--cr3")
+    w.add_argument("--gva")
+    w.add_argument("--access", help="read | write | fetch")
+    w.add_argument("--maxphyaddr")
+    w.add_argument("--pkru")
+    w.add_argument("--pages", help="guest memory size in 4 KiB pages")
+    w.add_argument("--entry", action="append", default=[], metavar="GPA=VALUE",
+                   help="a paging-structure entry (repeatable)")
+    w.add_argument("--flag", action="append", default=[], metavar="FLAG",
+                   help="wp, nowp, nxe, smep, smap, pse, pke, ac, user, implicit, set-ad "
+                        "(repeatable)")
+    w.add_argument("--json", action="store_true", help="machine-readable output")
+    w.set_defaults(func=_cmd_walk)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    console = Console(highlight=False)
+    return int(args.func(args, console))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

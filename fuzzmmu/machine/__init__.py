@@ -1,0 +1,1 @@
+"""The virtual machine a guest lives in: guest memory, memslots, vCPUs."""

@@ -1,0 +1,82 @@
+"""Guest-physical memory backed by numpy.
+
+One flat little-endian byte array. Single entries are read and written through memoryviews of
+the array (a scalar numpy index costs ~4x more); bulk work (create, copy, compare) uses numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fuzzmmu.arch.bits import PAGE_SHIFT
+
+_SIZES = (1, 2, 4, 8)
+
+
+class GuestMemoryError(LookupError):
+    """An access that does not lie inside guest memory."""
+
+
+class GuestMemory:
+    """``num_pages`` 4 KiB frames of zeroed memory; reads and writes of 1, 2, 4 or 8 bytes at any
+    alignment, including accesses that straddle two entries or two pages."""
+
+    __slots__ = ("_bytes", "_qwords", "array", "num_pages", "size")
+
+    def __init__(self, num_pages: int, *, _array: np.ndarray | None = None) -> None:
+        if num_pages <= 0:
+            raise ValueError(f"guest memory needs at least one page, got {num_pages}")
+        self.num_pages = num_pages
+        self.size = num_pages << PAGE_SHIFT
+        self.array = np.zeros(self.size, dtype=np.uint8) if _array is None else _array
+        self._bytes = memoryview(self.array)
+        self._qwords = self._bytes.cast("Q")
+
+    def _check(self, gpa: int, size: int) -> None:
+        if size not in _SIZES:
+            raise ValueError(f"access size must be 1, 2, 4 or 8 bytes, got {size}")
+        if gpa < 0 or gpa + size > self.size:
+            raise GuestMemoryError(
+                f"{size}-byte access at gpa {gpa:#x} is outside guest memory "
+                f"(0x0-{self.size - 1:#x}, {self.num_pages} pages)")
+
+    def read(self, gpa: int, size: int) -> int:
+        """Little-endian value of ``size`` bytes at ``gpa``."""
+        if size == 8 and not gpa & 7 and 0 <= gpa < self.size:
+            return self._qwords[gpa >> 3]
+        self._check(gpa, size)
+        return int.from_bytes(self._bytes[gpa:gpa + size], "little")
+
+    def write(self, gpa: int, size: int, value: int) -> None:
+        """Store the low ``size`` bytes of ``value`` at ``gpa``, little-endian."""
+        if size == 8 and not gpa & 7 and 0 <= gpa < self.size and 0 <= value < 1 << 64:
+            self._qwords[gpa >> 3] = value
+            return
+        self._check(gpa, size)
+        if not 0 <= value < 1 << (8 * size):
+            raise ValueError(f"value {value:#x} does not fit in {size} bytes")
+        self._bytes[gpa:gpa + size] = value.to_bytes(size, "little")
+
+    def contains(self, gpa: int) -> bool:
+        return 0 <= gpa < self.size
+
+    def page(self, pfn: int) -> np.ndarray:
+        """A writable numpy view of one 4 KiB frame."""
+        if not 0 <= pfn < self.num_pages:
+            raise GuestMemoryError(
+                f"frame {pfn:#x} is outside guest memory ({self.num_pages} pages)")
+        return self.array[pfn << PAGE_SHIFT:(pfn + 1) << PAGE_SHIFT]
+
+    def copy(self) -> GuestMemory:
+        return GuestMemory(self.num_pages, _array=self.array.copy())
+
+    def same_as(self, other: GuestMemory) -> bool:
+        return self.size == other.size and bool(np.array_equal(self.array, other.array))
+
+    def differences(self, other: GuestMemory, limit: int = 8) -> list[int]:
+        """Byte offsets (up to ``limit``) where two memories of the same size differ."""
+        if self.size != other.size:
+            raise ValueError("memories of different sizes cannot be compared")
+        return [int(i) for i in np.flatnonzero(self.array != other.array)[:limit]]
+
+

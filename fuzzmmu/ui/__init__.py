@@ -1,0 +1,1 @@
+"""Human-facing rendering and input formats for the command line."""
