@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuzzmmu.machine.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+from fuzzmmu.arch.bits import PAGE_SIZE
+from fuzzmmu.machine.memory import GuestMemory, GuestMemoryError
 
 SIZES = (1, 2, 4, 8)
 
