@@ -1,0 +1,55 @@
+"""The slice of KVM's instruction emulator a shadow-MMU fault can lead to (x86.c:
+emulator_read_write_onepage, vcpu_mmio_gva_to_gpa, emulator_write_phys): one load, store or
+fetch at a gva, after the fault handler returned RET_PF_EMULATE.
+
+The gva is translated again, through the vCPU's MMIO cache when it matches, else by KVM's
+guest walker (which sets A/D bits). RAM is read or written directly and a write is reported to
+write tracking (kvm_page_track_write); anything else is an exit to the VMM's device model.
+Executing from MMIO, which KVM cannot emulate, is reported as an MMIO access.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fuzzmmu.arch.bits import PAGE_SHIFT, PFERR_FETCH, PFERR_U, PFERR_W
+from fuzzmmu.machine.observe import Observation, ObsKind, mmio_read_value
+from fuzzmmu.shadow.pte_write import kvm_mmu_track_write
+from fuzzmmu.shadow.walk import gva_to_gpa, permission_fault
+
+if TYPE_CHECKING:
+    from fuzzmmu.machine.vcpu import Vcpu
+    from fuzzmmu.shadow.mmu import KvmMmu
+
+
+def emulate_access(kvm: KvmMmu, vcpu: Vcpu, gva: int, write: bool, fetch: bool, width: int,
+                   value: int) -> Observation:
+    pfec = (PFERR_W if write else 0) | (PFERR_U if vcpu.cpl == 3 else 0) | (
+        PFERR_FETCH if fetch else 0)
+    role = vcpu.mmu.cpu_role
+    assert role is not None
+    is_mmio = False
+    if not fetch and vcpu.match_mmio_gva(gva) and (
+            not role.pg or not permission_fault(vcpu.mmu, vcpu.mmio_access, pfec,
+                                                vcpu.eflags_ac)):
+        gpa = (vcpu.mmio_gfn << PAGE_SHIFT) | (gva & 0xFFF)
+        is_mmio = True
+    else:
+        maybe_gpa, error_code = gva_to_gpa(kvm, vcpu, gva, pfec, vcpu.eflags_ac)
+        if maybe_gpa is None:
+            return Observation(ObsKind.PF, gva, 0, error_code)
+        gpa = maybe_gpa
+        is_mmio = not fetch and vcpu.match_mmio_gpa(gpa)
+    if not is_mmio:
+        pfn = vcpu.phys.gfn_to_pfn(vcpu.smm, gpa >> PAGE_SHIFT)
+        if pfn >= 0:
+            hpa = (pfn << PAGE_SHIFT) | (gpa & 0xFFF)
+            mem = vcpu.phys.backing
+            if write:
+                mem.write(hpa, width, value)
+                kvm_mmu_track_write(kvm, vcpu, gpa, width)
+                return Observation(ObsKind.RAM, hpa, value)
+            return Observation(ObsKind.RAM, hpa, mem.read(hpa, width))
+    if write:
+        return Observation(ObsKind.MMIO, gpa, value)
+    return Observation(ObsKind.MMIO, gpa, mmio_read_value(gpa, width))

@@ -1,0 +1,56 @@
+"""What a guest (or its VMM) observes from one operation: the common currency of the model
+machine and the reference machine, compared by the oracle."""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+from fuzzmmu.arch.bits import pferr_str
+
+
+class ObsKind(enum.Enum):
+    DONE = "done"  # the operation completed with nothing to observe
+    RAM = "ram"  # a memory access at host frame address ``addr`` with ``value``
+    MMIO = "mmio"  # an exit to the VMM's device model at guest-physical ``addr``
+    PF = "#PF"  # a page fault delivered to the guest: CR2 ``addr``, ``error_code``
+    GP = "#GP"  # a control-register load that faults
+    UD = "#UD"  # an instruction not valid here (RSM outside SMM)
+    SHUTDOWN = "shutdown"  # the vCPU shut down (failed RSM)
+    REJECTED = "rejected"  # the VMM's ioctl was refused (bad memslot update)
+    HANG = "hang"  # the model retried the access without end
+    VM_ERROR = "vm-error"  # KVM_RUN failed: the VMM sees an error and stops the VM
+
+
+class Observation(NamedTuple):
+    kind: ObsKind
+    addr: int = 0
+    value: int = 0
+    error_code: int = 0
+    detail: str = ""
+
+    def __str__(self) -> str:
+        k = self.kind
+        if k is ObsKind.RAM:
+            return f"RAM hpa={self.addr:#x} value={self.value:#x}"
+        if k is ObsKind.MMIO:
+            return f"MMIO gpa={self.addr:#x} value={self.value:#x}"
+        if k is ObsKind.PF:
+            return (f"#PF cr2={self.addr:#x} error={self.error_code:#x} "
+                    f"({pferr_str(self.error_code)})")
+        return f"{k.value}{': ' + self.detail if self.detail else ''}"
+
+
+DONE = Observation(ObsKind.DONE)
+GP = Observation(ObsKind.GP)
+
+
+def mmio_read_value(gpa: int, size: int) -> int:
+    """What the VMM's device model returns for an MMIO read (the same on both machines)."""
+    return ((gpa * 0x9E3779B97F4A7C15) >> 13) & ((1 << (8 * size)) - 1)
+
+
+class AccessKind(enum.Enum):
+    READ = "read"
+    WRITE = "write"
+    FETCH = "fetch"

@@ -1,0 +1,157 @@
+"""The catalog of switchable historical KVM shadow-MMU bugs (docs/bugs.md).
+
+Each mutant is the pre-fix code path at the place KVM had it; the model tests a BugSet
+attribute there. Enabling a mutant changes what the model does, never what the oracle expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Bug:
+    id: str
+    attr: str  # the BugSet switch the model tests
+    summary: str
+    fix: str  # fixing commit and subject, as far as known
+    year: str
+    seed: bool  # one of the five bugs of the project's seed documents
+    needs: tuple[str, ...]  # model features the reproducer exercises
+    pending: str = ""  # why the mutant is not available yet; empty when it is
+
+    @property
+    def available(self) -> bool:
+        return not self.pending
+
+
+CATALOG: tuple[Bug, ...] = (
+    # --- the five bugs of the seed documents
+    Bug("misaligned-pt-write-two-sptes", "pte_write_no_misaligned_check",
+        "an emulated PT write crossing a gpte boundary invalidates only the first gpte's spte",
+        "0e7bc4b9610e KVM: MMU: Handle misaligned accesses to write protected guest page tables",
+        "2007", True, ("pte-write",)),
+    Bug("nonpae-pde-write-wrong-spte", "nonpae_pde_single_spte",
+        "a write to a 32-bit guest PDE zaps one spte at a singly-doubled offset instead of two",
+        "ac1b714e78c8 KVM: MMU: Fix guest writes to nonpae pde", "2007", True,
+        ("pte-write", "32bit")),
+    Bug("walk-addr-access-checks.accessed-bit", "walk_sets_accessed_early",
+        "the guest walker sets Accessed bits level by level before the access is known to "
+        "succeed", "KVM: MMU: Perform access checks in walk_addr() (hash not identified)",
+        "2007", True, ("walker",)),
+    Bug("mmio-spte-lockless-race.zapped-spte", "mmio_zapped_spte_is_error",
+        "an MMIO fault whose spte was zapped concurrently is reported as a misconfiguration "
+        "instead of retried", "review of ce88decffd17 KVM: MMU: mmio page fault support "
+        "(unverified)", "2011", True, ("mmio", "interleaving")),
+    Bug("wp-all-address-spaces", "wp_one_address_space",
+        "a newly shadowed gfn is write-protected (and write tracking checked) in one address "
+        "space only",
+        "0f38453cdb2e KVM: x86/mmu: Check write tracking in all address spaces (and the 2022 "
+        "account_shadowed() review)", "2022", True, ("smm",)),
+    # --- later bugs of the same machinery
+    Bug("inherited-access-shared-pt", "inherited_access_leaf_level",
+        "intermediate shadow pages get the access of all non-leaf levels, so tables shared by "
+        "parents with different rights share one page (CVE-2021-38198)",
+        "b1bd5cba3306 KVM: X86: MMU: Use the correct inherited permissions to get shadow page",
+        "2021", False, ("4level",)),
+    Bug("emulated-pte-update-ignores-role-access", "pte_update_ignores_role_access",
+        "the update-on-write path installs the new gpte's rights without the parents' "
+        "restrictions", "41074d07c78b KVM: MMU: Fix inherited permissions for emulated guest "
+        "pte updates", "<=2009", False, ("pte-write", "update-policy")),
+    Bug("direct-sp-dirty-write-corruption", "no_validate_direct_spte",
+        "a read-only direct shadow page made for a clean large gpte is reused writable after "
+        "the gpte becomes dirty", "9e7b0e7fba45 KVM: MMU: fix direct sp's access corrupted",
+        "2010", False, ("large-pages",)),
+    Bug("efer-nxe-not-in-role", "efer_nx_not_in_role",
+        "shadow pages built with EFER.NXE=1 are reused after the guest clears NXE (also what "
+        "modern KVM does: kvm_init_shadow_mmu() forces role.efer_nx=1)",
+        "9645bb56b31a KVM: MMU: Use different shadows when EFER.NXE changes", "2009", False,
+        ("efer",)),
+    Bug("cr0wp-not-in-role", "cr0_wp_not_in_role",
+        "a page converted to a writable kernel page under CR0.WP=0 is reused after WP=1",
+        "KVM: MMU: Segregate shadow pages with different cr0.wp (hash not identified)",
+        "~2010", False, ("cr0-wp",)),
+    Bug("smap-andnot-wp-not-in-role", "smap_andnot_wp_not_in_role",
+        "a kernel page converted under CR0.WP=0 with SMAP off is reused once SMAP is on",
+        "0be0226f07d1 KVM: MMU: fix SMAP virtualization", "2015", False, ("smap", "cr0-wp")),
+    Bug("nonpae-quadrant-alias-update", "no_quadrant_filter",
+        "a 32-bit guest PT write is applied to every quadrant's shadow page (aliases updated "
+        "under the update policy)", "fce0657ff9f1 KVM: MMU: Respect nonpae pagetable quadrant "
+        "when zapping ptes", "2007", False, ("pte-write", "32bit", "update-policy")),
+    Bug("cr3-outside-memslots-trusted", "cr3_outside_memslots_trusted",
+        "a root gfn outside every memslot gets a shadow page (KVM oopses on the missing "
+        "memslot) instead of the dummy root",
+        "8986ecc0ef58 KVM: x86: check for cr3 validity in mmu_alloc_roots", "2013", False,
+        ("memslots",)),
+    Bug("link-unsync-sp-without-sync", "link_unsync_without_sync",
+        "an upper-level page with unsync children is linked without syncing them",
+        "65855ed8b034 KVM: X86: Synchronize the shadow pagetable before link it", "2021", False,
+        ("unsync",), "needs unsync shadow pages, which the model does not have yet"),
+    Bug("no-remote-flush-on-permission-reduction", "local_flush_only",
+        "reducing spte permissions (write protection, zaps) flushes only the local TLB",
+        "kvm-28 KVM: Flush remote tlbs when reducing shadow pte permissions", "2007", False,
+        ("smp",)),
+    Bug("stale-gpte-revalidation-skipped", "gpte_recheck_only_new",
+        "FNAME(fetch) re-reads a gpte after write-protecting its table only when the shadow "
+        "page was just created", "f7d9c7b7b902 KVM: MMU: Fix race when instantiating a shadow "
+        "pte", "2008", False, ("smp", "interleaving")),
+    Bug("mmio-generation-wrap-window", "mmio_gen_published_before_zap",
+        "the new memslot generation is visible before MMIO sptes are zapped on a wrap",
+        "152482580a1b KVM: Call kvm_arch_memslots_updated() before updating memslots", "2019",
+        False, ("mmio", "memslots", "interleaving")),
+    # --- where current KVM (v6.10, as modelled) departs from the SDM; the clean model follows
+    # the SDM, these mutants are KVM as it is
+    Bug("kvm.fetch-errcode-32bit-nxe", "fetch_errcode_32bit_nxe",
+        "with 32-bit paging and EFER.NXE=1, #PF error codes of fetches carry I/D (the SDM "
+        "sets it only with PAE/long paging or SMEP)", "open: FNAME(walk_addr_generic) uses "
+        "cpu_role.base.efer_nx, which kvm_calc_cpu_role() sets for 32-bit paging too",
+        "current", False, ("32bit", "walker")),
+    Bug("kvm.mmio-cache-survives-cr3", "mmio_cache_survives_cr3",
+        "a CR3 write that does not reuse a cached root leaves the vCPU's MMIO gva cache valid",
+        "open: __kvm_mmu_new_pgd() clears the MMIO info only on the fast_pgd_switch() path",
+        "current", False, ("mmio",)),
+    Bug("kvm.pte-write-widen-misaligned", "pte_write_widen_misaligned",
+        "a 4-byte PT write by a PAE/long-mode vCPU is widened to the aligned 8 bytes before "
+        "detect_write_misaligned(), so a write straddling two gptes zaps one spte",
+        "open: mmu_pte_write_fetch_gpte() widens every 4-byte write", "current", False,
+        ("pte-write",)),
+)
+
+_BY_ID = {b.id: b for b in CATALOG}
+
+
+class UnknownBugError(ValueError):
+    """A bug id that is not in the catalog (or not available yet)."""
+
+
+class BugSet:
+    """Which mutants are on. Attribute tests keep the switches cheap on hot paths."""
+
+    __slots__ = (*(b.attr for b in CATALOG), "ids")
+
+    def __init__(self, ids: Iterable[str] = ()) -> None:
+        for b in CATALOG:
+            setattr(self, b.attr, False)
+        chosen = []
+        for bug_id in ids:
+            bug = lookup(bug_id)
+            if not bug.available:
+                raise UnknownBugError(f"bug {bug_id!r} is pending: {bug.pending}")
+            setattr(self, bug.attr, True)
+            chosen.append(bug.id)
+        self.ids: tuple[str, ...] = tuple(sorted(set(chosen)))
+
+    def __repr__(self) -> str:
+        return f"BugSet({list(self.ids)})"
+
+
+def lookup(bug_id: str) -> Bug:
+    bug = _BY_ID.get(bug_id)
+    if bug is None:
+        known = ", ".join(sorted(_BY_ID))
+        raise UnknownBugError(f"unknown bug id {bug_id!r}; known ids: {known}")
+    return bug
+
+
+NO_BUGS = BugSet()
