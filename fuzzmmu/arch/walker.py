@@ -268,6 +268,13 @@ def walk(mem: Memory, cpu: CpuState, gva: int, acc: Access = Access(), set_ad: b
          ) -> WalkResult:
     """Translate ``gva`` for ``acc`` under ``cpu``; with ``set_ad``, update A/D bits in ``mem``
     as the processor does (only on success)."""
+    return _walk(mem, cpu, gva, acc, set_ad, None)[0]
+
+
+def walk_leaf(mem: Memory, cpu: CpuState, gva: int, acc: Access = Access(), set_ad: bool = True
+              ) -> tuple[WalkResult, int]:
+    """Like :func:`walk`, also returning the leaf entry as read (0 unless the walk reached a
+    valid leaf): a TLB caches its D bit and protection key (SDM §4.10.2.2)."""
     return _walk(mem, cpu, gva, acc, set_ad, None)
 
 
@@ -275,11 +282,11 @@ def walk_trace(mem: Memory, cpu: CpuState, gva: int, acc: Access = Access(), set
                ) -> tuple[WalkResult, list[WalkStep]]:
     """Like :func:`walk`, also returning every entry read, for humans."""
     steps: list[WalkStep] = []
-    return _walk(mem, cpu, gva, acc, set_ad, steps), steps
+    return _walk(mem, cpu, gva, acc, set_ad, steps)[0], steps
 
 
 def _fault(p: _Params, cpu: CpuState, acc: Access, code: int, level: int, rights: int = 0
-           ) -> WalkResult:
+           ) -> tuple[WalkResult, int]:
     # SDM §4.7: W/R, U/S and I/D describe the access and are set alike for every kind of #PF.
     # I/D only if CR4.SMEP=1 or (PAE/long paging and EFER.NXE=1).
     if acc.write:
@@ -288,18 +295,18 @@ def _fault(p: _Params, cpu: CpuState, acc: Access, code: int, level: int, rights
         code |= PFERR_U
     if acc.fetch and (p.nxe or cpu.cr4 & CR4_SMEP):
         code |= PFERR_FETCH
-    return WalkResult(False, None, code, level, rights)
+    return WalkResult(False, None, code, level, rights), 0
 
 
 def _walk(mem: Memory, cpu: CpuState, gva: int, acc: Access, set_ad: bool,
-          trace: list[WalkStep] | None) -> WalkResult:
+          trace: list[WalkStep] | None) -> tuple[WalkResult, int]:
     p = cpu._p
     if p.levels == 0:
         # SDM §4.1.1: without paging the linear address is the physical address (32 bits).
         gpa = gva & 0xFFFFFFFF
         if trace is not None:
             trace.append(WalkStep(0, None, 0, ACC_U | ACC_W | ACC_X, "paging off: identity"))
-        return WalkResult(True, gpa, 0, 0, ACC_U | ACC_W | ACC_X)
+        return WalkResult(True, gpa, 0, 0, ACC_U | ACC_W | ACC_X), 0
 
     if p.va_bits == 32:
         gva &= 0xFFFFFFFF
@@ -376,33 +383,10 @@ def _walk(mem: Memory, cpu: CpuState, gva: int, acc: Access, set_ad: bool,
         low = 12 + 9 * (level - 1)
         gpa = (e & bits(51, low)) | (gva & ((1 << low) - 1))
 
-    # SDM §4.6: rights over every entry of the walk; CR0.WP only affects supervisor writes.
-    user = acc.user and not acc.implicit
-    write = acc.write
-    fetch = acc.fetch
-    u_page = bool(u_all)
-    denied = False
-    if user:
-        denied = not u_page or (write and not w_all) or (fetch and nx_any)
-    elif fetch:
-        denied = bool(nx_any) or (u_page and bool(cpu.cr4 & CR4_SMEP))
-    else:
-        if write and not w_all and cpu.cr0 & CR0_WP:
-            denied = True
-        if u_page and cpu.cr4 & CR4_SMAP and (acc.implicit or not cpu.eflags_ac):
-            denied = True
-    code = PFERR_P
-    if p.pke and u_page and not fetch:
-        # SDM §4.6.2: PKRU applies to data accesses to user-mode addresses, by user and
-        # supervisor code; WD blocks supervisor writes only with CR0.WP=1.
-        key = (e >> PTE_PKEY_SHIFT) & 0xF
-        ad = (cpu.pkru >> (2 * key)) & 1
-        wd = (cpu.pkru >> (2 * key + 1)) & 1
-        if ad or (wd and write and (user or cpu.cr0 & CR0_WP)):
-            denied = True
-            code |= PFERR_PK
-    if denied:
-        return _fault(p, cpu, acc, code, level, _rights(w_all, u_all, nx_any))
+    rights = _rights(w_all, u_all, nx_any)
+    code = access_fault(cpu, acc, rights, (e >> PTE_PKEY_SHIFT) & 0xF)
+    if code:
+        return _fault(p, cpu, acc, code, level, rights)
 
     if set_ad:
         # SDM §4.8: A in every entry used, D in the leaf for a write, only once the access is
@@ -410,11 +394,45 @@ def _walk(mem: Memory, cpu: CpuState, gva: int, acc: Access, set_ad: bool,
         # the current value: an entry may be walked twice when tables alias.
         last = len(walked) - 1
         for i, (egpa, _) in enumerate(walked):
-            want = PTE_A | (PTE_D if write and i == last else 0)
+            want = PTE_A | (PTE_D if acc.write and i == last else 0)
             cur = mem.read(egpa, esize)
             if cur & want != want:
                 mem.write(egpa, esize, cur | want)
-    return WalkResult(True, gpa, 0, level, _rights(w_all, u_all, nx_any))
+    return WalkResult(True, gpa, 0, level, rights), e
+
+
+def access_fault(cpu: CpuState, acc: Access, rights: int, pkey: int = 0) -> int:
+    """The rights check of SDM §4.6 for a translation with ``rights`` (and, with CR4.PKE in
+    long mode, protection key ``pkey``): 0 when the access is allowed, else the P (and PK)
+    bits of the #PF error code (the access bits are added by the caller). CR0.WP, SMEP, SMAP,
+    EFLAGS.AC and PKRU are applied at use, so the check also serves cached translations."""
+    user = acc.user and not acc.implicit
+    write = acc.write
+    fetch = acc.fetch
+    u_page = bool(rights & ACC_U)
+    w_ok = bool(rights & ACC_W)
+    x_ok = bool(rights & ACC_X)
+    if user:
+        denied = not u_page or (write and not w_ok) or (fetch and not x_ok)
+    elif fetch:
+        denied = not x_ok or (u_page and bool(cpu.cr4 & CR4_SMEP))
+    else:
+        denied = bool(write and not w_ok and cpu.cr0 & CR0_WP) or bool(
+            u_page and cpu.cr4 & CR4_SMAP and (acc.implicit or not cpu.eflags_ac))
+    code = PFERR_P if denied else 0
+    if cpu._p.pke and u_page and not fetch:
+        # SDM §4.6.2: PKRU applies to data accesses to user-mode addresses, by user and
+        # supervisor code; WD blocks supervisor writes only with CR0.WP=1.
+        ad = (cpu.pkru >> (2 * pkey)) & 1
+        wd = (cpu.pkru >> (2 * pkey + 1)) & 1
+        if ad or (wd and write and (user or cpu.cr0 & CR0_WP)):
+            code = PFERR_P | PFERR_PK
+    return code
+
+
+def fault_error_code(cpu: CpuState, acc: Access, code: int) -> int:
+    """Complete a #PF error code with the bits that describe the access (SDM §4.7)."""
+    return _fault(cpu._p, cpu, acc, code, 0)[0].error_code
 
 
 def _rights(w_all: int, u_all: int, nx_any: int) -> int:
@@ -429,8 +447,11 @@ __all__ = [
     "PdpteLoadError",
     "WalkResult",
     "WalkStep",
+    "access_fault",
+    "fault_error_code",
     "load_pdptrs",
     "mode_from_label",
     "walk",
+    "walk_leaf",
     "walk_trace",
 ]

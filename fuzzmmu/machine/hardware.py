@@ -88,21 +88,38 @@ def translate(kvm: KvmMmu, vcpu: Vcpu, gva: int, write: bool, fetch: bool) -> tu
         entry = (pfn, rights)
         vcpu.tlb[page] = entry
     pfn, rights = entry
-    user = vcpu.cpl == 3
-    paging = bool(vcpu.cr0 & CR0_PG)
-    if user:
-        denied = not rights & ACC_U or (write and not rights & ACC_W) or (
-            fetch and not rights & ACC_X)
-    elif fetch:
-        denied = not rights & ACC_X or bool(
-            paging and vcpu.cr4 & CR4_SMEP and rights & ACC_U)
-    else:
-        denied = (write and not rights & ACC_W) or bool(
-            paging and vcpu.cr4 & CR4_SMAP and rights & ACC_U and not vcpu.eflags_ac)
-    if denied:
+    if not permits(vcpu, rights, write, fetch, vcpu.cpl, vcpu.eflags_ac):
         del vcpu.tlb[page]
         return -1, _code(PFERR_P, vcpu, write, fetch)
     return pfn, 0
+
+
+def permits(vcpu: Vcpu, rights: int, write: bool, fetch: bool, cpl: int, ac: bool) -> bool:
+    """The hardware's rights check on a shadow translation (CR0.WP=1)."""
+    paging = bool(vcpu.cr0 & CR0_PG)
+    if cpl == 3:
+        return bool(rights & ACC_U) and not (write and not rights & ACC_W) and not (
+            fetch and not rights & ACC_X)
+    if fetch:
+        return bool(rights & ACC_X) and not (paging and vcpu.cr4 & CR4_SMEP and rights & ACC_U)
+    return not (write and not rights & ACC_W) and not (
+        paging and vcpu.cr4 & CR4_SMAP and rights & ACC_U and not ac)
+
+
+def completes_without_exit(kvm: KvmMmu, vcpu: Vcpu, gva: int, write: bool, fetch: bool,
+                           cpl: int, ac: bool) -> bool:
+    """Whether an access would complete in the hardware alone (no #PF exit to KVM); nothing
+    changes."""
+    if vcpu.requests or not vcpu.mmu.root_valid:
+        return False
+    entry = vcpu.tlb.get(gva >> PAGE_SHIFT)
+    if entry is None:
+        pfn, rights = walk_shadow_tables(kvm, vcpu, gva)
+        if pfn < 0:
+            return False
+    else:
+        rights = entry[1]
+    return permits(vcpu, rights, write, fetch, cpl, ac)
 
 
 def _code(base: int, vcpu: Vcpu, write: bool, fetch: bool) -> int:

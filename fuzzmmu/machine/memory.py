@@ -21,7 +21,7 @@ class GuestMemory:
     """``num_pages`` 4 KiB frames of zeroed memory; reads and writes of 1, 2, 4 or 8 bytes at any
     alignment, including accesses that straddle two entries or two pages."""
 
-    __slots__ = ("_bytes", "_qwords", "array", "num_pages", "size")
+    __slots__ = ("_bytes", "_qwords", "array", "dirty", "num_pages", "size")
 
     def __init__(self, num_pages: int, *, _array: np.ndarray | None = None) -> None:
         if num_pages <= 0:
@@ -31,6 +31,7 @@ class GuestMemory:
         self.array = np.zeros(self.size, dtype=np.uint8) if _array is None else _array
         self._bytes = memoryview(self.array)
         self._qwords = self._bytes.cast("Q")
+        self.dirty: set[int] = set()  # frames written since the owner last cleared the set
 
     def _check(self, gpa: int, size: int) -> None:
         if size not in _SIZES:
@@ -51,24 +52,34 @@ class GuestMemory:
         """Store the low ``size`` bytes of ``value`` at ``gpa``, little-endian."""
         if size == 8 and not gpa & 7 and 0 <= gpa < self.size and 0 <= value < 1 << 64:
             self._qwords[gpa >> 3] = value
+            self.dirty.add(gpa >> PAGE_SHIFT)
             return
         self._check(gpa, size)
         if not 0 <= value < 1 << (8 * size):
             raise ValueError(f"value {value:#x} does not fit in {size} bytes")
         self._bytes[gpa:gpa + size] = value.to_bytes(size, "little")
+        self.dirty.add(gpa >> PAGE_SHIFT)
+        self.dirty.add((gpa + size - 1) >> PAGE_SHIFT)
 
     def contains(self, gpa: int) -> bool:
         return 0 <= gpa < self.size
 
     def page(self, pfn: int) -> np.ndarray:
-        """A writable numpy view of one 4 KiB frame."""
+        """A writable numpy view of one 4 KiB frame (writes through it are not tracked in
+        ``dirty``)."""
         if not 0 <= pfn < self.num_pages:
             raise GuestMemoryError(
                 f"frame {pfn:#x} is outside guest memory ({self.num_pages} pages)")
         return self.array[pfn << PAGE_SHIFT:(pfn + 1) << PAGE_SHIFT]
 
     def copy(self) -> GuestMemory:
-        return GuestMemory(self.num_pages, _array=self.array.copy())
+        other = GuestMemory(self.num_pages, _array=self.array.copy())
+        other.dirty = set(self.dirty)
+        return other
+
+    def same_frame(self, other: GuestMemory, pfn: int) -> bool:
+        lo = pfn << PAGE_SHIFT
+        return self._bytes[lo:lo + (1 << PAGE_SHIFT)] == other._bytes[lo:lo + (1 << PAGE_SHIFT)]
 
     def same_as(self, other: GuestMemory) -> bool:
         return self.size == other.size and bool(np.array_equal(self.array, other.array))

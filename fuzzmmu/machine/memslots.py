@@ -24,8 +24,11 @@ class MemslotError(ValueError):
     """A memslot update the VMM ioctl would reject (KVM_SET_USER_MEMORY_REGION -EINVAL/-EEXIST)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Memslot:
+    """One memslot. Identity matters (eq=False): KVM keeps per-slot metadata (rmaps, write
+    tracking), and a moved slot is a new slot even where its fields repeat an old one's."""
+
     as_id: int
     slot_id: int
     base_gfn: int
@@ -102,7 +105,8 @@ class Memslots:
         return [s for as_id in range(NUM_ADDRESS_SPACES) for s in self.slots(as_id)]
 
     def check(self, upd: MemslotUpdate) -> tuple[Memslot | None, Memslot | None]:
-        """Validate ``upd`` as KVM's __kvm_set_memory_region would; return (old, new)."""
+        """Validate ``upd`` as KVM's __kvm_set_memory_region would; return (old, new).
+        A move to where the slot already is changes nothing: (old, old)."""
         if not 0 <= upd.as_id < NUM_ADDRESS_SPACES:
             raise MemslotError(f"address space {upd.as_id} does not exist")
         space = self.spaces[upd.as_id]
@@ -120,6 +124,8 @@ class Memslots:
         else:
             if old is None:
                 raise MemslotError(f"slot {upd.as_id}:{upd.slot_id} does not exist")
+            if upd.base_gfn == old.base_gfn:
+                return old, old
             new = Memslot(upd.as_id, upd.slot_id, upd.base_gfn, old.npages, old.hva)
         if new.base_gfn < 0:
             raise MemslotError("negative gfn")
@@ -212,6 +218,7 @@ class PhysMemory:
         """Host page migration: copy ``hva``'s frame to a spare one and remap it."""
         old, new = self.host.migrate(hva)
         self.backing.page(new)[:] = self.backing.page(old)
+        self.backing.dirty.add(new)
         return old, new
 
 

@@ -63,7 +63,7 @@ class Vcpu:
         self.id = vcpu_id
         self.kvm = kvm
         self.phys = phys
-        self.cr0 = 0
+        self.cr0 = CR0_PE | CR0_WP  # the world's reset state: protected mode, paging off
         self.cr3 = 0
         self.cr4 = 0
         self.efer = 0

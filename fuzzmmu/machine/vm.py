@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from fuzzmmu.arch.bits import EFER_LMA, PAGE_SHIFT
 from fuzzmmu.machine.emulator import emulate_access
-from fuzzmmu.machine.hardware import translate
+from fuzzmmu.machine.hardware import completes_without_exit, translate
 from fuzzmmu.machine.layout import new_world
 from fuzzmmu.machine.memslots import (
     GEN_UPDATE_IN_PROGRESS,
@@ -160,6 +160,17 @@ class Machine:
             return Observation(ObsKind.SHUTDOWN, detail="RSM could not restore the state")
         return self._vcpu_op(v, op)
 
+    def completes_without_exit(self, v: int, gva: int, kind: AccessKind, cpl: int, ac: bool
+                               ) -> bool:
+        """Whether vCPU ``v`` could do this access now without entering KVM."""
+        vcpu = self.vcpus[v]
+        if self.dead or vcpu.dead:
+            return False
+        if not vcpu.efer & EFER_LMA:
+            gva &= 0xFFFFFFFF
+        return completes_without_exit(self.kvm, vcpu, gva, kind is AccessKind.WRITE,
+                                      kind is AccessKind.FETCH, cpl, ac)
+
     def regs(self, v: int) -> tuple[int, int, int, int, int]:
         c = self.vcpus[v]
         return c.cr0, c.cr3, c.cr4, c.efer, c.smm
@@ -188,6 +199,8 @@ class Machine:
                 old, new = self.phys.slots.check(upd)
             except MemslotError as exc:
                 return Observation(ObsKind.REJECTED, detail=str(exc))
+            if new is old:
+                return DONE
             kvm = self.kvm
             if old is not None:
                 self._swap_active_memslots(upd.as_id, lambda: None, False)

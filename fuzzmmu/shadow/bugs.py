@@ -116,6 +116,16 @@ CATALOG: tuple[Bug, ...] = (
         "detect_write_misaligned(), so a write straddling two gptes zaps one spte",
         "open: mmu_pte_write_fetch_gpte() widens every 4-byte write", "current", False,
         ("pte-write",)),
+    Bug("kvm.cr4-pse-not-in-role", "cr4_pse_not_in_role",
+        "shadow pages of a 32-bit guest are shared across CR4.PSE, so a PDE with PS=1 keeps "
+        "mapping a 4 MiB page for a vCPU (or after a toggle) that must walk it as a table",
+        "open: kvm_mmu_page_role has no CR4.PSE bit (found by fuzzmmu's clean-model soak)",
+        "current", False, ("32bit",)),
+    Bug("kvm.pae-root-needs-pdpt-memslot", "pae_root_needs_pdpt_memslot",
+        "a PAE guest whose PDPT page is no longer in a memslot gets a dummy root and retries "
+        "every fault forever, though its PDPTE registers are valid",
+        "open: mmu_alloc_shadow_roots() checks the CR3 gfn before handling PAE (older kernels "
+        "injected a triple fault from mmu_check_root())", "current", False, ("pae", "memslots")),
 )
 
 _BY_ID = {b.id: b for b in CATALOG}

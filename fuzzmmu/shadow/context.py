@@ -31,6 +31,7 @@ from fuzzmmu.arch.bits import (
     PFERR_W,
     bits,
 )
+from fuzzmmu.shadow import role as R
 from fuzzmmu.shadow import spte as S
 from fuzzmmu.shadow.mmu import KvmMmu, ModelError
 from fuzzmmu.shadow.page import ShadowPage
@@ -75,9 +76,11 @@ def kvm_calc_cpu_role(cr0: int, cr4: int, efer: int, smm: int) -> CpuRole:
     pae = bool(cr4 & CR4_PAE)
     lma = bool(efer & EFER_LMA)
     level = (5 if cr4 & CR4_LA57 else 4) if lma else (3 if pae else 2)
+    pse = bool(cr4 & CR4_PSE)
     base = make_role(level, has_4_byte_gpte=not pae, access=ACC_ALL, efer_nx=nx, cr0_wp=wp,
-                     smep_andnot_wp=smep and not wp, smap_andnot_wp=smap and not wp, smm=smm)
-    return CpuRole(base, level, True, pae, bool(cr4 & CR4_PSE), smep, smap, wp, nx, lma)
+                     smep_andnot_wp=smep and not wp, smap_andnot_wp=smap and not wp,
+                     cr4_pse=pse and not pae, smm=smm)
+    return CpuRole(base, level, True, pae, pse, smep, smap, wp, nx, lma)
 
 
 class MmuContext:
@@ -116,11 +119,13 @@ def calc_root_role(kvm: KvmMmu, cpu_role: CpuRole) -> int:
     role = with_level(cpu_role.base, max(cpu_role.level, PT32E_ROOT_LEVEL))
     bugs = kvm.bugs
     if bugs.efer_nx_not_in_role and not role & DIRECT:
-        role |= 1 << 12  # role.efer_nx forced, as in kvm_init_shadow_mmu() since 2021
+        role |= R.EFER_NX  # forced, as in kvm_init_shadow_mmu() since 2021
     if bugs.cr0_wp_not_in_role:
-        role &= ~(1 << 13)
+        role &= ~R.CR0_WP
     if bugs.smap_andnot_wp_not_in_role:
-        role &= ~(1 << 15)
+        role &= ~R.SMAP_ANDNOT_WP
+    if bugs.cr4_pse_not_in_role:
+        role &= ~R.CR4_PSE
     return role
 
 
@@ -223,7 +228,12 @@ def mmu_alloc_shadow_roots(kvm: KvmMmu, vcpu: Vcpu) -> bool:
     root_gfn = (root_pgd & S.SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
     if mmu.cpu_role.level == 2:
         root_gfn = (root_pgd & 0xFFFFF000) >> PAGE_SHIFT
-    if kvm.slot_for(vcpu.smm, root_gfn) is None and not kvm.bugs.cr3_outside_memslots_trusted:
+    # KVM checks the CR3 gfn in every mode; under PAE paging it only held the PDPT, which was
+    # read at the PDPTE load, so the model checks it below PAE and in long mode only (else a PAE
+    # guest whose PDPT page leaves the memslots retries its faults forever on a dummy root).
+    check_cr3 = mmu.cpu_role.level != PT32E_ROOT_LEVEL or kvm.bugs.pae_root_needs_pdpt_memslot
+    if (check_cr3 and kvm.slot_for(vcpu.smm, root_gfn) is None
+            and not kvm.bugs.cr3_outside_memslots_trusted):
         mmu.root_hpa = DUMMY_ROOT
         mmu.root_pgd = root_pgd
         return True

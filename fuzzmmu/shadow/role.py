@@ -20,14 +20,19 @@ EFER_NX = 1 << 12
 CR0_WP = 1 << 13
 SMEP_ANDNOT_WP = 1 << 14
 SMAP_ANDNOT_WP = 1 << 15
+# Not in KVM's role (bit 19 is one of its unused bits): with 4-byte gptes, CR4.PSE decides
+# whether a PDE with PS=1 maps a 4 MiB page or points at a page table, so pages built under
+# one setting must not serve the other. KVM shares them (the kvm.cr4-pse-not-in-role mutant).
+CR4_PSE = 1 << 19
 SMM_SHIFT = 24  # bits 24-31 (later renamed as_id)
 
 
 def make_role(level: int, *, has_4_byte_gpte: bool = False, quadrant: int = 0,
               direct: bool = False, access: int = 7, efer_nx: bool = False,
               cr0_wp: bool = False, smep_andnot_wp: bool = False,
-              smap_andnot_wp: bool = False, smm: int = 0) -> int:
+              smap_andnot_wp: bool = False, cr4_pse: bool = False, smm: int = 0) -> int:
     return (level | (HAS_4_BYTE_GPTE if has_4_byte_gpte else 0) | (quadrant << QUADRANT_SHIFT)
+            | (CR4_PSE if cr4_pse else 0)
             | (DIRECT if direct else 0) | (access << ACCESS_SHIFT)
             | (EFER_NX if efer_nx else 0) | (CR0_WP if cr0_wp else 0)
             | (SMEP_ANDNOT_WP if smep_andnot_wp else 0)
@@ -81,6 +86,8 @@ def role_str(role: int) -> str:
         parts.append("smep&!wp")
     if role & SMAP_ANDNOT_WP:
         parts.append("smap&!wp")
+    if role & CR4_PSE:
+        parts.append("pse")
     if role_smm(role):
         parts.append("smm")
     return " ".join(parts)

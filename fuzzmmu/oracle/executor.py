@@ -1,0 +1,602 @@
+"""Run a program on the model machine and on the reference machine side by side, and report
+the first divergence.
+
+Each op is lowered into the guest or VMM steps that carry it out (a mode switch is a series of
+CR/EFER writes and a kernel store; a page-table write is a store through the direct map), and
+every step's outcome on the model must be one the reference allows. Guest memory and the
+architectural registers are compared after every op; the model's structural audit optionally
+too. An interleaved pair runs its second op at the chosen concurrency point of the first inside
+the model; the reference accepts either order.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from fuzzmmu.arch.bits import (
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_PAE,
+    CR4_PSE,
+    CR4_SMAP,
+    CR4_SMEP,
+    EFER_LMA,
+    EFER_LME,
+    EFER_NXE,
+    PAGE_SHIFT,
+    PTE_P,
+    PTE_PS,
+    PagingMode,
+    paging_mode,
+)
+from fuzzmmu.machine.layout import DM_LINK, NUM_GFNS, direct_map_va
+from fuzzmmu.machine.memslots import MemslotUpdate
+from fuzzmmu.machine.observe import DONE, AccessKind, Observation
+from fuzzmmu.machine.vm import Machine, MachineConfig
+from fuzzmmu.oracle.divergence import (
+    Divergence,
+    DivergenceKind,
+    classify,
+    make_signature,
+    outcome_class,
+)
+from fuzzmmu.oracle.reference import ReferenceMachine
+from fuzzmmu.program.ops import (
+    Access,
+    CrBit,
+    Entry,
+    GuestMode,
+    Interleave,
+    Invlpg,
+    LoadCr3,
+    Map,
+    Memslot,
+    Migrate,
+    MmuPages,
+    Op,
+    Program,
+    Rsm,
+    SetBit,
+    SetMode,
+    Shrink,
+    Smi,
+    Store,
+    WritePte,
+    ZapAll,
+)
+from fuzzmmu.program.text import format_op
+from fuzzmmu.program.world import BOOT_ROOT, data_value, next_pool_frame
+from fuzzmmu.shadow.bugs import BugSet
+from fuzzmmu.shadow.mmu import Point
+
+_DM_KEY = {GuestMode.BIT32: PagingMode.BIT32, GuestMode.BIT32_PSE: PagingMode.BIT32,
+           GuestMode.PAE: PagingMode.PAE, GuestMode.LONG4: PagingMode.LONG4}
+
+
+# ---------------------------------------------------------------------- steps
+
+
+class Step:
+    """One guest instruction or VMM/host call, run on both machines."""
+
+    __slots__ = ("kind", "text", "vcpu")
+
+    def __init__(self, kind: str, text: str, vcpu: int | None) -> None:
+        self.kind = kind
+        self.text = text
+        self.vcpu = vcpu
+
+    def on_model(self, m: Machine) -> Observation:
+        raise NotImplementedError
+
+    def on_ref(self, r: ReferenceMachine, got: Observation) -> tuple[bool, Observation]:
+        raise NotImplementedError
+
+
+class AccessStep(Step):
+    __slots__ = ("ac", "akind", "cpl", "gva", "value", "width")
+
+    def __init__(self, vcpu: int, gva: int, akind: AccessKind, cpl: int, ac: bool, width: int,
+                 value: int, why: str) -> None:
+        super().__init__(f"access/{akind.value}", f"{why}: {akind.value} cpu{vcpu} {gva:#x} "
+                         f"width={width} cpl={cpl}{' ac' if ac else ''}"
+                         + (f" value={value:#x}" if akind is AccessKind.WRITE else ""), vcpu)
+        self.gva, self.akind, self.cpl, self.ac, self.width, self.value = (
+            gva, akind, cpl, ac, width, value)
+
+    def on_model(self, m: Machine) -> Observation:
+        return m.access(self.vcpu, self.gva, self.akind, cpl=self.cpl, ac=self.ac,
+                        width=self.width, value=self.value)
+
+    def on_ref(self, r: ReferenceMachine, got: Observation) -> tuple[bool, Observation]:
+        return r.access(self.vcpu, self.gva, self.akind, got, cpl=self.cpl, ac=self.ac,
+                        width=self.width, value=self.value)
+
+
+class CallStep(Step):
+    """A step whose outcome on the model must equal the reference's."""
+
+    __slots__ = ("model_call", "ref_call")
+
+    def __init__(self, kind: str, text: str, vcpu: int | None,
+                 model_call: Callable[[Machine], Observation],
+                 ref_call: Callable[[ReferenceMachine], Observation]) -> None:
+        super().__init__(kind, text, vcpu)
+        self.model_call = model_call
+        self.ref_call = ref_call
+
+    def on_model(self, m: Machine) -> Observation:
+        return self.model_call(m)
+
+    def on_ref(self, r: ReferenceMachine, got: Observation) -> tuple[bool, Observation]:
+        expected = self.ref_call(r)
+        return _same_outcome(expected, got), expected
+
+
+def _same_outcome(expected: Observation, got: Observation) -> bool:
+    return expected.kind is got.kind and expected.addr == got.addr and (
+        expected.value == got.value and expected.error_code == got.error_code)
+
+
+def cr_step(v: int, reg: str, value: int) -> CallStep:
+    name = f"write_{reg}"
+    return CallStep(reg, f"mov {reg}, {value:#x} (cpu{v})", v,
+                    lambda m: getattr(m, name)(v, value), lambda r: getattr(r, name)(v, value))
+
+
+def host_step(kind: str, text: str, model_call: Callable[[Machine], Observation],
+              ref_call: Callable[[ReferenceMachine], Observation] = lambda r: DONE) -> CallStep:
+    return CallStep(kind, text, None, model_call, ref_call)
+
+
+# ---------------------------------------------------------------------- lowering
+
+
+def _link_store(r: ReferenceMachine, v: int, mode: PagingMode, paging_now: PagingMode,
+                root: int) -> list[Step]:
+    """The kernel copies its half into a root before loading it (Linux's pgd_alloc()), with a
+    store through its current mapping, unless the root already has it."""
+    off, size, value = DM_LINK[mode]
+    gpa = (root << PAGE_SHIFT) + off
+    smm = r.cpus[v].smm
+    if r.phys.read(smm, gpa, size) == value:
+        return []
+    return [AccessStep(v, direct_map_va(paging_now, gpa), AccessKind.WRITE, 0, False, size,
+                       value, "kernel half of the new root")]
+
+
+def lower(op: Op, r: ReferenceMachine) -> list[Step]:
+    """The steps that perform ``op``, given the guest's current state (the reference's)."""
+    if isinstance(op, Access):
+        value = data_value(op.seed, op.width) if op.kind is AccessKind.WRITE else 0
+        return [AccessStep(op.vcpu, op.va + op.offset, op.kind, op.cpl, op.ac, op.width, value,
+                           "access")]
+    if isinstance(op, (WritePte, Store)):
+        cr0, _, cr4, efer, _ = r.regs(op.vcpu)
+        mode = paging_mode(cr0, cr4, efer)
+        if isinstance(op, WritePte):
+            gpa = (op.table << PAGE_SHIFT) + op.index * op.width
+            value = op.entry.value(op.width)
+        else:
+            gpa = (op.frame << PAGE_SHIFT) + op.offset
+            value = op.entry.value(4 if op.width <= 4 else 8) & ((1 << (8 * op.width)) - 1)
+        return [AccessStep(op.vcpu, direct_map_va(mode, gpa), AccessKind.WRITE, 0, False,
+                           op.width, value, op.KIND)]
+    if isinstance(op, Map):
+        return _lower_map(op, r)
+    if isinstance(op, SetMode):
+        v = op.vcpu
+        cr0, _, cr4, efer, _ = r.regs(v)
+        steps: list[Step] = []
+        if cr0 & CR0_PG:
+            cr0 &= ~CR0_PG
+            steps.append(cr_step(v, "cr0", cr0))
+        if op.mode is not GuestMode.OFF:
+            steps += _link_store(r, v, _DM_KEY[op.mode], PagingMode.OFF, op.root)
+        new_cr4 = cr4 & ~(CR4_PAE | CR4_PSE)
+        if op.mode in (GuestMode.PAE, GuestMode.LONG4):
+            new_cr4 |= CR4_PAE
+        if op.mode is GuestMode.BIT32_PSE:
+            new_cr4 |= CR4_PSE
+        if new_cr4 != cr4:
+            steps.append(cr_step(v, "cr4", new_cr4))
+        new_efer = (efer & ~(EFER_LME | EFER_LMA)) | (EFER_LME if op.mode is GuestMode.LONG4
+                                                      else 0)
+        if new_efer != efer & ~EFER_LMA:
+            steps.append(cr_step(v, "efer", new_efer))
+        steps.append(cr_step(v, "cr3", op.root << PAGE_SHIFT))
+        if op.mode is not GuestMode.OFF:
+            steps.append(cr_step(v, "cr0", cr0 | CR0_PE | CR0_PG))
+        return steps
+    if isinstance(op, LoadCr3):
+        cr0, _, cr4, efer, _ = r.regs(op.vcpu)
+        mode = paging_mode(cr0, cr4, efer)
+        steps = []
+        if mode is not PagingMode.OFF:
+            steps += _link_store(r, op.vcpu, mode, mode, op.root)
+        return [*steps, cr_step(op.vcpu, "cr3", op.root << PAGE_SHIFT)]
+    if isinstance(op, SetBit):
+        v = op.vcpu
+        cr0, _, cr4, efer, _ = r.regs(v)
+        if op.bit is CrBit.WP:
+            return [cr_step(v, "cr0", cr0 | CR0_WP if op.on else cr0 & ~CR0_WP)]
+        if op.bit is CrBit.NXE:
+            return [cr_step(v, "efer", efer | EFER_NXE if op.on else efer & ~EFER_NXE)]
+        bit = {CrBit.SMEP: CR4_SMEP, CrBit.SMAP: CR4_SMAP, CrBit.PSE: CR4_PSE}[op.bit]
+        return [cr_step(v, "cr4", cr4 | bit if op.on else cr4 & ~bit)]
+    if isinstance(op, Invlpg):
+        v, va = op.vcpu, op.va
+        return [CallStep("invlpg", f"invlpg {va:#x} (cpu{v})", v, lambda m: m.invlpg(v, va),
+                         lambda r: r.invlpg(v, va))]
+    if isinstance(op, Smi):
+        v = op.vcpu
+        return [CallStep("smi", f"SMI to cpu{v}", v, lambda m: m.smi(v), lambda r: r.smi(v))]
+    if isinstance(op, Rsm):
+        v = op.vcpu
+        return [CallStep("rsm", f"rsm (cpu{v})", v, lambda m: m.rsm(v), lambda r: r.rsm(v))]
+    if isinstance(op, Memslot):
+        upd = MemslotUpdate(op.change, op.as_id, op.slot, op.base, op.npages, op.hva)
+        return [host_step("memslot", format_op(op), lambda m: m.set_memslot(upd),
+                          lambda r: r.set_memslot(upd))]
+    if isinstance(op, Migrate):
+        as_id, gfn = op.as_id, op.gfn
+        return [host_step("migrate", format_op(op), lambda m: m.migrate_page(as_id, gfn),
+                          lambda r: r.migrate_page(as_id, gfn))]
+    if isinstance(op, ZapAll):
+        return [host_step("zap-all", "zap all shadow pages", lambda m: m.zap_all())]
+    if isinstance(op, Shrink):
+        count = op.count
+        return [host_step("shrink", format_op(op), lambda m: m.shrink(count))]
+    if isinstance(op, MmuPages):
+        count = op.count
+        return [host_step("mmu-pages", format_op(op), lambda m: m.set_max_pages(count))]
+    raise TypeError(f"cannot lower {op!r}")
+
+
+_CURRENT_FORMAT = {PagingMode.OFF: GuestMode.LONG4, PagingMode.BIT32: GuestMode.BIT32,
+                   PagingMode.PAE: GuestMode.PAE, PagingMode.LONG4: GuestMode.LONG4,
+                   PagingMode.LONG5: GuestMode.LONG4}
+_MAP_GEOMETRY = {  # format -> (entry size, levels, index bits per level)
+    GuestMode.BIT32: (4, 2, 10),
+    GuestMode.PAE: (8, 3, 9),
+    GuestMode.LONG4: (8, 4, 9),
+}
+
+
+def _lower_map(op: Map, r: ReferenceMachine) -> list[Step]:
+    """The stores of a kernel mapping ``op.va``: walk the tables from the root (the kernel
+    reads its own memory), allocate a pool frame for each missing or unusable table, write the
+    links and the leaf, each through the direct map of the vCPU's current mode."""
+    v = op.vcpu
+    cr0, cr3, cr4, efer, smm = r.regs(v)
+    now = paging_mode(cr0, cr4, efer)
+    fmt = op.fmt or _CURRENT_FORMAT[now]
+    esize, levels, ibits = _MAP_GEOMETRY[fmt]
+    va = op.va if fmt is GuestMode.LONG4 else op.va & 0xFFFFFFFF
+    leaf_level = min(op.level, 2) if fmt is not GuestMode.LONG4 else op.level
+    base_mask = 0xFFFFF000 if esize == 4 else 0xF_FFFF_FFFF_F000
+    written: dict[int, int] = {}  # this map's own stores, not in memory yet
+    steps: list[Step] = []
+    table = (cr3 >> PAGE_SHIFT) % NUM_GFNS if op.root is None else op.root
+    table_root = table
+    pool = op.pool
+
+    def store(gpa: int, value: int, why: str) -> None:
+        written[gpa] = value
+        steps.append(AccessStep(v, direct_map_va(now, gpa), AccessKind.WRITE, 0, False, esize,
+                                value, why))
+
+    for level in range(levels, leaf_level, -1):
+        if fmt is GuestMode.PAE and level == 3:
+            gpa = (table << PAGE_SHIFT) + ((va >> 30) & 3) * 8  # a PDPTE
+        else:
+            index = (va >> (PAGE_SHIFT + ibits * (level - 1))) & ((1 << ibits) - 1)
+            gpa = (table << PAGE_SHIFT) + index * esize
+        entry = written.get(gpa)
+        if entry is None:
+            entry = r.phys.read(smm, gpa, esize) or 0
+        nxt = (entry & base_mask) >> PAGE_SHIFT
+        is_leaf = entry & PTE_PS and level > 1 and not (fmt is GuestMode.PAE and level == 3)
+        if entry & PTE_P and not is_leaf and nxt < NUM_GFNS:
+            table = nxt
+            continue
+        table = pool
+        pool = next_pool_frame(pool)
+        if fmt is GuestMode.PAE and level == 3:
+            link = (table << PAGE_SHIFT) | PTE_P  # PDPTEs carry no rights
+        else:
+            link = (table << PAGE_SHIFT) | PTE_P | (op.upper & ((1 << (8 * esize)) - 1))
+        store(gpa, link, f"map: level-{level} table at {table:#x}")
+    index = (va >> (PAGE_SHIFT + ibits * (leaf_level - 1))) & ((1 << ibits) - 1)
+    gpa = (table << PAGE_SHIFT) + index * esize
+    if now is PagingMode.PAE and fmt is GuestMode.PAE and table_root == cr3 >> PAGE_SHIFT and any(
+            gpa >> PAGE_SHIFT == table_root and gpa & 0xFFF < 32 for gpa in written):
+        # A new PDPTE takes effect at the next PDPTE load: reload CR3, as Linux does.
+        steps.append(cr_step(v, "cr3", cr3))
+    entry = op.entry
+    if leaf_level > 1:
+        pages = 1 << (ibits * (leaf_level - 1))
+        entry = Entry(entry.target & ~(pages - 1), entry.flags | PTE_PS, entry.extra)
+    store(gpa, entry.value(esize), "map: leaf")
+    return steps
+
+
+# ---------------------------------------------------------------------- outcome
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    op_index: int
+    step: str
+    model: str
+    reference: str
+    matched: bool
+
+
+@dataclass
+class Outcome:
+    program: Program
+    bugs: tuple[str, ...]
+    divergence: Divergence | None = None
+    ops_run: int = 0
+    steps_run: int = 0
+    trace: list[TraceEntry] = field(default_factory=list)
+
+
+class _ModelCrash(Exception):
+    def __init__(self, step: Step, exc: BaseException) -> None:
+        self.step = step
+        self.exc = exc
+
+
+# ---------------------------------------------------------------------- executor
+
+
+class Executor:
+    """Drives one program; ``run`` returns its Outcome. Nothing is shared with other runs."""
+
+    def __init__(self, program: Program, bugs: Iterable[str] = (), *, audit: bool = False,
+                 trace: bool = False) -> None:
+        h = program.header
+        self.program = program
+        self.bugset = BugSet(bugs)
+        self.model = Machine(MachineConfig(h.policy, h.mmio_gen_bits, h.maxphyaddr,
+                                           h.mmu_pages), self.bugset)
+        self.ref = ReferenceMachine(h.maxphyaddr)
+        self.audit = audit
+        self.outcome = Outcome(program, self.bugset.ids)
+        self.tracing = trace
+
+    def boot(self) -> Divergence | None:
+        """Both vCPUs enter the header's boot mode (as op index -1)."""
+        mode = self.program.header.boot
+        if mode is GuestMode.OFF:
+            return None
+        for v in range(len(self.ref.cpus)):
+            op = SetMode(v, mode, BOOT_ROOT)
+            try:
+                div = self._op(-1, op)
+            except _ModelCrash as crash:
+                div = self._crash(-1, op, crash, "boot")
+            if div is not None:
+                return div
+        return self._compare_state(-1, SetMode(0, mode, BOOT_ROOT), "boot")
+
+    def run(self) -> Outcome:
+        div = self.boot()
+        if div is not None:
+            self.outcome.divergence = div
+            return self.outcome
+        for i, op in enumerate(self.program.ops):
+            mode = self._mode_label(op)
+            try:
+                div = self._interleave(i, op) if isinstance(op, Interleave) else self._op(i, op)
+            except _ModelCrash as crash:
+                div = self._crash(i, op, crash, mode)
+            self.outcome.ops_run = i + 1
+            if div is None:
+                div = self._compare_state(i, op, mode)
+            if div is not None:
+                self.outcome.divergence = div
+                break
+        return self.outcome
+
+    # -- one op
+
+    def _model(self, step: Step) -> Observation:
+        try:
+            return step.on_model(self.model)
+        except Exception as exc:  # an exception in the model is an outcome
+            raise _ModelCrash(step, exc) from exc
+
+    def _op(self, i: int, op: Op) -> Divergence | None:
+        for step in lower(op, self.ref):
+            mode = self._vcpu_mode(step.vcpu)
+            got = self._model(step)
+            ok, expected = step.on_ref(self.ref, got)
+            self._traced(i, step, got, expected, ok)
+            self.outcome.steps_run += 1
+            if not ok:
+                return self._step_divergence(i, op, step, expected, got, mode)
+        return None
+
+    def _interleave(self, i: int, op: Interleave) -> Divergence | None:
+        first = lower(op.first, self.ref)
+        second = lower(op.second, self.ref)
+        m = self.model
+        second_got: list[Observation] = []
+        fired = [False]
+
+        def hook(point: Point, vcpu: object) -> None:
+            if point is not op.point:
+                return
+            m.kvm.hook = None
+            fired[0] = True
+            if self._can_run_at(point, vcpu, second):
+                second_got.extend(self._model(s) for s in second)
+
+        m.kvm.hook = hook
+        try:
+            first_got = [self._model(s) for s in first]
+        finally:
+            m.kvm.hook = None
+        if not second_got:
+            second_got = [self._model(s) for s in second]
+        self.outcome.steps_run += len(first) + len(second)
+        # The reference: the first op then the second, or the second then the first; the
+        # order must explain every outcome and the state both ops leave behind.
+        mode = self._vcpu_mode(first[0].vcpu if first else None)
+        attempts: list[tuple[Divergence, list[TraceEntry]]] = []
+        for order in ((first, first_got, second, second_got),
+                      (second, second_got, first, first_got)):
+            r = self.ref.copy()
+            div: Divergence | None = None
+            log: list[TraceEntry] = []
+            for steps, gots in (order[:2], order[2:]):
+                for step, got in zip(steps, gots, strict=True):
+                    ok, expected = step.on_ref(r, got)
+                    log.append(TraceEntry(i, step.text, str(got), str(expected), ok))
+                    if not ok:
+                        div = self._step_divergence(i, op, step, expected, got,
+                                                    self._vcpu_mode(step.vcpu))
+                        break
+                if div is not None:
+                    break
+            if div is None:
+                div = self._state_divergence(r, i, op, mode)
+            if div is None:
+                self.ref = r
+                if self.tracing:
+                    self.outcome.trace.extend(log)
+                return None
+            attempts.append((div, log))
+        div, log = attempts[0]
+        if self.tracing:
+            self.outcome.trace.extend(log)
+        return div
+
+    def _can_run_at(self, point: Point, vcpu: object, steps: list[Step]) -> bool:
+        """What can happen while a vCPU is at ``point`` inside KVM: another vCPU runs guest
+        code; the host zaps or migrates (mmu_lock is not held there). Inside mmu_lock only a
+        store that needs no exit gets through; memslot updates wait for the SRCU readers of the
+        fault path; the same vCPU cannot run anything else. What cannot run now runs after."""
+        faulting = getattr(vcpu, "id", None)
+        for step in steps:
+            if step.vcpu is not None and step.vcpu == faulting:
+                return False
+            if step.kind == "memslot":
+                return False
+            if point.locked and not (isinstance(step, AccessStep)
+                                     and self.model.completes_without_exit(
+                                         step.vcpu, step.gva, step.akind, step.cpl, step.ac)):
+                return False
+        return True
+
+    # -- divergences
+
+    def _traced(self, i: int, step: Step, got: Observation, expected: Observation, ok: bool
+                ) -> None:
+        if self.tracing:
+            self.outcome.trace.append(TraceEntry(i, step.text, str(got), str(expected), ok))
+
+    def _vcpu_mode(self, v: int | None) -> str:
+        if v is None:
+            return "host"
+        cr0, _, cr4, efer, smm = self.ref.regs(v)
+        label = paging_mode(cr0, cr4, efer).label
+        return label + "+smm" if smm else label
+
+    def _mode_label(self, op: Op) -> str:
+        v = getattr(op, "vcpu", None)
+        if isinstance(op, Interleave):
+            v = getattr(op.first, "vcpu", None)
+        return self._vcpu_mode(v)
+
+    def _step_divergence(self, i: int, op: Op, step: Step, expected: Observation,
+                         got: Observation, mode: str) -> Divergence:
+        kind = classify(expected, got)
+        return Divergence(kind, i, format_op(op), step.text, str(expected), str(got),
+                          make_signature(kind, step.kind, mode, outcome_class(expected),
+                                         outcome_class(got)))
+
+    def _crash(self, i: int, op: Op, crash: _ModelCrash, mode: str) -> Divergence:
+        exc = crash.exc
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        actual = f"{type(exc).__name__}: {exc} (at {where.name}, {where.filename.split('/')[-1]}:"\
+                 f"{where.lineno})"
+        return Divergence(DivergenceKind.MODEL_CRASH, i, format_op(op), crash.step.text,
+                          "no exception", actual,
+                          make_signature(DivergenceKind.MODEL_CRASH, crash.step.kind, mode,
+                                         "-", f"{type(exc).__name__}@{where.name}"))
+
+    def _compare_state(self, i: int, op: Op, mode: str) -> Divergence | None:
+        div = self._state_divergence(self.ref, i, op, mode)
+        if div is not None:
+            return div
+        self.model.phys.backing.dirty.clear()
+        self.ref.phys.backing.dirty.clear()
+        if self.audit:
+            from fuzzmmu.oracle.audit import audit  # the audit is optional per run
+
+            violations = audit(self.model)
+            if violations:
+                v0 = violations[0]
+                return Divergence(DivergenceKind.AUDIT_VIOLATION, i, format_op(op),
+                                  v0.invariant, "no violation", v0.message,
+                                  make_signature(DivergenceKind.AUDIT_VIOLATION, op.KIND, mode,
+                                                 v0.invariant, v0.kind))
+        return None
+
+    def _state_divergence(self, r: ReferenceMachine, i: int, op: Op, mode: str
+                          ) -> Divergence | None:
+        """Registers, then the frames either side wrote since the last comparison."""
+        m = self.model
+        for v in range(len(r.cpus)):
+            if m.vcpus[v].dead and r.cpus[v].dead:
+                continue  # a shut-down vCPU's registers are not observable
+            got = (*m.regs(v), tuple(m.vcpus[v].mmu.pdptrs), m.vcpus[v].dead)
+            want = (*r.regs(v), tuple(r.cpus[v].pdptrs), r.cpus[v].dead)
+            if got != want:
+                return Divergence(DivergenceKind.STATE_MISMATCH, i, format_op(op), f"cpu{v}",
+                                  _regs_str(want), _regs_str(got),
+                                  make_signature(DivergenceKind.STATE_MISMATCH, op.KIND, mode,
+                                                 "regs", "regs"))
+        mm, rm = m.phys.backing, r.phys.backing
+        for pfn in sorted(mm.dirty | rm.dirty):
+            if not mm.same_frame(rm, pfn):
+                return self._memory_divergence(r, i, op, mode, pfn)
+        return None
+
+    def _memory_divergence(self, r: ReferenceMachine, i: int, op: Op, mode: str, pfn: int
+                           ) -> Divergence:
+        mm, rm = self.model.phys.backing, r.phys.backing
+        base = pfn << PAGE_SHIFT
+        diffs = []
+        ad_only = True
+        for off in range(0, 4096, 4):
+            a, b = mm.read(base + off, 4), rm.read(base + off, 4)
+            if a != b:
+                diffs.append((off, b, a))
+                ad_only = ad_only and not (a ^ b) & ~0x60
+        kind = DivergenceKind.AD_MISMATCH if ad_only else DivergenceKind.MEMORY_MISMATCH
+        off, want, got = diffs[0]
+        where = f"frame {pfn:#x} offset {off:#x}"
+        more = f" (+{len(diffs) - 1} more words)" if len(diffs) > 1 else ""
+        return Divergence(kind, i, format_op(op), where, f"{want:#010x}", f"{got:#010x}{more}",
+                          make_signature(kind, op.KIND, mode, "memory", "memory"))
+
+
+def _regs_str(regs: tuple) -> str:
+    cr0, cr3, cr4, efer, smm, pdptrs, dead = regs
+    return (f"cr0={cr0:#x} cr3={cr3:#x} cr4={cr4:#x} efer={efer:#x} smm={smm} "
+            f"pdptrs={[hex(p) for p in pdptrs]}{' shut down' if dead else ''}")
+
+
+def run(program: Program, bugs: Iterable[str] = (), *, audit: bool = False,
+        trace: bool = False) -> Outcome:
+    """Run ``program`` on model and reference; the Outcome holds the first divergence."""
+    return Executor(program, bugs, audit=audit, trace=trace).run()
+

@@ -1,0 +1,332 @@
+"""The reference machine: what the guest is architecturally owed.
+
+It has its own guest memory, memslots and host mappings (the same world as the model machine,
+changed by the same VMM operations), architectural CPU state per vCPU (CR loads with their
+#GP conditions and PDPTE loads, SMM entry and RSM, per the SDM), the reference walker of
+fuzzmmu.arch, and an architectural TLB model. It never looks at the shadow MMU.
+
+An access has a set of allowed outcomes: the walk of the current tables, and any translation
+still cached since the last invalidation (fuzzmmu.arch.tlb). ``access`` is given the model's
+outcome, adopts the allowed outcome that matches it and returns whether one did.
+"""
+
+from __future__ import annotations
+
+from fuzzmmu.arch.bits import (
+    CR0_CD,
+    CR0_NW,
+    CR0_PE,
+    CR0_PG,
+    CR0_WP,
+    CR4_LA57,
+    CR4_PAE,
+    CR4_PGE,
+    CR4_PSE,
+    CR4_SMEP,
+    EFER_LMA,
+    EFER_LME,
+    PAGE_SHIFT,
+    PTE_D,
+    PTE_PKEY_SHIFT,
+    bits,
+)
+from fuzzmmu.arch.tlb import Tlb, TlbEntry
+from fuzzmmu.arch.walker import (
+    Access,
+    CpuState,
+    PdpteLoadError,
+    access_fault,
+    fault_error_code,
+    load_pdptrs,
+    walk,
+    walk_leaf,
+)
+from fuzzmmu.machine.layout import new_world
+from fuzzmmu.machine.memslots import MemslotError, MemslotUpdate, PhysMemory
+from fuzzmmu.machine.observe import DONE, GP, AccessKind, Observation, ObsKind, mmio_read_value
+
+CR0_PDPTR_BITS = CR0_CD | CR0_NW | CR0_PG  # SDM §4.4.1
+CR4_PDPTR_BITS = CR4_PGE | CR4_PSE | CR4_PAE | CR4_SMEP
+PSE36_WIDTH = 36  # the CPU KVM presents: PSE-36 reaches 36 physical address bits
+
+
+class RefCpu:
+    __slots__ = ("cr0", "cr3", "cr4", "dead", "efer", "pdptrs", "saved", "smm", "state", "tlb")
+
+    def __init__(self) -> None:
+        self.cr0 = CR0_PE | CR0_WP  # the world's reset state: protected mode, paging off
+        self.cr3 = 0
+        self.cr4 = 0
+        self.efer = 0
+        self.pdptrs: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self.smm = 0
+        self.saved: tuple[int, int, int, int] | None = None
+        self.dead = False
+        self.tlb = Tlb()
+        self.state: CpuState | None = None
+
+    def copy(self) -> RefCpu:
+        other = RefCpu()
+        other.cr0, other.cr3, other.cr4, other.efer = self.cr0, self.cr3, self.cr4, self.efer
+        other.pdptrs = self.pdptrs
+        other.smm = self.smm
+        other.saved = self.saved
+        other.dead = self.dead
+        other.tlb = self.tlb.copy()
+        other.state = self.state
+        return other
+
+
+class ReferenceMachine:
+    def __init__(self, maxphyaddr: int = 40, *, _copy_of: ReferenceMachine | None = None
+                 ) -> None:
+        self.maxphyaddr = maxphyaddr
+        if _copy_of is not None:
+            self.phys = _copy_of.phys.copy()
+            self.cpus = [c.copy() for c in _copy_of.cpus]
+            return
+        backing, slots, host = new_world()
+        self.phys = PhysMemory(backing, slots, host)
+        self.cpus = [RefCpu(), RefCpu()]
+
+    def copy(self) -> ReferenceMachine:
+        return ReferenceMachine(self.maxphyaddr, _copy_of=self)
+
+    def regs(self, v: int) -> tuple[int, int, int, int, int]:
+        c = self.cpus[v]
+        return c.cr0, c.cr3, c.cr4, c.efer, c.smm
+
+    def cpu_state(self, v: int, ac: bool = False) -> CpuState:
+        """The walker's view of vCPU ``v`` (cached until a register changes)."""
+        c = self.cpus[v]
+        state = c.state
+        if state is None or state.eflags_ac != ac:
+            state = CpuState(cr0=c.cr0, cr3=c.cr3 if c.efer & EFER_LMA else c.cr3 & 0xFFFFFFFF,
+                             cr4=c.cr4, efer=c.efer, pdptrs=c.pdptrs,
+                             maxphyaddr=self.maxphyaddr, eflags_ac=ac, pse36_width=PSE36_WIDTH)
+            c.state = state
+        return state
+
+    # ------------------------------------------------------------------ accesses
+
+    def _outcome(self, v: int, gpa: int, write: bool, width: int, value: int) -> Observation:
+        pfn = self.phys.gfn_to_pfn(self.cpus[v].smm, gpa >> PAGE_SHIFT)
+        if pfn < 0:
+            return Observation(ObsKind.MMIO, gpa, value if write else mmio_read_value(gpa, width))
+        hpa = (pfn << PAGE_SHIFT) | (gpa & 0xFFF)
+        if write:
+            return Observation(ObsKind.RAM, hpa, value)
+        return Observation(ObsKind.RAM, hpa, self.phys.backing.read(hpa, width))
+
+    def _perform(self, obs: Observation, write: bool, width: int) -> None:
+        if write and obs.kind is ObsKind.RAM:
+            self.phys.backing.write(obs.addr, width, obs.value)
+
+    def expected(self, v: int, gva: int, kind: AccessKind, *, cpl: int = 0, ac: bool = False,
+                 width: int = 8, value: int = 0) -> Observation:
+        """The outcome of the walk of the current tables (nothing is changed)."""
+        c = self.cpus[v]
+        if c.dead:
+            return Observation(ObsKind.SHUTDOWN)
+        write = kind is AccessKind.WRITE
+        acc = Access(write=write, user=cpl == 3, fetch=kind is AccessKind.FETCH)
+        gva = gva if c.efer & EFER_LMA else gva & 0xFFFFFFFF
+        res = walk(self.phys.view(c.smm), self.cpu_state(v, ac), gva, acc, set_ad=False)
+        if not res.ok:
+            return Observation(ObsKind.PF, gva, 0, res.error_code)
+        assert res.gpa is not None
+        return self._outcome(v, res.gpa, write, width, value)
+
+    def access(self, v: int, gva: int, kind: AccessKind, model: Observation, *, cpl: int = 0,
+               ac: bool = False, width: int = 8, value: int = 0) -> tuple[bool, Observation]:
+        """Adopt the allowed outcome equal to ``model``; return (matched, expected outcome).
+        Without a match the reference follows the current-tables outcome."""
+        c = self.cpus[v]
+        if c.dead:
+            obs = Observation(ObsKind.SHUTDOWN)
+            return model.kind is ObsKind.SHUTDOWN, obs
+        write = kind is AccessKind.WRITE
+        acc = Access(write=write, user=cpl == 3, fetch=kind is AccessKind.FETCH)
+        if not c.efer & EFER_LMA:
+            gva &= 0xFFFFFFFF
+        cpu = self.cpu_state(v, ac)
+        view = self.phys.view(c.smm)
+        page = gva >> PAGE_SHIFT
+        res, leaf = walk_leaf(view, cpu, gva, acc, set_ad=False)
+        if res.ok:
+            assert res.gpa is not None
+            fresh = self._outcome(v, res.gpa, write, width, value)
+        else:
+            fresh = Observation(ObsKind.PF, gva, 0, res.error_code)
+        if _same_target(fresh, model):
+            # The current tables: A/D bits first (the data read may be a paging entry), then
+            # the access; the translation may now be cached.
+            if res.ok:
+                walk(view, cpu, gva, acc, set_ad=True)
+                assert res.gpa is not None
+                fresh = self._outcome(v, res.gpa, write, width, value)
+                self._perform(fresh, write, width)
+                if cpu.mode.value:
+                    c.tlb.fill(page, TlbEntry(res.gpa >> PAGE_SHIFT, res.rights,
+                                              write or bool(leaf & PTE_D),
+                                              (leaf >> PTE_PKEY_SHIFT) & 0xF))
+            else:
+                c.tlb.invalidate(page)
+            return fresh == model, fresh
+        for entry in c.tlb.cached(page):
+            code = access_fault(cpu, acc, entry.rights, entry.pkey)
+            if code:
+                stale = Observation(ObsKind.PF, gva, 0, fault_error_code(cpu, acc, code))
+            elif write and not entry.dirty:
+                continue  # a write through a clean cached entry goes back to the tables
+            else:
+                stale = self._outcome(v, (entry.gpa_page << PAGE_SHIFT) | (gva & 0xFFF), write,
+                                      width, value)
+            if stale == model:
+                if stale.kind is ObsKind.PF:
+                    c.tlb.invalidate(page)
+                else:
+                    self._perform(stale, write, width)
+                return True, stale
+        return False, fresh
+
+    # ------------------------------------------------------------------ control registers
+
+    def _changed(self, c: RefCpu) -> None:
+        c.state = None
+
+    def _load_pdptrs(self, c: RefCpu, cr3: int) -> bool:
+        try:
+            c.pdptrs = load_pdptrs(self.phys.view(c.smm), cr3, self.maxphyaddr)
+        except PdpteLoadError:
+            return False
+        return True
+
+    def write_cr0(self, v: int, cr0: int) -> Observation:
+        c = self.cpus[v]
+        if c.dead:
+            return Observation(ObsKind.SHUTDOWN)
+        old = c.cr0
+        if (cr0 & CR0_PG and not cr0 & CR0_PE) or (cr0 & CR0_NW and not cr0 & CR0_CD):
+            return GP
+        if c.efer & EFER_LME and not old & CR0_PG and cr0 & CR0_PG and not c.cr4 & CR4_PAE:
+            return GP
+        if (not c.efer & EFER_LME and cr0 & CR0_PG and c.cr4 & CR4_PAE
+                and (cr0 ^ old) & CR0_PDPTR_BITS and not self._load_pdptrs(c, c.cr3)):
+            return GP
+        c.cr0 = cr0
+        if c.efer & EFER_LME and (cr0 ^ old) & CR0_PG:
+            c.efer = c.efer | EFER_LMA if cr0 & CR0_PG else c.efer & ~EFER_LMA
+        if (cr0 ^ old) & CR0_PG:
+            c.tlb.flush()
+        self._changed(c)
+        return DONE
+
+    def write_cr4(self, v: int, cr4: int) -> Observation:
+        c = self.cpus[v]
+        if c.dead:
+            return Observation(ObsKind.SHUTDOWN)
+        old = c.cr4
+        if c.efer & EFER_LMA:
+            if not cr4 & CR4_PAE or (cr4 ^ old) & CR4_LA57:
+                return GP
+        elif (c.cr0 & CR0_PG and cr4 & CR4_PAE and (cr4 ^ old) & CR4_PDPTR_BITS
+              and not self._load_pdptrs(c, c.cr3)):
+            return GP
+        c.cr4 = cr4
+        if (cr4 ^ old) & (CR4_PGE | CR4_PAE) or (cr4 & ~old & CR4_SMEP):
+            c.tlb.flush()
+        self._changed(c)
+        return DONE
+
+    def write_cr3(self, v: int, cr3: int) -> Observation:
+        c = self.cpus[v]
+        if c.dead:
+            return Observation(ObsKind.SHUTDOWN)
+        lma = c.efer & EFER_LMA
+        if lma and cr3 & bits(63, self.maxphyaddr):
+            return GP
+        pae_paging = c.cr0 & CR0_PG and c.cr4 & CR4_PAE and not lma
+        if pae_paging and not self._load_pdptrs(c, cr3):
+            return GP
+        c.cr3 = cr3
+        c.tlb.flush()
+        self._changed(c)
+        return DONE
+
+    def write_efer(self, v: int, efer: int) -> Observation:
+        c = self.cpus[v]
+        if c.dead:
+            return Observation(ObsKind.SHUTDOWN)
+        if c.cr0 & CR0_PG and (c.efer ^ efer) & EFER_LME:
+            return GP
+        c.efer = (efer & ~EFER_LMA) | (c.efer & EFER_LMA)
+        self._changed(c)
+        return DONE
+
+    def invlpg(self, v: int, gva: int) -> Observation:
+        c = self.cpus[v]
+        if c.dead:
+            return Observation(ObsKind.SHUTDOWN)
+        if not c.efer & EFER_LMA:
+            gva &= 0xFFFFFFFF
+        c.tlb.invalidate(gva >> PAGE_SHIFT)
+        return DONE
+
+    def smi(self, v: int) -> Observation:
+        c = self.cpus[v]
+        if c.dead:
+            return Observation(ObsKind.SHUTDOWN)
+        if c.smm:
+            return DONE
+        c.saved = (c.cr0, c.cr3, c.cr4, c.efer)
+        c.smm = 1
+        c.cr0 &= ~(CR0_PE | CR0_PG | (1 << 2) | (1 << 3))
+        c.cr4 = 0
+        c.efer = 0
+        c.tlb.flush()
+        self._changed(c)
+        return DONE
+
+    def rsm(self, v: int) -> Observation:
+        """RSM restores the saved state and reloads the PDPTEs if it returns to PAE paging; an
+        invalid state shuts the processor down."""
+        c = self.cpus[v]
+        if c.dead:
+            return Observation(ObsKind.SHUTDOWN)
+        if not c.smm or c.saved is None:
+            return Observation(ObsKind.UD)
+        cr0, cr3, cr4, efer = c.saved
+        c.saved = None
+        c.smm = 0
+        c.tlb.flush()
+        self._changed(c)
+        if cr0 & CR0_PG and cr4 & CR4_PAE and not efer & EFER_LMA and not self._load_pdptrs(c,
+                                                                                            cr3):
+            c.dead = True
+            return Observation(ObsKind.SHUTDOWN)
+        c.cr0, c.cr3, c.cr4, c.efer = cr0, cr3, cr4, efer
+        return DONE
+
+    # ------------------------------------------------------------------ VMM and host
+
+    def set_memslot(self, upd: MemslotUpdate) -> Observation:
+        try:
+            old, new = self.phys.slots.check(upd)
+        except MemslotError as exc:
+            return Observation(ObsKind.REJECTED, detail=str(exc))
+        if new is not old:
+            self.phys.slots.install(old, new)
+        return DONE
+
+    def migrate_page(self, as_id: int, gfn: int) -> Observation:
+        slot = self.phys.slots.lookup(as_id, gfn)
+        if slot is None:
+            return Observation(ObsKind.REJECTED, detail=f"gfn {gfn:#x} is not RAM")
+        self.phys.migrate(slot.gfn_to_hva(gfn))
+        return DONE
+
+
+def _same_target(a: Observation, b: Observation) -> bool:
+    """Same kind and same place (address or error code), whatever the data."""
+    return a.kind is b.kind and a.addr == b.addr and a.error_code == b.error_code
