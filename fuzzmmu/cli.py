@@ -82,6 +82,43 @@ def _cmd_walk(args: argparse.Namespace, console: Console) -> int:
     return 0 if res.ok else 1
 
 
+def _bug_error(console: Console, bugs: Sequence[str]) -> str | None:
+    from fuzzmmu.shadow.bugs import BugSet, UnknownBugError
+
+    try:
+        BugSet(bugs)
+    except UnknownBugError as exc:
+        return str(exc)
+    return None
+
+
+def _cmd_replay(args: argparse.Namespace, console: Console) -> int:
+    from fuzzmmu.oracle.executor import run
+    from fuzzmmu.program.files import ProgramFileError, read_program
+    from fuzzmmu.ui.replayview import capture, replay_json, show_replay
+
+    try:
+        program = read_program(args.file)
+    except ProgramFileError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    problem = _bug_error(console, args.bug)
+    if problem:
+        console.print(f"[red]error:[/] {problem}")
+        return 2
+    audit = not args.no_audit
+    outcome = run(program, args.bug, audit=audit, trace=args.trace)
+    if outcome.divergence is not None and outcome.div_step >= 0 and not args.json:
+        # Deterministic: the same run again, looking at both machines before the step.
+        outcome = run(program, args.bug, audit=audit, trace=args.trace,
+                      explain=(outcome.div_step, capture))
+    if args.json:
+        print(json.dumps(replay_json(outcome)))
+    else:
+        show_replay(console, outcome, trace=args.trace)
+    return 1 if outcome.divergence is not None else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fuzzmmu", description="Differential fuzzer for x86 shadow paging (KVM's shadow MMU).")
@@ -108,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable)")
     w.add_argument("--json", action="store_true", help="machine-readable output")
     w.set_defaults(func=_cmd_walk)
+
+    r = sub.add_parser("replay", help="run a program on model and reference, show the first "
+                                      "divergence",
+                       description="Run a program (text or binary form) on the shadow-MMU "
+                                   "model and the architectural reference. Exit 0 when they "
+                                   "agree, 1 on a divergence, 2 on unusable input.")
+    r.add_argument("file", help="program file: text form (# fuzzmmu program v1) or binary")
+    r.add_argument("--bug", action="append", default=[], metavar="ID",
+                   help="enable a historical KVM bug in the model (repeatable; see `fuzzmmu "
+                        "bugs`)")
+    r.add_argument("--json", action="store_true", help="machine-readable result")
+    r.add_argument("--trace", action="store_true", help="print every step and both outcomes")
+    r.add_argument("--no-audit", action="store_true",
+                   help="skip the structural audit of the model after every op")
+    r.set_defaults(func=_cmd_replay)
     return parser
 
 

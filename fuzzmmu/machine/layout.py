@@ -20,6 +20,8 @@ that broke its own kernel mapping, and both model and reference must agree on wh
 
 from __future__ import annotations
 
+import functools
+
 from fuzzmmu.arch.bits import PAGE_SHIFT, PTE_A, PTE_D, PTE_P, PTE_W, PagingMode
 from fuzzmmu.machine.memory import GuestMemory
 from fuzzmmu.machine.memslots import HostMap, Memslot, Memslots
@@ -63,7 +65,13 @@ def direct_map_va(mode: PagingMode, gpa: int) -> int:
 
 def new_world() -> tuple[GuestMemory, Memslots, HostMap]:
     """Backing memory with the direct-map tables written, the default memslots, identity host
-    mappings."""
+    mappings. Fresh copies of one template: nothing is shared between machines."""
+    mem, slots, host = _template()
+    return mem.copy(), slots.copy(), host.copy()
+
+
+@functools.cache
+def _template() -> tuple[GuestMemory, Memslots, HostMap]:
     mem = GuestMemory(BACKING_FRAMES)
     slots = Memslots(HOST_PAGES)
     for slot in DEFAULT_SLOTS:
@@ -74,4 +82,5 @@ def new_world() -> tuple[GuestMemory, Memslots, HostMap]:
         mem.write((DM_PT64 << PAGE_SHIFT) + 8 * gfn, 8, (gfn << PAGE_SHIFT) | leaf)
     mem.write(DM_PD64 << PAGE_SHIFT, 8, (DM_PT64 << PAGE_SHIFT) | PTE_P | PTE_W | PTE_A)
     mem.write((DM_PDPT << PAGE_SHIFT) + 3 * 8, 8, (DM_PD64 << PAGE_SHIFT) | PTE_P | PTE_W | PTE_A)
+    mem.dirty.clear()
     return mem, slots, HostMap(HOST_PAGES, SPARE_FRAMES)

@@ -344,6 +344,11 @@ class Outcome:
     ops_run: int = 0
     steps_run: int = 0
     trace: list[TraceEntry] = field(default_factory=list)
+    div_step: int = -1  # index (counting every step run) of the step that diverged
+    view: object = None  # what ``explain`` captured before that step
+
+
+Explainer = Callable[[Machine, ReferenceMachine, Step], object]
 
 
 class _ModelCrash(Exception):
@@ -359,7 +364,7 @@ class Executor:
     """Drives one program; ``run`` returns its Outcome. Nothing is shared with other runs."""
 
     def __init__(self, program: Program, bugs: Iterable[str] = (), *, audit: bool = False,
-                 trace: bool = False) -> None:
+                 trace: bool = False, explain: tuple[int, Explainer] | None = None) -> None:
         h = program.header
         self.program = program
         self.bugset = BugSet(bugs)
@@ -369,6 +374,7 @@ class Executor:
         self.audit = audit
         self.outcome = Outcome(program, self.bugset.ids)
         self.tracing = trace
+        self.explain = explain  # (step index, callback): look at both machines before it
 
     def boot(self) -> Divergence | None:
         """Both vCPUs enter the header's boot mode (as op index -1)."""
@@ -407,6 +413,8 @@ class Executor:
     # -- one op
 
     def _model(self, step: Step) -> Observation:
+        if self.explain is not None and self.explain[0] == self.outcome.steps_run:
+            self.outcome.view = self.explain[1](self.model, self.ref, step)
         try:
             return step.on_model(self.model)
         except Exception as exc:  # an exception in the model is an outcome
@@ -420,6 +428,7 @@ class Executor:
             self._traced(i, step, got, expected, ok)
             self.outcome.steps_run += 1
             if not ok:
+                self.outcome.div_step = self.outcome.steps_run - 1
                 return self._step_divergence(i, op, step, expected, got, mode)
         return None
 
@@ -440,12 +449,18 @@ class Executor:
 
         m.kvm.hook = hook
         try:
-            first_got = [self._model(s) for s in first]
+            first_got = []
+            for s in first:
+                first_got.append(self._model(s))
+                self.outcome.steps_run += 1
         finally:
             m.kvm.hook = None
         if not second_got:
-            second_got = [self._model(s) for s in second]
-        self.outcome.steps_run += len(first) + len(second)
+            for s in second:
+                second_got.append(self._model(s))
+                self.outcome.steps_run += 1
+        else:
+            self.outcome.steps_run += len(second)
         # The reference: the first op then the second, or the second then the first; the
         # order must explain every outcome and the state both ops leave behind.
         mode = self._vcpu_mode(first[0].vcpu if first else None)
@@ -596,7 +611,8 @@ def _regs_str(regs: tuple) -> str:
 
 
 def run(program: Program, bugs: Iterable[str] = (), *, audit: bool = False,
-        trace: bool = False) -> Outcome:
-    """Run ``program`` on model and reference; the Outcome holds the first divergence."""
-    return Executor(program, bugs, audit=audit, trace=trace).run()
+        trace: bool = False, explain: tuple[int, Explainer] | None = None) -> Outcome:
+    """Run ``program`` on model and reference; the Outcome holds the first divergence.
+    ``explain=(k, f)`` calls ``f(model, reference, step)`` just before the k-th step runs."""
+    return Executor(program, bugs, audit=audit, trace=trace, explain=explain).run()
 

@@ -121,6 +121,11 @@ CATALOG: tuple[Bug, ...] = (
         "mapping a 4 MiB page for a vCPU (or after a toggle) that must walk it as a table",
         "open: kvm_mmu_page_role has no CR4.PSE bit (found by fuzzmmu's clean-model soak)",
         "current", False, ("32bit",)),
+    Bug("kvm.smap-ac-wp0-conversion", "smap_ac_wp0_conversion",
+        "with CR0.WP=0 and SMAP on, a supervisor write with EFLAGS.AC=1 to a read-only user "
+        "page makes it a writable kernel page, so later supervisor accesses with AC=0 get no "
+        "SMAP fault", "open: FNAME(page_fault)'s CR0.WP=0 conversion has no SMAP case (found "
+        "by fuzzmmu's scenario tests)", "current", False, ("smap", "cr0-wp")),
     Bug("kvm.pae-root-needs-pdpt-memslot", "pae_root_needs_pdpt_memslot",
         "a PAE guest whose PDPT page is no longer in a memslot gets a dummy root and retries "
         "every fault forever, though its PDPTE registers are valid",

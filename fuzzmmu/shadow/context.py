@@ -8,6 +8,7 @@ in ``pae_root`` (KVM's special root, not a shadow page). Long-mode guests get on
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, NamedTuple
 
 from fuzzmmu.arch.bits import (
@@ -96,7 +97,7 @@ class MmuContext:
         self.root_pgd = 0
         self.pae_root = [0, 0, 0, 0]  # hpa | P of each level-2 root, 0 when invalid
         self.prev_roots: list[tuple[int, int]] = [(0, INVALID_PAGE)] * NUM_PREV_ROOTS
-        self.permissions = [0] * 16
+        self.permissions: tuple[int, ...] = (0,) * 16
         self.rsvd: tuple[tuple[int, ...], tuple[int, ...]] = ((0,) * 6, (0,) * 6)
         self.pdptrs = [0, 0, 0, 0]
 
@@ -154,10 +155,15 @@ def reset_rsvds_bits_mask(cpu_role: CpuRole, maxphyaddr: int
     return small, large
 
 
-def update_permission_bitmask(cpu_role: CpuRole) -> list[int]:
+def update_permission_bitmask(cpu_role: CpuRole) -> tuple[int, ...]:
     """update_permission_bitmask(): permissions[pfec >> 1] has bit ``acc`` set when an access
     with that error code to a page with ACC bits ``acc`` faults. The RSVD slot of the index
     means "SMAP overridden" (explicit supervisor access with EFLAGS.AC=1)."""
+    return _permission_bitmask(cpu_role.nx, cpu_role.wp, cpu_role.smep, cpu_role.smap)
+
+
+@functools.cache
+def _permission_bitmask(nx: bool, wp: bool, smep: bool, smap: bool) -> tuple[int, ...]:
     x = _byte_mask(ACC_X)
     w = _byte_mask(ACC_W)
     u = _byte_mask(ACC_U)
@@ -168,14 +174,14 @@ def update_permission_bitmask(cpu_role: CpuRole) -> list[int]:
         uf = (~u & 0xFF) if pfec & PFERR_U else 0
         ff = (~x & 0xFF) if pfec & PFERR_FETCH else 0
         kf = 0 if pfec & PFERR_U else u
-        if not cpu_role.nx:
+        if not nx:
             ff = 0
-        if not cpu_role.wp:
+        if not wp:
             wf = wf if pfec & PFERR_U else 0
-        smepf = (kf if pfec & PFERR_FETCH else 0) if cpu_role.smep else 0
-        smapf = (0 if pfec & (PFERR_RSVD | PFERR_FETCH) else kf) if cpu_role.smap else 0
+        smepf = (kf if pfec & PFERR_FETCH else 0) if smep else 0
+        smapf = (0 if pfec & (PFERR_RSVD | PFERR_FETCH) else kf) if smap else 0
         out.append(ff | uf | wf | smepf | smapf)
-    return out
+    return tuple(out)
 
 
 def _byte_mask(acc_bit: int) -> int:

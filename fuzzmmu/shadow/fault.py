@@ -167,6 +167,10 @@ def paging_page_fault(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
     # CR0.WP=0: a supervisor write to a read-only page makes it a writable kernel page (not
     # for MMIO, whose cached access must stay the guest's).
     if fault.write and not w.pte_access & ACC_W and not role.wp and not fault.user and fault.slot:
+        if role.smap and w.pte_access & ACC_U and not kvm.bugs.smap_ac_wp0_conversion:
+            # A writable kernel page would hide this user page from SMAP once EFLAGS.AC is
+            # clear again (KVM converts it anyway): emulate the write instead.
+            return RET_PF_EMULATE
         w.pte_access = (w.pte_access | ACC_W) & ~ACC_U
         if role.smep:
             w.pte_access &= ~ACC_X
@@ -319,8 +323,8 @@ def fetch(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault, w: GuestWalker) -> int:
         created = child is not None and kvm.created_last
         # The table has just been write-protected (if new): re-check the gpte so that a
         # concurrent write between the walk and the protection is not lost.
-        skip_recheck = kvm.bugs.gpte_recheck_only_new and not created
-        if not skip_recheck and gpte_changed(vcpu, w, level - 1):
+        changed = gpte_changed(vcpu, w, level - 1)  # also reads the gptes to prefetch
+        if changed and not (kvm.bugs.gpte_recheck_only_new and not created):
             return RET_PF_RETRY
         if child is not None:
             kvm.link_shadow_page((sp, i), child)
@@ -499,10 +503,10 @@ def _direct_prefetch_many(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, start: int, e
                           ) -> bool:
     gfn = sp.get_gfn(start)
     slot = kvm.slot_for(vcpu.smm, gfn)
-    if slot is None:
+    # gfn_to_page_many_atomic() gives nothing when the run leaves the memslot.
+    if slot is None or gfn + (end - start) > slot.end_gfn:
         return False
-    count = min(end - start, slot.end_gfn - gfn)
-    for k in range(count):
+    for k in range(end - start):
         pfn = vcpu.phys.host.pfn[slot.gfn_to_hva(gfn + k)]
         mmu_set_spte(kvm, vcpu, slot, sp, start + k, sp.access, gfn + k, pfn, None)
     return True

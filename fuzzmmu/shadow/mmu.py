@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from fuzzmmu.shadow import spte as S
 from fuzzmmu.shadow.bugs import BugSet
 from fuzzmmu.shadow.page import ShadowPage
@@ -348,9 +350,8 @@ class KvmMmu:
         """__kvm_mmu_prepare_zap_page(); returns whether the active list changed beyond sp."""
         self.emit("zap_sp", sp)
         zapped_children = False
-        for i in range(512):
-            if sp.sptv[i]:
-                zapped_children |= self.mmu_page_zap_pte(sp, i)
+        for i in np.flatnonzero(sp.spt).tolist():
+            zapped_children |= self.mmu_page_zap_pte(sp, i)
         for parent in sorted(sp.parent_ptes, key=_sptep_key):
             self.drop_parent_pte(sp, parent)
         if not sp.invalid and sp.has_gptes():

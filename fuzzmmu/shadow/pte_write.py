@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fuzzmmu.arch.bits import PAGE_SHIFT, PTE_A, PTE_P
+from fuzzmmu.arch.bits import CR4_PAE, PAGE_SHIFT, PTE_A, PTE_P
 from fuzzmmu.shadow import spte as S
 from fuzzmmu.shadow.fault import mmu_set_spte
 from fuzzmmu.shadow.page import ShadowPage
@@ -42,8 +42,7 @@ def mmu_pte_write_fetch_gpte(vcpu: Vcpu, gpa: int, nbytes: int, widen_any: bool
     is widened to the aligned 8 bytes. KVM widens every 4-byte write, which hides a write
     straddling two gptes from detect_write_misaligned(); the model widens aligned halves only
     (``widen_any`` is KVM's behaviour). Returns (gpa, bytes, new gpte or 0)."""
-    assert vcpu.mmu.cpu_role is not None
-    if vcpu.mmu.cpu_role.pae and nbytes == 4 and (widen_any or not gpa & 3):
+    if vcpu.cr4 & CR4_PAE and nbytes == 4 and (widen_any or not gpa & 3):  # is_pae(vcpu)
         gpa &= ~7
         nbytes = 8
     gentry = 0

@@ -1,0 +1,189 @@
+"""Random programs built at the op level, shaped like guest kernels: a working set of a few
+addresses that get mapped, accessed, remapped, protected and flushed, tables edited where maps
+put them, mode switches, SMM round trips, memslot changes and interleavings.
+
+Used for soak tests, for seeding corpora, and by the op-level mutator to insert ops. Nothing
+here inspects a machine: choices only use the world's tables and the program so far.
+"""
+
+from __future__ import annotations
+
+import random
+
+from fuzzmmu.machine.memslots import MemslotChange
+from fuzzmmu.machine.observe import AccessKind
+from fuzzmmu.program import world as W
+from fuzzmmu.program.codec import STORE_OFFSETS
+from fuzzmmu.program.ops import (
+    MAP_FORMATS,
+    Access,
+    CrBit,
+    Entry,
+    Extra,
+    GuestMode,
+    Header,
+    Interleave,
+    Invlpg,
+    LoadCr3,
+    Map,
+    Memslot,
+    Migrate,
+    MmuPages,
+    Op,
+    Program,
+    Rsm,
+    SetBit,
+    SetMode,
+    Shrink,
+    Smi,
+    Store,
+    WritePte,
+    ZapAll,
+)
+from fuzzmmu.shadow.mmu import Point
+
+P, RW, US, A, D, NX = 1, 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 63
+
+
+def _bit(rng: random.Random, p: float) -> bool:
+    return rng.random() < p
+
+
+class Generator:
+    """Random ops for one program; ``vas`` is the program's working set."""
+
+    def __init__(self, rng: random.Random, header: Header | None = None) -> None:
+        self.rng = rng
+        self.header = header or self.random_header()
+        self.vas = rng.sample(W.VAS, rng.randint(1, 4))
+        self.pools = [rng.choice(W.POOLS) for _ in range(2)]
+
+    def random_header(self) -> Header:
+        r = self.rng
+        return Header(r.choice(("zap", "zap", "update")), r.choice((19, 19, 3, 2)),
+                      r.choice((40, 40, 36, 46, 52)), r.choice((2000, 2000, 64, 32, 20)),
+                      r.choice((GuestMode.LONG4, GuestMode.LONG4, GuestMode.PAE,
+                                GuestMode.BIT32, GuestMode.BIT32_PSE, GuestMode.OFF)))
+
+    def entry(self, *, present: float = 0.9) -> Entry:
+        r = self.rng
+        flags = (P if _bit(r, present) else 0) | (RW if _bit(r, 0.7) else 0) | (
+            US if _bit(r, 0.6) else 0) | (A if _bit(r, 0.6) else 0) | (D if _bit(r, 0.5) else 0)
+        flags |= NX if _bit(r, 0.1) else 0
+        target = r.choice(W.TARGETS[:64]) if _bit(r, 0.9) else r.choice(W.TARGETS)
+        extra = r.choice(list(Extra)) if _bit(r, 0.1) else Extra.NONE
+        return Entry(target, flags, extra)
+
+    def va(self) -> int:
+        return self.rng.choice(self.vas) if _bit(self.rng, 0.85) else self.rng.choice(W.VAS)
+
+    def op(self) -> Op:
+        r = self.rng
+        kinds = (("access", 30), ("map", 16), ("pte", 8), ("store", 3), ("invlpg", 5),
+                 ("cr3", 4), ("set", 5), ("mode", 3), ("smm", 3), ("memslot", 2), ("host", 3),
+                 ("interleave", 8))
+        kind = r.choices([k for k, _ in kinds], [w for _, w in kinds])[0]
+        return getattr(self, f"_{kind}")()
+
+    def simple_op(self) -> Op:
+        op = self.op()
+        while isinstance(op, Interleave):
+            op = self.op()
+        return op
+
+    def _access(self) -> Access:
+        r = self.rng
+        kind = r.choices((AccessKind.READ, AccessKind.WRITE, AccessKind.FETCH), (5, 4, 1))[0]
+        width = r.choice(W.WIDTHS)
+        offset = min(r.choice(W.OFFSETS), 4096 - width)
+        return Access(r.randrange(2), kind, self.va(), offset, width, r.choice((0, 0, 3)),
+                      _bit(r, 0.3), r.randrange(256) if kind is AccessKind.WRITE else 0)
+
+    def _map(self) -> Map:
+        r = self.rng
+        e = self.entry()
+        entry = Entry(e.target, e.flags & ~(1 << 7), e.extra)
+        fmt = r.choice(MAP_FORMATS)
+        level = r.choice(W.MAP_LEVELS)
+        if fmt not in (None, GuestMode.LONG4):
+            level = min(level, 2)
+        upper = (RW if _bit(r, 0.85) else 0) | (US if _bit(r, 0.85) else 0) | (
+            A if _bit(r, 0.5) else 0) | (NX if _bit(r, 0.1) else 0)
+        return Map(r.randrange(2), r.choice(W.MAP_ROOTS), fmt, self.va(), entry, level, upper,
+                   r.choice(self.pools) if _bit(r, 0.8) else r.choice(W.POOLS))
+
+    def _pte(self) -> WritePte:
+        r = self.rng
+        width = r.choice((8, 8, 8, 4))
+        # Tables sit at pool frames (and roots); slots are the world's.
+        frame = r.choice(W.ROOTS) if _bit(r, 0.3) else r.choice(self.pools) + r.randrange(4)
+        return WritePte(r.randrange(2), frame, r.choice(W.SLOTS) % (4096 // width),
+                        self.entry(present=0.7), width)
+
+    def _store(self) -> Store:
+        r = self.rng
+        width = r.choice(W.WIDTHS)
+        frame = r.choice(self.pools) + r.randrange(4)
+        return Store(r.randrange(2), frame, min(r.choice(STORE_OFFSETS), 4096 - width), width,
+                     self.entry())
+
+    def _invlpg(self) -> Invlpg:
+        return Invlpg(self.rng.randrange(2), self.va())
+
+    def _cr3(self) -> LoadCr3:
+        return LoadCr3(self.rng.randrange(2), self.rng.choice(W.ROOTS))
+
+    def _set(self) -> SetBit:
+        return SetBit(self.rng.randrange(2), self.rng.choice(list(CrBit)), _bit(self.rng, 0.6))
+
+    def _mode(self) -> SetMode:
+        return SetMode(self.rng.randrange(2), self.rng.choice(list(GuestMode)),
+                       self.rng.choice(W.ROOTS))
+
+    def _smm(self) -> Op:
+        v = self.rng.randrange(2)
+        return Smi(v) if _bit(self.rng, 0.5) else Rsm(v)
+
+    def _memslot(self) -> Memslot:
+        r = self.rng
+        change = r.choice(list(MemslotChange))
+        if change is MemslotChange.DELETE:
+            return Memslot(r.randrange(2), r.randrange(4), change)
+        if change is MemslotChange.MOVE:
+            return Memslot(r.randrange(2), r.randrange(4), change, r.choice(W.SLOT_BASES))
+        return Memslot(r.randrange(2), r.randrange(4), change, r.choice(W.SLOT_BASES),
+                       r.choice(W.SLOT_SIZES), r.choice(W.SLOT_HVAS))
+
+    def _host(self) -> Op:
+        r = self.rng
+        k = r.randrange(4)
+        if k == 0:
+            return ZapAll()
+        if k == 1:
+            return Migrate(r.randrange(2), r.choice(W.TARGETS[:64]))
+        if k == 2:
+            return Shrink(r.choice(W.SHRINK_COUNTS))
+        return MmuPages(r.choice(W.MAX_PAGES))
+
+    def _interleave(self) -> Interleave:
+        r = self.rng
+        first = self._access() if _bit(r, 0.7) else self.simple_op()
+        second = r.choice((self._pte, self._map, self._host, self._access, self._memslot,
+                           self._invlpg))()
+        return Interleave(r.choice(list(Point)), first, second)
+
+    def program(self, n_ops: int) -> Program:
+        ops: list[Op] = []
+        records = 0
+        while len(ops) < n_ops:
+            op = self._map() if len(ops) < 2 else self.op()
+            size = 3 if isinstance(op, Interleave) else 1
+            if records + size > 64:
+                break
+            ops.append(op)
+            records += size
+        return Program(self.header, tuple(ops))
+
+
+def random_program(rng: random.Random, n_ops: int = 20) -> Program:
+    return Generator(rng).program(n_ops)
