@@ -119,6 +119,29 @@ def _cmd_replay(args: argparse.Namespace, console: Console) -> int:
     return 1 if outcome.divergence is not None else 0
 
 
+def _cmd_bugs(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from fuzzmmu.shadow.bugs import CATALOG
+
+    if args.json:
+        print(json.dumps([{"id": b.id, "summary": b.summary, "fix": b.fix, "year": b.year,
+                           "seed": b.seed, "needs": list(b.needs), "available": b.available,
+                           "pending": b.pending or None} for b in CATALOG], indent=1))
+        return 0
+    table = Table(title="KVM shadow-MMU bugs the model can re-create (--bug ID)",
+                  title_justify="left", show_lines=True)
+    for col in ("id", "year", "what the pre-fix code does", "fixed by"):
+        table.add_column(col, overflow="fold")
+    for b in CATALOG:
+        name = b.id + (" [yellow](seed)[/]" if b.seed else "")
+        if not b.available:
+            name += f"\n[dim]pending: {b.pending}[/]"
+        table.add_row(name, b.year, b.summary, b.fix)
+    console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fuzzmmu", description="Differential fuzzer for x86 shadow paging (KVM's shadow MMU).")
@@ -160,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-audit", action="store_true",
                    help="skip the structural audit of the model after every op")
     r.set_defaults(func=_cmd_replay)
+
+    b = sub.add_parser("bugs", help="list the switchable historical KVM bugs (mutants)")
+    b.add_argument("--json", action="store_true", help="machine-readable list")
+    b.set_defaults(func=_cmd_bugs)
     return parser
 
 

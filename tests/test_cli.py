@@ -77,3 +77,17 @@ def test_walk_non_canonical(capsys: pytest.CaptureFixture[str]) -> None:
     code, out = run_cli(capsys, "walk", "--mode", "4level", "--gva", "0x800000000000")
     assert code == 1
     assert "not canonical" in out
+
+
+def test_bugs_table_and_json(capsys: pytest.CaptureFixture[str],
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from fuzzmmu.shadow.bugs import CATALOG
+
+    monkeypatch.setenv("COLUMNS", "300")
+    code, out = run_cli(capsys, "bugs")
+    assert code == 0 and "misaligned-pt-write-two-sptes" in out and "pending" in out
+    code, out = run_cli(capsys, "bugs", "--json")
+    doc = json.loads(out)
+    assert [d["id"] for d in doc] == [b.id for b in CATALOG]
+    assert all({"summary", "fix", "year", "seed", "needs", "available"} <= d.keys() for d in doc)
+    assert sum(d["seed"] for d in doc) >= 5

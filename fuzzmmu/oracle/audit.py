@@ -172,6 +172,8 @@ class _Auditor:
         self.nonleaves: list[tuple[ShadowPage, int, int]] = []
         self.mmio: list[tuple[ShadowPage, int, int]] = []
         self.junk: list[tuple[ShadowPage, int, int]] = []
+        self.no_slot_leaves: list[tuple[ShadowPage, int, int]] = []  # found by I4, told by I7
+        self.links: list[tuple[ShadowPage, int, ShadowPage]] = []  # found by I5, used by I6
         for sp in self.sps:
             for idx in np.flatnonzero(sp.spt):
                 i = int(idx)
@@ -304,7 +306,6 @@ class _Auditor:
         kvm = self.kvm
         phys = self.machine.phys
         expected: dict[Memslot, dict[int, set[Sptep]]] = defaultdict(lambda: defaultdict(set))
-        self.no_slot_leaves: list[tuple[ShadowPage, int, int]] = []
         for sp, i, spte in self.leaves:
             gfn = sp.get_gfn(i)
             slot = self.memslots.lookup(sp.smm, gfn)
@@ -367,7 +368,6 @@ class _Auditor:
     def check_parent_links(self) -> None:
         kvm = self.kvm
         expected: dict[ShadowPage, set[Sptep]] = defaultdict(set)
-        self.links: list[tuple[ShadowPage, int, ShadowPage]] = []
         for sp, i, spte in self.nonleaves:
             child = kvm.sp_by_hpfn.get(S.spte_pfn(spte))
             if child is None:

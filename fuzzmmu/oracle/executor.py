@@ -434,7 +434,7 @@ class Executor:
 
     def _interleave(self, i: int, op: Interleave) -> Divergence | None:
         first = lower(op.first, self.ref)
-        second = lower(op.second, self.ref)
+        second = [s for o in op.second for s in lower(o, self.ref)]
         m = self.model
         second_got: list[Observation] = []
         fired = [False]

@@ -48,6 +48,7 @@ from fuzzmmu.shadow.mmu import Point
 HEADER_SIZE = 4
 RECORD_SIZE = 8
 MAX_OPS = 64
+MAX_SECOND = 3  # ops in the second part of an interleave
 
 _WEIGHTS: tuple[tuple[type[Op], int], ...] = (
     (Access, 64), (Map, 40), (WritePte, 28), (Store, 12), (SetMode, 20), (LoadCr3, 12),
@@ -216,15 +217,14 @@ def decode(data: bytes) -> Program:
         kind = OPCODE[rec[0]]
         digits = _Digits(int.from_bytes(rec[1:], "little"))
         if kind is Interleave:
-            if i + 2 >= n:
-                break
             point = _POINTS[digits.take(len(_POINTS))]
-            pair = []
-            for operand in records[i + 1:i + 3]:
-                pair.append(_decode_op(OPCODE[operand[0]],
-                                       _Digits(int.from_bytes(operand[1:], "little"))))
-            ops.append(Interleave(point, pair[0], pair[1]))
-            i += 3
+            count = 1 + digits.take(MAX_SECOND)
+            if i + 1 + count >= n:
+                break
+            operands = [_decode_op(OPCODE[rec[0]], _Digits(int.from_bytes(rec[1:], "little")))
+                        for rec in records[i + 1:i + 2 + count]]
+            ops.append(Interleave(point, operands[0], tuple(operands[1:])))
+            i += 2 + count
             continue
         ops.append(_decode_op(kind, digits))
         i += 1
@@ -325,12 +325,17 @@ def encode(program: Program) -> bytes:
     count = 0
     for op in program.ops:
         if isinstance(op, Interleave):
-            if isinstance(op.first, Interleave) or isinstance(op.second, Interleave):
+            parts = (op.first, *op.second)
+            if any(isinstance(o, Interleave) for o in parts):
                 raise ValueError("an interleave cannot contain an interleave")
+            if not 1 <= len(op.second) <= MAX_SECOND:
+                raise ValueError(f"an interleave runs 1 to {MAX_SECOND} ops at its point")
+            payload = _pack([(_POINTS.index(op.point), len(_POINTS)),
+                             (len(op.second) - 1, MAX_SECOND)])
             out.append(bytes([FIRST_OPCODE[Interleave]])
-                       + _POINTS.index(op.point).to_bytes(RECORD_SIZE - 1, "little"))
-            out += [_record(op.first), _record(op.second)]
-            count += 3
+                       + payload.to_bytes(RECORD_SIZE - 1, "little"))
+            out += [_record(o) for o in parts]
+            count += 1 + len(parts)
         else:
             out.append(_record(op))
             count += 1

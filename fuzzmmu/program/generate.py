@@ -168,8 +168,8 @@ class Generator:
     def _interleave(self) -> Interleave:
         r = self.rng
         first = self._access() if _bit(r, 0.7) else self.simple_op()
-        second = r.choice((self._pte, self._map, self._host, self._access, self._memslot,
-                           self._invlpg))()
+        second = tuple(r.choice((self._pte, self._map, self._host, self._access, self._memslot,
+                                 self._invlpg))() for _ in range(r.choice((1, 1, 2, 3))))
         return Interleave(r.choice(list(Point)), first, second)
 
     def program(self, n_ops: int) -> Program:
@@ -177,7 +177,7 @@ class Generator:
         records = 0
         while len(ops) < n_ops:
             op = self._map() if len(ops) < 2 else self.op()
-            size = 3 if isinstance(op, Interleave) else 1
+            size = 2 + len(op.second) if isinstance(op, Interleave) else 1
             if records + size > 64:
                 break
             ops.append(op)

@@ -249,13 +249,14 @@ class MmuPages(Op):
 
 @dataclass(frozen=True)
 class Interleave(Op):
-    """Run ``first``; where it reaches ``point`` inside KVM, run ``second``. Either order is
-    architecturally allowed."""
+    """Run ``first``; where it reaches ``point`` inside KVM, run the ``second`` ops (one to
+    three, e.g. another vCPU's store and then its fault). The first op and the second group
+    may appear in either order: both are architecturally allowed."""
 
     KIND: ClassVar[str] = "interleave"
     point: Point
     first: Op
-    second: Op
+    second: tuple[Op, ...]
 
 
 MAP_FORMATS = (None, None, None, None, None, GuestMode.BIT32, GuestMode.PAE, GuestMode.LONG4)
@@ -275,7 +276,7 @@ class Program:
         out: list[Op] = []
         for op in self.ops:
             if isinstance(op, Interleave):
-                out += [op.first, op.second]
+                out += [op.first, *op.second]
             else:
                 out.append(op)
         return out

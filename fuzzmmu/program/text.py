@@ -17,7 +17,7 @@ from __future__ import annotations
 from fuzzmmu.machine.memslots import MemslotChange
 from fuzzmmu.machine.observe import AccessKind
 from fuzzmmu.program import world as W
-from fuzzmmu.program.codec import MAX_OPS, STORE_OFFSET_INDEX
+from fuzzmmu.program.codec import MAX_OPS, MAX_SECOND, STORE_OFFSET_INDEX
 from fuzzmmu.program.ops import (
     FLAG_BITS,
     MAP_FORMATS,
@@ -110,8 +110,8 @@ def format_op(op: Op) -> str:
     if isinstance(op, (Shrink, MmuPages)):
         return f"{op.KIND} {op.count}"
     if isinstance(op, Interleave):
-        return (f"interleave at={op.point.value}\n  {format_op(op.first)}\n"
-                f"  {format_op(op.second)}")
+        return "\n  ".join([f"interleave at={op.point.value}", format_op(op.first),
+                            *(format_op(o) for o in op.second)])
     raise TypeError(f"not an op: {op!r}")
 
 
@@ -392,17 +392,20 @@ def parse_program(text: str) -> Program:
         if ln.words[0] == "interleave":
             point = ln.enum(Point, ln.keys.pop("at", ""), "interleave point")
             ln.done(1)
-            pair = []
-            for j in (1, 2):
-                if i + j >= len(lines) or not lines[i + j][1][0].isspace():
-                    raise ln.fail("interleave needs two indented operations after it")
-                inner = _Line(lines[i + j][0], lines[i + j][1])
+            parts = []
+            j = i + 1
+            while j < len(lines) and lines[j][1][0].isspace():
+                inner = _Line(lines[j][0], lines[j][1])
                 if inner.words[0] == "interleave":
                     raise inner.fail("an interleave cannot contain an interleave")
-                pair.append(_parse_op(inner))
-            ops.append(Interleave(point, pair[0], pair[1]))
-            records += 3
-            i += 3
+                parts.append(_parse_op(inner))
+                j += 1
+            if not 2 <= len(parts) <= 1 + MAX_SECOND:
+                raise ln.fail(f"interleave needs its op and 1 to {MAX_SECOND} indented ops "
+                              "to run at its point")
+            ops.append(Interleave(point, parts[0], tuple(parts[1:])))
+            records += 1 + len(parts)
+            i = j
             continue
         ops.append(_parse_op(ln))
         records += 1

@@ -40,10 +40,28 @@ CATALOG: tuple[Bug, ...] = (
         "the guest walker sets Accessed bits level by level before the access is known to "
         "succeed", "KVM: MMU: Perform access checks in walk_addr() (hash not identified)",
         "2007", True, ("walker",)),
+    Bug("walk-addr-access-checks.error-code", "walk_error_code_from_hardware",
+        "the #PF injected for a guest fault carries the shadow fault's error code (P=0 when "
+        "no spte existed) instead of the guest walk's",
+        "KVM: MMU: Perform access checks in walk_addr() (hash not identified)", "2007", True,
+        ("walker",)),
+    Bug("walk-addr-access-checks.fixed-fault", "walk_checks_leaf_only",
+        "the walker checks rights against the leaf gpte only: a fault due to an upper level "
+        "is not reflected, the spte keeps it, and the guest re-faults without end",
+        "KVM: MMU: Perform access checks in walk_addr() (hash not identified)", "2007", True,
+        ("walker",)),
     Bug("mmio-spte-lockless-race.zapped-spte", "mmio_zapped_spte_is_error",
         "an MMIO fault whose spte was zapped concurrently is reported as a misconfiguration "
         "instead of retried", "review of ce88decffd17 KVM: MMU: mmio page fault support "
         "(unverified)", "2011", True, ("mmio", "interleaving")),
+    Bug("mmio-spte-lockless-race.rewalk", "mmio_emulation_rewalks",
+        "MMIO emulation translates the gva again instead of using the gfn the MMIO spte held, "
+        "so a concurrent remap sends the access to the new target",
+        "review of ce88decffd17 KVM: MMU: mmio page fault support (unverified)", "2011", True,
+        ("mmio", "interleaving"),
+        "not observable by an architectural oracle: the access then behaves as if it ran "
+        "after the concurrent remap, an order the architecture allows (one instruction, one "
+        "access)"),
     Bug("wp-all-address-spaces", "wp_one_address_space",
         "a newly shadowed gfn is write-protected (and write tracking checked) in one address "
         "space only",
@@ -143,11 +161,12 @@ class UnknownBugError(ValueError):
 class BugSet:
     """Which mutants are on. Attribute tests keep the switches cheap on hot paths."""
 
-    __slots__ = (*(b.attr for b in CATALOG), "ids")
+    __slots__ = (*(b.attr for b in CATALOG if b.available), "ids")
 
     def __init__(self, ids: Iterable[str] = ()) -> None:
         for b in CATALOG:
-            setattr(self, b.attr, False)
+            if b.available:
+                setattr(self, b.attr, False)
         chosen = []
         for bug_id in ids:
             bug = lookup(bug_id)

@@ -149,8 +149,10 @@ def paging_page_fault(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
     """FNAME(page_fault)."""
     w = walk_addr(kvm, vcpu, fault.addr, fault.error_code, vcpu.eflags_ac)
     if not w.ok:
-        # The page is not mapped by the guest: let the guest handle it.
-        vcpu.inject_page_fault(fault.addr, w.error_code)
+        # The page is not mapped by the guest: let the guest handle it, with the walker's
+        # error code (before the walker checked rights, KVM passed on the shadow fault's).
+        code = fault.error_code if kvm.bugs.walk_error_code_from_hardware else w.error_code
+        vcpu.inject_page_fault(fault.addr, code)
         return RET_PF_RETRY
     kvm.point(Point.WALKED, vcpu)
     fault.gfn = w.gfn

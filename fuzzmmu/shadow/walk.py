@@ -163,7 +163,12 @@ def walk_addr(kvm: KvmMmu, vcpu: Vcpu, addr: int, pfec: int, eflags_ac: bool = F
         w.level = level
         accessed_dirty = pte_access & PTE_A
         w.pte_access = gpte_access(pte_access ^ nx_mask, is32)
-        errcode = permission_fault(mmu, w.pte_access, pfec, eflags_ac, implicit)
+        if kvm.bugs.walk_checks_leaf_only:
+            # 2007: the rights were checked against the leaf gpte alone, so a restriction of
+            # an upper level went unnoticed by the walker (the spte still carried it).
+            errcode = permission_fault(mmu, gpte_access(pte, is32), pfec, eflags_ac, implicit)
+        else:
+            errcode = permission_fault(mmu, w.pte_access, pfec, eflags_ac, implicit)
         if errcode:
             return _walk_error(kvm, w, mmu, errcode, pfec)
 
