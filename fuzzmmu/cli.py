@@ -142,6 +142,32 @@ def _cmd_bugs(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_fuzz(args: argparse.Namespace, console: Console) -> int:
+    from fuzzmmu.campaign.fuzz import Campaign, CampaignConfig, summary
+
+    problem = _bug_error(console, args.bug)
+    if problem:
+        console.print(f"[red]error:[/] {problem}")
+        return 2
+    if args.jobs < 1:
+        console.print("[red]error:[/] --jobs must be at least 1")
+        return 2
+    if args.max_time is not None and args.max_time < 1:
+        console.print("[red]error:[/] --max-time must be at least 1 second")
+        return 2
+    extra = list(args.libfuzzer)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    cfg = CampaignConfig(bugs=tuple(args.bug), max_time=args.max_time, jobs=args.jobs,
+                         corpus=Path(args.corpus), crashes=Path(args.crashes), seed=args.seed,
+                         keep_going=args.keep_going, libfuzzer_args=tuple(extra),
+                         audit=args.audit, byte_share=args.byte_share, stats=Path(args.stats),
+                         dashboard=not args.no_dashboard)
+    result = Campaign(cfg, console).run()
+    summary(console, result)
+    return 1 if result.divergences else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fuzzmmu", description="Differential fuzzer for x86 shadow paging (KVM's shadow MMU).")
@@ -183,6 +209,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-audit", action="store_true",
                    help="skip the structural audit of the model after every op")
     r.set_defaults(func=_cmd_replay)
+
+    f = sub.add_parser("fuzz", help="run a coverage-guided campaign (libFuzzer via Atheris)",
+                       description="Fuzz the shadow-MMU model against the reference with "
+                                   "libFuzzer. Stops at the first divergence unless "
+                                   "--keep-going; Ctrl-C stops cleanly. Exit 1 when a "
+                                   "divergence was found. Arguments after -- go to libFuzzer.")
+    f.add_argument("--bug", action="append", default=[], metavar="ID",
+                   help="enable a historical KVM bug in the model (repeatable)")
+    f.add_argument("--max-time", type=int, metavar="S", help="stop after S seconds")
+    f.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="fuzz on N cores (libFuzzer fork mode)")
+    f.add_argument("--corpus", default=".fuzzmmu/corpus", metavar="DIR",
+                   help="working corpus (seeded from corpus/ when empty; resumed otherwise)")
+    f.add_argument("--crashes", default="crashes", metavar="DIR",
+                   help="where crash files (and their .txt/.json) go")
+    f.add_argument("--seed", type=int, help="libFuzzer's random seed")
+    f.add_argument("--keep-going", action="store_true",
+                   help="do not stop at the first divergence")
+    f.add_argument("--audit", action="store_true",
+                   help="also check the model's structural invariants after every op")
+    f.add_argument("--byte-share", type=float, default=0.2, metavar="F",
+                   help="share of mutations left to libFuzzer's byte mutator (1: bytes only)")
+    f.add_argument("--stats", default=".fuzzmmu/stats.jsonl", metavar="FILE",
+                   help="JSON lines of statistics, one per second")
+    f.add_argument("--no-dashboard", action="store_true",
+                   help="plain progress lines instead of the live dashboard")
+    f.add_argument("libfuzzer", nargs=argparse.REMAINDER, help="-- then libFuzzer flags")
+    f.set_defaults(func=_cmd_fuzz)
 
     b = sub.add_parser("bugs", help="list the switchable historical KVM bugs (mutants)")
     b.add_argument("--json", action="store_true", help="machine-readable list")

@@ -68,7 +68,7 @@ _CHANGES = (MemslotChange.CREATE, MemslotChange.DELETE, MemslotChange.MOVE)
 _POINTS = tuple(Point)
 _POLICIES = ("zap", "update")
 # Boot modes, most programs running paged (a mode may repeat: its first index stands for it).
-_BOOT = (GuestMode.LONG4, GuestMode.PAE, GuestMode.BIT32, GuestMode.LONG4, GuestMode.BIT32_PSE,
+BOOT_MODES = (GuestMode.LONG4, GuestMode.PAE, GuestMode.BIT32, GuestMode.LONG4, GuestMode.BIT32_PSE,
          GuestMode.OFF, GuestMode.LONG4, GuestMode.PAE)
 
 # Store offsets: around the interesting slots (4-byte granularity), plus 0-7 bytes.
@@ -206,7 +206,7 @@ def decode(data: bytes) -> Program:
     h = _Digits(int.from_bytes(data[:HEADER_SIZE].ljust(HEADER_SIZE, b"\0"), "little"))
     header = Header(_POLICIES[h.take(2)], W.MMIO_GEN_BITS[h.take(len(W.MMIO_GEN_BITS))],
                     W.MAXPHYADDRS[h.take(len(W.MAXPHYADDRS))],
-                    W.MMU_PAGES[h.take(len(W.MMU_PAGES))], _BOOT[h.take(len(_BOOT))])
+                    W.MMU_PAGES[h.take(len(W.MMU_PAGES))], BOOT_MODES[h.take(len(BOOT_MODES))])
     body = data[HEADER_SIZE:]
     n = min(len(body) // RECORD_SIZE, MAX_OPS)
     records = [body[i * RECORD_SIZE:(i + 1) * RECORD_SIZE] for i in range(n)]
@@ -308,9 +308,25 @@ def _store_offset_choice(offset: int, width: int) -> int:
     raise ValueError(f"store offset {offset:#x} is not one of the world's offsets")
 
 
-def _record(op: Op) -> bytes:
+def op_record(op: Op) -> bytes:
+    """The 8-byte record of one (non-interleave) op."""
     payload = _pack(_DIGITS[type(op)](op))
     return bytes([FIRST_OPCODE[type(op)]]) + payload.to_bytes(RECORD_SIZE - 1, "little")
+
+
+def record_digits(rec: bytes) -> tuple[type[Op], list[tuple[int, int]]]:
+    """A record's op kind and its fields as canonical (digit, radix) pairs."""
+    kind = OPCODE[rec[0]]
+    digits = _Digits(int.from_bytes(rec[1:], "little"))
+    if kind is Interleave:
+        return kind, [(digits.take(len(_POINTS)), len(_POINTS)),
+                      (digits.take(MAX_SECOND), MAX_SECOND)]
+    op = _decode_op(kind, digits)
+    return type(op), _DIGITS[type(op)](op)
+
+
+def record_from_digits(kind: type[Op], digits: Sequence[tuple[int, int]]) -> bytes:
+    return bytes([FIRST_OPCODE[kind]]) + _pack(digits).to_bytes(RECORD_SIZE - 1, "little")
 
 
 def encode(program: Program) -> bytes:
@@ -320,7 +336,7 @@ def encode(program: Program) -> bytes:
                     (W.MMIO_GEN_BITS.index(h.mmio_gen_bits), len(W.MMIO_GEN_BITS)),
                     (W.MAXPHYADDRS.index(h.maxphyaddr), len(W.MAXPHYADDRS)),
                     (W.MMU_PAGES.index(h.mmu_pages), len(W.MMU_PAGES)),
-                    (_BOOT.index(h.boot), len(_BOOT))])
+                    (BOOT_MODES.index(h.boot), len(BOOT_MODES))])
     out = [header.to_bytes(HEADER_SIZE, "little")]
     count = 0
     for op in program.ops:
@@ -334,10 +350,10 @@ def encode(program: Program) -> bytes:
                              (len(op.second) - 1, MAX_SECOND)])
             out.append(bytes([FIRST_OPCODE[Interleave]])
                        + payload.to_bytes(RECORD_SIZE - 1, "little"))
-            out += [_record(o) for o in parts]
+            out += [op_record(o) for o in parts]
             count += 1 + len(parts)
         else:
-            out.append(_record(op))
+            out.append(op_record(op))
             count += 1
     if count > MAX_OPS:
         raise ValueError(f"a program has at most {MAX_OPS} op records, this one {count}")

@@ -1,0 +1,218 @@
+"""What the Atheris target runs: one input, and the op-level mutator and crossover.
+
+``test_one_input`` decodes the bytes, runs model and reference, and raises only when they
+diverge: a distinct exception class per divergence kind, raised from a distinct function, so
+that libFuzzer/ClusterFuzz crash grouping by the top stack frames separates bug classes.
+
+The mutator edits programs at the op level (records of the binary form): insert a generated
+op, delete, duplicate, swap, change one field of one op (one mixed-radix digit), mutate the
+header; part of the time it leaves the bytes to libFuzzer's own byte mutator.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
+from fuzzmmu.oracle.executor import run
+from fuzzmmu.program import world as W
+from fuzzmmu.program.codec import (
+    BOOT_MODES,
+    HEADER_SIZE,
+    MAX_OPS,
+    RECORD_SIZE,
+    decode,
+    encode,
+    op_record,
+    record_digits,
+    record_from_digits,
+)
+from fuzzmmu.program.generate import Generator
+from fuzzmmu.program.ops import Header, Program
+
+
+class DivergenceFound(Exception):
+    """Model and reference disagree. Subclasses name the kind."""
+
+    def __init__(self, divergence: Divergence) -> None:
+        self.divergence = divergence
+        d = divergence
+        super().__init__(f"{d.kind.value} at op {d.op_index} ({d.op}): expected {d.expected}, "
+                         f"got {d.actual} [{d.signature}]")
+
+
+class WrongTranslation(DivergenceFound): ...
+
+
+class MissingFault(DivergenceFound): ...
+
+
+class SpuriousFault(DivergenceFound): ...
+
+
+class WrongErrorCode(DivergenceFound): ...
+
+
+class AccessedDirtyMismatch(DivergenceFound): ...
+
+
+class MemoryMismatch(DivergenceFound): ...
+
+
+class MmioMismatch(DivergenceFound): ...
+
+
+class StateMismatch(DivergenceFound): ...
+
+
+class WrongResult(DivergenceFound): ...
+
+
+class ModelCrash(DivergenceFound): ...
+
+
+class AuditViolation(DivergenceFound): ...
+
+
+# One function per kind, so that each kind has its own top stack frame.
+def _wrong_translation(d: Divergence) -> None:
+    raise WrongTranslation(d)
+
+
+def _missing_fault(d: Divergence) -> None:
+    raise MissingFault(d)
+
+
+def _spurious_fault(d: Divergence) -> None:
+    raise SpuriousFault(d)
+
+
+def _wrong_error_code(d: Divergence) -> None:
+    raise WrongErrorCode(d)
+
+
+def _ad_mismatch(d: Divergence) -> None:
+    raise AccessedDirtyMismatch(d)
+
+
+def _memory_mismatch(d: Divergence) -> None:
+    raise MemoryMismatch(d)
+
+
+def _mmio_mismatch(d: Divergence) -> None:
+    raise MmioMismatch(d)
+
+
+def _state_mismatch(d: Divergence) -> None:
+    raise StateMismatch(d)
+
+
+def _wrong_result(d: Divergence) -> None:
+    raise WrongResult(d)
+
+
+def _model_crash(d: Divergence) -> None:
+    raise ModelCrash(d)
+
+
+def _audit_violation(d: Divergence) -> None:
+    raise AuditViolation(d)
+
+
+RAISERS: dict[DivergenceKind, Callable[[Divergence], None]] = {
+    DivergenceKind.WRONG_TRANSLATION: _wrong_translation,
+    DivergenceKind.MISSING_FAULT: _missing_fault,
+    DivergenceKind.SPURIOUS_FAULT: _spurious_fault,
+    DivergenceKind.WRONG_ERROR_CODE: _wrong_error_code,
+    DivergenceKind.AD_MISMATCH: _ad_mismatch,
+    DivergenceKind.MEMORY_MISMATCH: _memory_mismatch,
+    DivergenceKind.MMIO_MISMATCH: _mmio_mismatch,
+    DivergenceKind.STATE_MISMATCH: _state_mismatch,
+    DivergenceKind.WRONG_RESULT: _wrong_result,
+    DivergenceKind.MODEL_CRASH: _model_crash,
+    DivergenceKind.AUDIT_VIOLATION: _audit_violation,
+}
+
+
+def test_one_input(data: bytes, bugs: Sequence[str] = (), audit: bool = False) -> None:
+    """Deterministic: the same bytes always give the same program and outcome."""
+    outcome = run(decode(data), bugs, audit=audit)
+    if outcome.divergence is not None:
+        RAISERS[outcome.divergence.kind](outcome.divergence)
+
+
+# ---------------------------------------------------------------------- mutation
+
+
+def _records(data: bytes) -> tuple[bytes, list[bytes]]:
+    header = data[:HEADER_SIZE].ljust(HEADER_SIZE, b"\0")
+    body = data[HEADER_SIZE:]
+    n = min(len(body) // RECORD_SIZE, MAX_OPS)
+    return header, [body[i * RECORD_SIZE:(i + 1) * RECORD_SIZE] for i in range(n)]
+
+
+def _join(header: bytes, records: list[bytes], max_size: int) -> bytes:
+    keep = max(0, min(len(records), (max_size - HEADER_SIZE) // RECORD_SIZE, MAX_OPS))
+    return header + b"".join(records[:keep])
+
+
+def _new_record(rng: random.Random, header: Header) -> bytes:
+    return op_record(Generator(rng, header).simple_op())
+
+
+def _change_field(rng: random.Random, rec: bytes) -> bytes:
+    """Change one mixed-radix digit of a record: one field of one op."""
+    kind, digits = record_digits(rec)
+    if not digits:
+        return rec
+    i = rng.randrange(len(digits))
+    digits[i] = (rng.randrange(digits[i][1]), digits[i][1])
+    return record_from_digits(kind, digits)
+
+
+def _mutate_header(rng: random.Random, h: Header) -> Header:
+    field = rng.randrange(5)
+    return Header(
+        rng.choice(("zap", "update")) if field == 0 else h.policy,
+        rng.choice(W.MMIO_GEN_BITS) if field == 1 else h.mmio_gen_bits,
+        rng.choice(W.MAXPHYADDRS) if field == 2 else h.maxphyaddr,
+        rng.choice(W.MMU_PAGES) if field == 3 else h.mmu_pages,
+        rng.choice(BOOT_MODES) if field == 4 else h.boot)
+
+
+def mutate(data: bytes, max_size: int, seed: int,
+           byte_mutator: Callable[[bytes, int], bytes] | None = None,
+           byte_share: float = 0.2) -> bytes:
+    """The custom mutator: deterministic in (data, max_size, seed)."""
+    rng = random.Random(seed)
+    if byte_mutator is not None and rng.random() < byte_share:
+        return byte_mutator(data, max_size)
+    header, recs = _records(data)
+    h = decode(header).header
+    choice = rng.randrange(100)
+    if choice < 25 or not recs:  # insert a generated op
+        recs.insert(rng.randrange(len(recs) + 1), _new_record(rng, h))
+    elif choice < 40:  # delete
+        del recs[rng.randrange(len(recs))]
+    elif choice < 48:  # duplicate
+        recs.insert(rng.randrange(len(recs) + 1), recs[rng.randrange(len(recs))])
+    elif choice < 56 and len(recs) > 1:  # swap
+        i, j = rng.sample(range(len(recs)), 2)
+        recs[i], recs[j] = recs[j], recs[i]
+    elif choice < 92:  # change one field of one op
+        i = rng.randrange(len(recs))
+        recs[i] = _change_field(rng, recs[i])
+    else:  # the machine configuration and boot mode
+        header = encode(Program(_mutate_header(rng, h), ()))
+    return _join(header, recs, max_size)
+
+
+def crossover(data1: bytes, data2: bytes, max_size: int, seed: int) -> bytes:
+    """Splice programs: a prefix of one's ops, then a suffix of the other's."""
+    rng = random.Random(seed)
+    header, a = _records(data1)
+    _, b = _records(data2)
+    cut_a = rng.randrange(len(a) + 1)
+    cut_b = rng.randrange(len(b) + 1)
+    return _join(header, a[:cut_a] + b[cut_b:], max_size)

@@ -1,0 +1,52 @@
+"""Campaign settings that reach the fuzz target through the environment (libFuzzer owns
+argv)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fuzzmmu.shadow.bugs import BugSet
+
+ENV_BUGS = "FUZZMMU_BUGS"
+ENV_CONFIG = "FUZZMMU_CONFIG"
+ENV_AUDIT = "FUZZMMU_AUDIT"
+ENV_BYTE_SHARE = "FUZZMMU_BYTE_SHARE"
+
+
+class SettingsError(ValueError):
+    """Settings the target cannot run with."""
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    bugs: tuple[str, ...] = ()
+    audit: bool = False
+    byte_share: float = 0.2
+
+    def environment(self) -> dict[str, str]:
+        return {ENV_BUGS: ",".join(self.bugs), ENV_AUDIT: "1" if self.audit else "0",
+                ENV_BYTE_SHARE: str(self.byte_share)}
+
+
+def settings_from_environment(env: Mapping[str, str]) -> TargetSettings:
+    """Read the target's settings; an unknown bug id or a bad value is a clear error."""
+    bugs = [b for b in env.get(ENV_BUGS, "").split(",") if b.strip()]
+    config = env.get(ENV_CONFIG)
+    if config:
+        try:
+            text = Path(config).read_text()
+        except OSError as exc:
+            raise SettingsError(f"{ENV_CONFIG}={config}: {exc.strerror}") from exc
+        bugs += [line.split("#", 1)[0].strip() for line in text.splitlines()]
+        bugs = [b for b in bugs if b]
+    bugs = [b.strip() for b in bugs]
+    BugSet(bugs)  # raises UnknownBugError, listing the known ids
+    try:
+        share = float(env.get(ENV_BYTE_SHARE, "0.2"))
+    except ValueError as exc:
+        raise SettingsError(f"{ENV_BYTE_SHARE} must be a number between 0 and 1") from exc
+    if not 0.0 <= share <= 1.0:
+        raise SettingsError(f"{ENV_BYTE_SHARE} must be between 0 and 1, not {share}")
+    return TargetSettings(tuple(bugs), env.get(ENV_AUDIT, "0") not in ("", "0"), share)

@@ -1,0 +1,9 @@
+"""Make this directory's helper modules (``auditworld``, ...) importable whatever pytest's
+import mode."""
+
+import sys
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
