@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -168,6 +169,136 @@ def _cmd_fuzz(args: argparse.Namespace, console: Console) -> int:
     return 1 if result.divergences else 0
 
 
+def _load_crash(console: Console, path: str, bugs: list[str]) -> object | None:
+    """A replayed crash file, or None after printing why it cannot be used."""
+    from fuzzmmu.campaign.triage import CrashFileError, load_crash
+
+    problem = _bug_error(console, bugs)
+    if problem:
+        console.print(f"[red]error:[/] {problem}")
+        return None
+    try:
+        return load_crash(Path(path), tuple(bugs) if bugs else None)
+    except (CrashFileError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return None
+
+
+def _cmd_triage(args: argparse.Namespace, console: Console) -> int:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from fuzzmmu.campaign.triage import triage
+
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        console.print(f"[red]error:[/] {directory} is not a directory")
+        return 2
+    problem = _bug_error(console, args.bug)
+    if problem:
+        console.print(f"[red]error:[/] {problem}")
+        return 2
+    groups, errors = triage(directory, tuple(args.bug) if args.bug else None)
+    if args.json:
+        print(json.dumps({"groups": [{"signature": g.signature, "kind": g.kind,
+                                      "count": len(g.members),
+                                      "smallest": str(g.smallest.path),
+                                      "smallest_ops": g.smallest.ops} for g in groups],
+                          "errors": errors}))
+        return 0
+    table = Table(title=f"crash groups in {directory}", title_justify="left")
+    for col in ("count", "kind", "signature", "smallest member"):
+        table.add_column(col, overflow="fold")
+    for g in groups:
+        table.add_row(str(len(g.members)), g.kind, escape(g.signature),
+                      f"{g.smallest.path.name} ({g.smallest.ops} ops)")
+    console.print(table)
+    for e in errors:
+        console.print(f"[yellow]skipped[/] {escape(e)}")
+    return 0
+
+
+def _cmd_minimize(args: argparse.Namespace, console: Console) -> int:
+    from fuzzmmu.campaign.minimize import NotDivergent, minimize
+    from fuzzmmu.campaign.triage import load_crash, write_sidecar
+    from fuzzmmu.program.files import write_program
+    from fuzzmmu.program.text import format_program
+
+    crash = _load_crash(console, args.crash, args.bug)
+    if crash is None:
+        return 2
+    start = time.monotonic()
+
+    def progress(runs: int, ops: int) -> None:
+        if runs % 100 == 0:
+            console.print(f"  {runs} oracle runs, trying {ops} ops", highlight=False)
+
+    try:
+        result = minimize(crash.program, crash.bugs, max_runs=args.max_runs, progress=progress)
+    except NotDivergent as exc:
+        console.print(f"[red]error:[/] {args.crash}: {exc}")
+        return 2
+    write_program(args.output, result.program)
+    minimized = load_crash(Path(args.output), crash.bugs)
+    write_sidecar(minimized, None)
+    console.print(format_program(result.program), highlight=False)
+    console.print(f"minimized {result.ops_before} -> {result.ops_after} ops with "
+                  f"{result.runs} oracle runs in {time.monotonic() - start:.1f}s"
+                  f"{' (run budget exhausted)' if result.exhausted else ''}; signature "
+                  f"{result.signature}; written to {args.output}", highlight=False)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from fuzzmmu.campaign.export import export
+
+    crash = _load_crash(console, args.crash, args.bug)
+    if crash is None:
+        return 2
+    if crash.divergence is None:
+        console.print(f"[red]error:[/] {args.crash} does not diverge with bugs "
+                      f"{list(crash.bugs)}: nothing to export")
+        return 2
+    out = Path(args.output)
+    export(crash.program, crash.bugs, crash.divergence, out, Path(args.crash).name)
+    console.print(f"wrote {out} ({crash.divergence.signature}); run it with "
+                  f"`python -m pytest {out}`", highlight=False)
+    return 0
+
+
+def _cmd_corpus(args: argparse.Namespace, console: Console) -> int:
+    from fuzzmmu.campaign.corpus import SEED_ZIP, SEEDS, build_seeds, seed_zip, stale_seeds
+
+    directory = Path(args.dir) if args.dir else SEEDS
+    try:
+        if args.action == "build":
+            built = build_seeds(directory)
+            console.print(f"wrote {len(built)} binary seeds in {directory}")
+        elif args.action == "zip":
+            out = seed_zip(Path(args.output) if args.output else SEED_ZIP, directory)
+            console.print(f"wrote {out}")
+        else:
+            stale = stale_seeds(directory)
+            for name in stale:
+                console.print(f"[red]stale[/] {name}: run `fuzzmmu corpus build`")
+            return 1 if stale else 0
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    from fuzzmmu.campaign.demo import demo
+
+    problem = _bug_error(console, [args.bug])
+    if problem:
+        console.print(f"[red]error:[/] {problem}")
+        return 2
+    return demo(console, Path(args.workdir), args.bug, args.max_time, args.seed,
+                not args.no_dashboard)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fuzzmmu", description="Differential fuzzer for x86 shadow paging (KVM's shadow MMU).")
@@ -237,6 +368,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain progress lines instead of the live dashboard")
     f.add_argument("libfuzzer", nargs=argparse.REMAINDER, help="-- then libFuzzer flags")
     f.set_defaults(func=_cmd_fuzz)
+
+    t = sub.add_parser("triage", help="group crash files by divergence signature")
+    t.add_argument("dir", help="directory of crash files")
+    t.add_argument("--bug", action="append", default=[], metavar="ID",
+                   help="bugs to replay with (default: each file's .json sidecar)")
+    t.add_argument("--json", action="store_true", help="machine-readable groups")
+    t.set_defaults(func=_cmd_triage)
+
+    m = sub.add_parser("minimize", help="shrink a divergent program, keeping its signature")
+    m.add_argument("crash", help="crash file or program (text or binary)")
+    m.add_argument("--bug", action="append", default=[], metavar="ID",
+                   help="bugs to replay with (default: the file's .json sidecar)")
+    m.add_argument("-o", "--output", required=True, help="where to write (binary + .txt)")
+    m.add_argument("--max-runs", type=int, default=3000, help="oracle run budget")
+    m.set_defaults(func=_cmd_minimize)
+
+    e = sub.add_parser("export", help="write a divergent program as a pytest regression test")
+    e.add_argument("crash", help="crash file or program (text or binary)")
+    e.add_argument("--bug", action="append", default=[], metavar="ID",
+                   help="bugs the model runs with (default: the file's .json sidecar)")
+    e.add_argument("-o", "--output", required=True, help="tests/regressions/test_NAME.py")
+    e.set_defaults(func=_cmd_export)
+
+    c = sub.add_parser("corpus", help="seed corpus: build binaries from text, zip, check")
+    c.add_argument("action", choices=("build", "zip", "check"))
+    c.add_argument("--dir", help="seed directory (default: corpus/)")
+    c.add_argument("-o", "--output", help="zip file (default: harnesses/"
+                                          "shadow_mmu_fuzzer_seed_corpus.zip)")
+    c.set_defaults(func=_cmd_corpus)
+
+    dm = sub.add_parser("demo", help="fuzz one historical bug, minimize, export, run the test")
+    dm.add_argument("--bug", default="misaligned-pt-write-two-sptes", metavar="ID")
+    dm.add_argument("--max-time", type=int, default=300, metavar="S")
+    dm.add_argument("--seed", type=int, default=1, help="libFuzzer's random seed")
+    dm.add_argument("--workdir", default=".fuzzmmu/demo", metavar="DIR")
+    dm.add_argument("--no-dashboard", action="store_true")
+    dm.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser("bugs", help="list the switchable historical KVM bugs (mutants)")
     b.add_argument("--json", action="store_true", help="machine-readable list")

@@ -325,6 +325,11 @@ def record_digits(rec: bytes) -> tuple[type[Op], list[tuple[int, int]]]:
     return type(op), _DIGITS[type(op)](op)
 
 
+def decode_record(rec: bytes) -> Op:
+    """The op of one (non-interleave) record; an interleave record reads as an access."""
+    return _decode_op(OPCODE[rec[0]], _Digits(int.from_bytes(rec[1:], "little")))
+
+
 def record_from_digits(kind: type[Op], digits: Sequence[tuple[int, int]]) -> bytes:
     return bytes([FIRST_OPCODE[kind]]) + _pack(digits).to_bytes(RECORD_SIZE - 1, "little")
 

@@ -1,0 +1,87 @@
+"""`fuzzmmu fuzz` end to end on real libFuzzer runs (short ones: these test the machinery, not
+how fast bugs are found; that is bench/)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fuzzmmu.campaign.fuzz import CampaignConfig, target_command
+from fuzzmmu.campaign.settings import SettingsError, settings_from_environment
+from fuzzmmu.shadow.bugs import UnknownBugError
+
+REPRO = Path("tests/bugs/reproducers")
+
+
+def _fuzz(tmp_path: Path, *args: str, seeds: Path | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "fuzzmmu.cli", "fuzz", "--corpus", str(tmp_path / "corpus"),
+           "--crashes", str(tmp_path / "crashes"), "--stats", str(tmp_path / "stats.jsonl"),
+           "--no-dashboard", "--seed", "1", *args]
+    if seeds is not None:
+        (tmp_path / "corpus").mkdir()
+        for p in seeds.iterdir():
+            shutil.copy(p, tmp_path / "corpus" / p.name)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def test_campaign_stops_at_the_first_divergence_and_signs_it(tmp_path: Path) -> None:
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    from fuzzmmu.program.codec import encode
+    from fuzzmmu.program.files import read_program
+
+    (seeds / "s").write_bytes(encode(read_program(REPRO / "cr0wp-not-in-role.txt")))
+    res = _fuzz(tmp_path, "--bug", "cr0wp-not-in-role", "--max-time", "60", seeds=seeds)
+    assert res.returncode == 1, res.stdout + res.stderr
+    crashes = [p for p in (tmp_path / "crashes").iterdir() if p.suffix == ""]
+    assert crashes
+    side = json.loads(crashes[0].with_name(crashes[0].name + ".json").read_text())
+    assert side["bugs"] == ["cr0wp-not-in-role"]
+    assert side["divergence"]["kind"] == "missing-fault"
+    assert crashes[0].with_name(crashes[0].name + ".txt").read_text().startswith("# fuzzmmu")
+    assert "first after" in res.stdout
+    lines = [json.loads(x) for x in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert lines[0]["campaign"] == "start" and lines[-1]["divergences"] >= 1
+
+
+def test_short_clean_campaign_resumes_from_its_corpus(tmp_path: Path) -> None:
+    res = _fuzz(tmp_path, "--max-time", "4")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "seeded" in res.stdout and "no divergence" in res.stdout
+    corpus = list((tmp_path / "corpus").iterdir())
+    assert len(corpus) >= 11
+    again = _fuzz(tmp_path, "--max-time", "3")
+    assert again.returncode == 0 and "seeded" not in again.stdout
+
+
+def test_bad_flags_are_clear_errors(tmp_path: Path) -> None:
+    res = _fuzz(tmp_path, "--bug", "nope")
+    assert res.returncode == 2 and "unknown bug id" in res.stdout
+    res = _fuzz(tmp_path, "--jobs", "0")
+    assert res.returncode == 2 and "--jobs" in res.stdout
+
+
+def test_target_command_passes_libfuzzer_flags_through() -> None:
+    cmd = target_command(CampaignConfig(jobs=2, keep_going=True, max_time=9,
+                                        libfuzzer_args=("-rss_limit_mb=4096",)))
+    assert "-fork=2" in cmd and "-ignore_crashes=1" in cmd and "-max_total_time=9" in cmd
+    assert cmd[-1] == "-rss_limit_mb=4096"
+
+
+def test_target_settings_from_the_environment(tmp_path: Path) -> None:
+    cfg = tmp_path / "bugs.conf"
+    cfg.write_text("# the seed bugs\nmisaligned-pt-write-two-sptes\n\n")
+    s = settings_from_environment({"FUZZMMU_CONFIG": str(cfg), "FUZZMMU_AUDIT": "1",
+                                   "FUZZMMU_BUGS": "cr0wp-not-in-role"})
+    assert s.bugs == ("cr0wp-not-in-role", "misaligned-pt-write-two-sptes") and s.audit
+    with pytest.raises(UnknownBugError):
+        settings_from_environment({"FUZZMMU_BUGS": "no-such"})
+    with pytest.raises(SettingsError):
+        settings_from_environment({"FUZZMMU_BYTE_SHARE": "2"})
+    with pytest.raises(SettingsError):
+        settings_from_environment({"FUZZMMU_CONFIG": str(tmp_path / "missing")})
