@@ -416,7 +416,12 @@ class Executor:
         if self.explain is not None and self.explain[0] == self.outcome.steps_run:
             self.outcome.view = self.explain[1](self.model, self.ref, step)
         try:
-            return step.on_model(self.model)
+            got = step.on_model(self.model)
+            if not isinstance(got, Observation):
+                raise TypeError(f"the model returned {type(got).__name__}, not an Observation")
+            return got
+        except _ModelCrash:  # from a step run at an interleave point inside this one
+            raise
         except Exception as exc:  # an exception in the model is an outcome
             raise _ModelCrash(step, exc) from exc
 
@@ -595,7 +600,9 @@ class Executor:
             a, b = mm.read(base + off, 4), rm.read(base + off, 4)
             if a != b:
                 diffs.append((off, b, a))
-                ad_only = ad_only and not (a ^ b) & ~0x60
+                # Only a present entry's A/D bits are ever set by a walk (SDM 4.8): a word
+                # with P clear, or any other bit changed, is plain memory.
+                ad_only = ad_only and not (a ^ b) & ~0x60 and a & b & 1
         kind = DivergenceKind.AD_MISMATCH if ad_only else DivergenceKind.MEMORY_MISMATCH
         off, want, got = diffs[0]
         where = f"frame {pfn:#x} offset {off:#x}"

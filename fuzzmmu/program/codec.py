@@ -3,8 +3,10 @@
 Layout: a 4-byte header, then 8-byte op records (a trailing partial record is ignored, and at
 most MAX_OPS records are read). A record's first byte picks the op kind through a weighting
 table; the other 7 bytes are one little-endian number read in mixed radix, one digit per
-field, each an index into the small world of fuzzmmu.program.world. A byte mutation therefore
-stays inside one op. An ``interleave`` record takes the next two records as its operands.
+field, each an index into the small world of fuzzmmu.program.world, so a byte mutation
+changes one op, except in an ``interleave`` record: it holds the point and how many of the
+following records (2 to 1 + MAX_SECOND) are its operands, so changing that count regroups the
+records after it.
 
 Program -> bytes -> Program is the identity; bytes -> Program -> bytes need not be (many byte
 strings decode to the same program).
@@ -335,7 +337,24 @@ def record_from_digits(kind: type[Op], digits: Sequence[tuple[int, int]]) -> byt
 
 
 def encode(program: Program) -> bytes:
-    """The canonical bytes of a program; raises ValueError for values outside the world."""
+    """The canonical bytes of a program; raises ValueError for values outside the world,
+    which would otherwise come back from ``decode`` as another program."""
+    try:
+        data = _encode(program)
+    except (KeyError, IndexError) as exc:
+        raise ValueError(f"a value outside the world: {exc}") from None
+    back = decode(data)
+    if back != program:
+        if back.header != program.header:
+            raise ValueError(f"the header {program.header} is outside the world")
+        for op, got in zip(program.ops, back.ops, strict=False):
+            if op != got:
+                raise ValueError(f"{op} is outside the world (it would read back as {got})")
+        raise ValueError("the program is outside the world")
+    return data
+
+
+def _encode(program: Program) -> bytes:
     h = program.header
     header = _pack([(_POLICIES.index(h.policy), 2),
                     (W.MMIO_GEN_BITS.index(h.mmio_gen_bits), len(W.MMIO_GEN_BITS)),

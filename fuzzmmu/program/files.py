@@ -15,8 +15,15 @@ class ProgramFileError(ValueError):
     """A program file that cannot be used, with the reason."""
 
 
+_BOM = "\ufeff".encode()
+
+
 def looks_like_text(data: bytes) -> bool:
-    """Printable UTF-8 is taken for the text form (a binary program is almost never that)."""
+    """A file that opens with the format line is text, whatever follows (an editor's byte-order
+    mark aside); otherwise printable UTF-8 is taken for text (a binary program almost never is).
+    """
+    if data.removeprefix(_BOM).startswith(FORMAT_LINE.encode()):
+        return True
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -27,7 +34,11 @@ def looks_like_text(data: bytes) -> bool:
 def program_from_bytes(data: bytes, name: str = "<input>") -> Program:
     if looks_like_text(data):
         try:
-            return parse_program(data.decode("utf-8"))
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise ProgramFileError(f"{name}: not UTF-8 text (byte {exc.start})") from None
+        try:
+            return parse_program(text)
         except ProgramSyntaxError as exc:
             raise ProgramFileError(f"{name}: {exc}") from exc
     return decode(data)

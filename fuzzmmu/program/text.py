@@ -1,12 +1,11 @@
 """The text form of programs: one op per line, round-tripping exactly with Program.
 
-    config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000
-    mode cpu0 4level root=0x1
-    pte cpu0 table=0x4 index=1 -> 0x5 P|W|U|A width=8
-    read cpu0 0x401000+0x8 width=8 cpl=3
+    config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot=4level
+    map cpu0 root=current current 0x1000 -> 0x5 P|W|U|A|D level=1 upper=W|U|A pool=0x8
+    read cpu0 0x1000+0x8 width=8 cpl=3
     interleave at=faultin
-      read cpu0 0x401000+0x0 width=8 cpl=0
-      pte cpu1 table=0x4 index=1 -> 0x6 P|W|U|A width=8
+      read cpu0 0x1000+0x0 width=8 cpl=0
+      zap-all
 
 ``#`` starts a comment. Numbers are hex or decimal; addresses, slots, frames and offsets must
 be among the world's (fuzzmmu.program.world), so every text program has a binary form.
@@ -143,6 +142,8 @@ class _Line:
                 self.keys[key] = value
             else:
                 self.words.append(tok)
+        if not self.words:
+            raise ProgramSyntaxError(number, "a line must start with an operation name")
 
     def fail(self, message: str) -> ProgramSyntaxError:
         return ProgramSyntaxError(self.number, message)

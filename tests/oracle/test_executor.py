@@ -259,6 +259,41 @@ def test_memory_written_behind_the_guests_back_is_a_memory_mismatch(
     assert d.signature == "memory-mismatch:access:4level:memory->memory"
 
 
+def test_stray_bit_in_a_data_page_is_a_memory_mismatch(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    orig = vm.Machine._ram
+
+    def _ram(self, pfn, gva, write, width, value):
+        obs = orig(self, pfn, gva, write, width, value)
+        if write and value == WRITTEN:
+            self.phys.backing.write(obs.addr + 8, 8, 0x20)
+        return obs
+
+    with monkeypatch.context() as m:
+        m.setattr(vm.Machine, "_ram", _ram)
+        d = run(base_program()).divergence
+    assert d is not None and (d.op_index, d.step) == (OP_WRITE, "frame 0x5 offset 0x10")
+    assert d.kind is DivergenceKind.MEMORY_MISMATCH
+
+
+@pytest.mark.parametrize("where", ["access", "host-op"])
+def test_model_returning_garbage_is_a_model_crash(monkeypatch: pytest.MonkeyPatch, where: str
+                                                  ) -> None:
+    with monkeypatch.context() as m:
+        if where == "access":
+            orig = vm.Machine._ram
+            m.setattr(vm.Machine, "_ram", lambda self, pfn, gva, write, width, value: (
+                None if write and value == WRITTEN else orig(self, pfn, gva, write, width,
+                                                             value)))
+            op_index = OP_WRITE
+        else:
+            m.setattr(vm.Machine, "zap_all", lambda self: None)
+            op_index = OP_ZAP
+        d = run(base_program()).divergence
+    assert d is not None
+    assert (d.kind, d.op_index) == (DivergenceKind.MODEL_CRASH, op_index)
+
+
 def test_audit_violation_needs_the_audit(monkeypatch: pytest.MonkeyPatch) -> None:
     with monkeypatch.context() as m:
         _double_count(m)
@@ -419,12 +454,6 @@ def test_crash_in_the_second_op_of_an_interleave_is_a_model_crash(
     assert (d.kind, d.op_index) == (DivergenceKind.MODEL_CRASH, 1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a model exception in an op run at an interleave point (inside the first op's "
-    "Executor._model) is wrapped twice: the divergence names the first op's step, its actual "
-    "is \"_ModelCrash: (<AccessStep object at 0x...>, RuntimeError(...))\" (a memory address, "
-    "so not reproducible across runs) and its signature '..._ModelCrash@_model' loses the "
-    "real exception and place"))
 def test_crash_in_the_second_op_of_an_interleave_names_the_real_exception(
         monkeypatch: pytest.MonkeyPatch) -> None:
     with monkeypatch.context() as m:
