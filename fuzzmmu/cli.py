@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from fuzzmmu import __version__
 
@@ -61,8 +62,7 @@ def _cmd_walk(args: argparse.Namespace, console: Console) -> int:
             spec.add_entry(entry, "--entry")
         mem, cpu, acc = spec.build()
     except TableSpecError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
+        return _fail(str(exc))
 
     if args.demo and args.gva is None:
         for gva, kind, user, what in DEMO_WALKS:
@@ -83,7 +83,14 @@ def _cmd_walk(args: argparse.Namespace, console: Console) -> int:
     return 0 if res.ok else 1
 
 
-def _bug_error(console: Console, bugs: Sequence[str]) -> str | None:
+def _fail(message: str) -> int:
+    """A usage error: the message on stderr, unwrapped so a path or id stays whole; status 2."""
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    err.print(f"[red]error:[/] {escape(message)}")
+    return 2
+
+
+def _bug_error(bugs: Sequence[str]) -> str | None:
     from fuzzmmu.shadow.bugs import BugSet, UnknownBugError
 
     try:
@@ -101,12 +108,10 @@ def _cmd_replay(args: argparse.Namespace, console: Console) -> int:
     try:
         program = read_program(args.file)
     except ProgramFileError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
-    problem = _bug_error(console, args.bug)
+        return _fail(str(exc))
+    problem = _bug_error(args.bug)
     if problem:
-        console.print(f"[red]error:[/] {problem}")
-        return 2
+        return _fail(problem)
     audit = not args.no_audit
     outcome = run(program, args.bug, audit=audit, trace=args.trace)
     if outcome.divergence is not None and outcome.div_step >= 0 and not args.json:
@@ -146,16 +151,13 @@ def _cmd_bugs(args: argparse.Namespace, console: Console) -> int:
 def _cmd_fuzz(args: argparse.Namespace, console: Console) -> int:
     from fuzzmmu.campaign.fuzz import Campaign, CampaignConfig, summary
 
-    problem = _bug_error(console, args.bug)
+    problem = _bug_error(args.bug)
     if problem:
-        console.print(f"[red]error:[/] {problem}")
-        return 2
+        return _fail(problem)
     if args.jobs < 1:
-        console.print("[red]error:[/] --jobs must be at least 1")
-        return 2
+        return _fail("--jobs must be at least 1")
     if args.max_time is not None and args.max_time < 1:
-        console.print("[red]error:[/] --max-time must be at least 1 second")
-        return 2
+        return _fail("--max-time must be at least 1 second")
     extra = list(args.libfuzzer)
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -169,35 +171,32 @@ def _cmd_fuzz(args: argparse.Namespace, console: Console) -> int:
     return 1 if result.divergences else 0
 
 
-def _load_crash(console: Console, path: str, bugs: list[str]) -> object | None:
+def _load_crash(path: str, bugs: list[str]) -> object | None:
     """A replayed crash file, or None after printing why it cannot be used."""
     from fuzzmmu.campaign.triage import CrashFileError, load_crash
 
-    problem = _bug_error(console, bugs)
+    problem = _bug_error(bugs)
     if problem:
-        console.print(f"[red]error:[/] {problem}")
+        _fail(problem)
         return None
     try:
         return load_crash(Path(path), tuple(bugs) if bugs else None)
     except (CrashFileError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
+        _fail(str(exc))
         return None
 
 
 def _cmd_triage(args: argparse.Namespace, console: Console) -> int:
-    from rich.markup import escape
     from rich.table import Table
 
     from fuzzmmu.campaign.triage import triage
 
     directory = Path(args.dir)
     if not directory.is_dir():
-        console.print(f"[red]error:[/] {directory} is not a directory")
-        return 2
-    problem = _bug_error(console, args.bug)
+        return _fail(f"{directory} is not a directory")
+    problem = _bug_error(args.bug)
     if problem:
-        console.print(f"[red]error:[/] {problem}")
-        return 2
+        return _fail(problem)
     groups, errors = triage(directory, tuple(args.bug) if args.bug else None)
     if args.json:
         print(json.dumps({"groups": [{"signature": g.signature, "kind": g.kind,
@@ -224,7 +223,7 @@ def _cmd_minimize(args: argparse.Namespace, console: Console) -> int:
     from fuzzmmu.program.files import write_program
     from fuzzmmu.program.text import format_program
 
-    crash = _load_crash(console, args.crash, args.bug)
+    crash = _load_crash(args.crash, args.bug)
     if crash is None:
         return 2
     start = time.monotonic()
@@ -236,8 +235,7 @@ def _cmd_minimize(args: argparse.Namespace, console: Console) -> int:
     try:
         result = minimize(crash.program, crash.bugs, max_runs=args.max_runs, progress=progress)
     except NotDivergent as exc:
-        console.print(f"[red]error:[/] {args.crash}: {exc}")
-        return 2
+        return _fail(f"{args.crash}: {exc}")
     write_program(args.output, result.program)
     minimized = load_crash(Path(args.output), crash.bugs)
     write_sidecar(minimized, None)
@@ -252,13 +250,12 @@ def _cmd_minimize(args: argparse.Namespace, console: Console) -> int:
 def _cmd_export(args: argparse.Namespace, console: Console) -> int:
     from fuzzmmu.campaign.export import export
 
-    crash = _load_crash(console, args.crash, args.bug)
+    crash = _load_crash(args.crash, args.bug)
     if crash is None:
         return 2
     if crash.divergence is None:
-        console.print(f"[red]error:[/] {args.crash} does not diverge with bugs "
-                      f"{list(crash.bugs)}: nothing to export")
-        return 2
+        return _fail(f"{args.crash} does not diverge with bugs "
+                     f"{list(crash.bugs)}: nothing to export")
     out = Path(args.output)
     export(crash.program, crash.bugs, crash.divergence, out, Path(args.crash).name)
     console.print(f"wrote {out} ({crash.divergence.signature}); run it with "
@@ -283,18 +280,16 @@ def _cmd_corpus(args: argparse.Namespace, console: Console) -> int:
                 console.print(f"[red]stale[/] {name}: run `fuzzmmu corpus build`")
             return 1 if stale else 0
     except (OSError, ValueError) as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
+        return _fail(str(exc))
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from fuzzmmu.campaign.demo import demo
 
-    problem = _bug_error(console, [args.bug])
+    problem = _bug_error([args.bug])
     if problem:
-        console.print(f"[red]error:[/] {problem}")
-        return 2
+        return _fail(problem)
     return demo(console, Path(args.workdir), args.bug, args.max_time, args.seed,
                 not args.no_dashboard)
 

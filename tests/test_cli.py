@@ -68,9 +68,10 @@ def test_walk_fault_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     (["/nonexistent/tables.txt"], "cannot read"),
 ])
 def test_walk_bad_input(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
-    code, out = run_cli(capsys, "walk", *argv)
-    assert code == 2
-    assert message in out
+    code = main(["walk", *argv])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert message in err
 
 
 def test_walk_non_canonical(capsys: pytest.CaptureFixture[str]) -> None:

@@ -58,6 +58,15 @@ def replay(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, 
     return code, capsys.readouterr().out
 
 
+def replay_error(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> str:
+    """A usage error: exit status 2, stdout empty (a --json reader sees no half output), the
+    message on stderr."""
+    code = main(["replay", *map(str, argv)])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    return err
+
+
 def words(text: str) -> str:
     """The output with its whitespace (and any line wrapping) normalised."""
     return " ".join(text.split())
@@ -167,9 +176,8 @@ def test_no_audit_flag(capsys: pytest.CaptureFixture[str], progs: dict[str, Path
 
 def test_unknown_bug_is_exit_2_listing_the_known_ids(
         capsys: pytest.CaptureFixture[str], progs: dict[str, Path]) -> None:
-    code, out = replay(capsys, progs["misaligned"], "--bug", "no-such-bug")
-    assert code == 2
-    text = words(out)
+    err = replay_error(capsys, progs["misaligned"], "--bug", "no-such-bug")
+    text = words(err)
     assert "error: unknown bug id 'no-such-bug'; known ids:" in text
     for bug in CATALOG:
         assert bug.id in text
@@ -180,9 +188,8 @@ def test_pending_bug_is_exit_2(capsys: pytest.CaptureFixture[str], progs: dict[s
     pending = [b for b in CATALOG if not b.available]
     if not pending:
         pytest.skip("no pending mutant in the catalog")
-    code, out = replay(capsys, progs["misaligned"], "--json", "--bug", pending[0].id)
-    assert code == 2
-    assert "pending" in out
+    err = replay_error(capsys, progs["misaligned"], "--json", "--bug", pending[0].id)
+    assert "pending" in err
 
 
 # ---------------------------------------------------------------------- --trace
@@ -212,15 +219,13 @@ def test_trace_prints_every_step(capsys: pytest.CaptureFixture[str], progs: dict
 
 
 def test_missing_file_is_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, out = replay(capsys, tmp_path / "nope.bin")
-    assert code == 2
-    assert words(out) == f"error: cannot read {tmp_path / 'nope.bin'}: No such file or directory"
+    err = replay_error(capsys, tmp_path / "nope.bin")
+    assert err.strip() == f"error: cannot read {tmp_path / 'nope.bin'}: No such file or directory"
 
 
 def test_directory_is_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    code, out = replay(capsys, tmp_path, "--json")
-    assert code == 2
-    assert words(out) == f"error: cannot read {tmp_path}: Is a directory"
+    err = replay_error(capsys, tmp_path, "--json")
+    assert err.strip() == f"error: cannot read {tmp_path}: Is a directory"
 
 
 @pytest.mark.parametrize(("body", "line", "message"), [
@@ -233,15 +238,13 @@ def test_corrupt_text_file_is_exit_2_with_the_line(
         message: str) -> None:
     path = tmp_path / "corrupt.txt"
     path.write_text("# fuzzmmu program v1\n" + body)
-    code, out = replay(capsys, path, "--json")
-    assert code == 2
-    assert words(out) == f"error: {path}: line {line}: {message}"
+    err = replay_error(capsys, path, "--json")
+    assert err.strip() == f"error: {path}: line {line}: {message}"
 
 
 def test_line_of_only_settings_is_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path
                                          ) -> None:
     path = tmp_path / "corrupt.txt"
     path.write_text("# fuzzmmu program v1\nwidth=8\n")
-    code, out = replay(capsys, path)
-    assert code == 2
-    assert "line 2" in out
+    err = replay_error(capsys, path)
+    assert "line 2" in err

@@ -386,7 +386,7 @@ class Executor:
             try:
                 div = self._op(-1, op)
             except _ModelCrash as crash:
-                div = self._crash(-1, op, crash, "boot")
+                div = self._crash(-1, op, crash, self._vcpu_mode(v))
             if div is not None:
                 return div
         return self._compare_state(-1, SetMode(0, mode, BOOT_ROOT), "boot")

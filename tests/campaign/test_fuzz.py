@@ -61,9 +61,9 @@ def test_short_clean_campaign_resumes_from_its_corpus(tmp_path: Path) -> None:
 
 def test_bad_flags_are_clear_errors(tmp_path: Path) -> None:
     res = _fuzz(tmp_path, "--bug", "nope")
-    assert res.returncode == 2 and "unknown bug id" in res.stdout
+    assert res.returncode == 2 and "unknown bug id" in res.stderr
     res = _fuzz(tmp_path, "--jobs", "0")
-    assert res.returncode == 2 and "--jobs" in res.stdout
+    assert res.returncode == 2 and "--jobs" in res.stderr
 
 
 def test_target_command_passes_libfuzzer_flags_through() -> None:
