@@ -349,7 +349,7 @@ CRASHES = [
                                     _raise(AssertionError("zap"))),
      OP_ZAP, "model-crash:zap-all:host:-->AssertionError@broken"),
     ("boot", lambda m: m.setattr(Vcpu, "set_cr0", _raise(ZeroDivisionError())), -1,
-     "model-crash:cr0:boot:-->ZeroDivisionError@broken"),
+     "model-crash:cr0:off:-->ZeroDivisionError@broken"),
 ]
 
 
