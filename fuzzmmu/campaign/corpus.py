@@ -83,10 +83,17 @@ def program_features(p: Program) -> tuple[list[str], list[str]]:
 def corpus_stats(directory: Path, limit: int = 2000) -> CorpusStats:
     """What the (newest ``limit``) programs of a corpus directory exercise."""
     stats = CorpusStats()
-    files = [p for p in directory.iterdir() if p.is_file() and p.suffix != ".txt"]
-    files.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-    stats.files = len(files)
-    for path in files[:limit]:
+    dated = []
+    for p in directory.iterdir():
+        # libFuzzer removes and replaces corpus files while a campaign runs (fork-mode merges)
+        try:
+            if p.suffix != ".txt" and p.is_file():
+                dated.append((p.stat().st_mtime, p.name, p))
+        except OSError:
+            continue
+    dated.sort(reverse=True)
+    stats.files = len(dated)
+    for _, _, path in dated[:limit]:
         try:
             program = decode(path.read_bytes())
         except OSError:
