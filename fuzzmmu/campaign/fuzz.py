@@ -274,6 +274,9 @@ class Campaign:
             except KeyboardInterrupt:
                 interrupted = True
                 self._stop(proc)
+            except BaseException:
+                self._stop(proc)  # an error here must not leave libFuzzer running unwatched
+                raise
             finally:
                 reader.join(timeout=5)
                 self._scan_crashes()
