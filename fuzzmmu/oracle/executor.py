@@ -397,18 +397,24 @@ class Executor:
             self.outcome.divergence = div
             return self.outcome
         for i, op in enumerate(self.program.ops):
-            mode = self._mode_label(op)
-            try:
-                div = self._interleave(i, op) if isinstance(op, Interleave) else self._op(i, op)
-            except _ModelCrash as crash:
-                div = self._crash(i, op, crash, mode)
-            self.outcome.ops_run = i + 1
-            if div is None:
-                div = self._compare_state(i, op, mode)
-            if div is not None:
-                self.outcome.divergence = div
+            if self.step(i, op) is not None:
                 break
         return self.outcome
+
+    def step(self, i: int, op: Op) -> Divergence | None:
+        """Run op number ``i`` on both machines (after ``boot``); a stateful driver that builds
+        its program as it goes calls this directly."""
+        mode = self._mode_label(op)
+        try:
+            div = self._interleave(i, op) if isinstance(op, Interleave) else self._op(i, op)
+        except _ModelCrash as crash:
+            div = self._crash(i, op, crash, mode)
+        self.outcome.ops_run = i + 1
+        if div is None:
+            div = self._compare_state(i, op, mode)
+        if div is not None:
+            self.outcome.divergence = div
+        return div
 
     # -- one op
 
