@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -284,6 +285,46 @@ def _cmd_corpus(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
+    from fuzzmmu.bench.engines import Engine
+    from fuzzmmu.bench.runner import BenchConfig, BenchError, report_from, run_bench
+    from fuzzmmu.shadow.bugs import CATALOG
+
+    if args.report:
+        try:
+            report_from(Path(args.out), console)
+        except BenchError as exc:
+            return _fail(str(exc))
+        return 0
+    if args.seed_mutants:
+        bugs = [b.id for b in CATALOG if b.available and b.seed]
+    else:
+        bugs = args.bugs or [b.id for b in CATALOG if b.available]
+    problem = _bug_error(bugs)
+    if problem:
+        return _fail(problem)
+    try:
+        engines = tuple(Engine(e) for e in args.engines) if args.engines else tuple(Engine)
+    except ValueError as exc:
+        return _fail(f"{exc}; engines: {', '.join(e.value for e in Engine)}")
+    for flag, value, least in (("--trials", args.trials, 1), ("--jobs", args.jobs, 1),
+                               ("--budget", args.budget, 1), ("--seed", args.seed, 1),
+                               ("--throughput-time", args.throughput_time, 0),
+                               ("--minimize-runs", args.minimize_runs, 0)):
+        if value < least:
+            return _fail(f"{flag} must be at least {least}")
+    cfg = BenchConfig(tuple(dict.fromkeys(bugs)), engines, args.trials, args.budget,
+                      args.jobs, Path(args.out), args.seed, args.throughput_time,
+                      args.minimize_runs, args.resume)
+    try:
+        run_bench(cfg, console)
+    except BenchError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from fuzzmmu.campaign.demo import demo
 
@@ -400,6 +441,34 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--workdir", default=".fuzzmmu/demo", metavar="DIR")
     dm.add_argument("--no-dashboard", action="store_true")
     dm.set_defaults(func=_cmd_demo)
+
+    bn = sub.add_parser("bench", help="time-to-find per mutant and engine, throughput, "
+                                      "minimization",
+                        description="Run independent trials of each engine (atheris, "
+                                    "atheris-bytes, random, hypothesis) against each mutant "
+                                    "until its first divergence or the budget; print a table, "
+                                    "write OUT/bench.json (every trial) and OUT/survival.png.")
+    bn.add_argument("--bugs", nargs="+", metavar="ID",
+                    help="mutants to find (default: every available one in the catalog)")
+    bn.add_argument("--seed-mutants", action="store_true", help="only the seed mutants")
+    bn.add_argument("--engines", nargs="+", metavar="E",
+                    help="atheris atheris-bytes random hypothesis (default: all)")
+    bn.add_argument("--trials", type=int, default=5, help="trials per mutant and engine")
+    bn.add_argument("--budget", type=float, default=30.0, metavar="S",
+                    help="seconds per trial before it counts as a miss")
+    bn.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
+                    help="trials run side by side (default: one per core)")
+    bn.add_argument("--out", default="bench-results", metavar="DIR")
+    bn.add_argument("--seed", type=int, default=1, help="trial k uses seed + k")
+    bn.add_argument("--throughput-time", type=float, default=20.0, metavar="S",
+                    help="seconds of each engine on the clean model for programs/s (0: skip)")
+    bn.add_argument("--minimize-runs", type=int, default=3000, metavar="N",
+                    help="oracle-run budget to minimize each find (0: do not minimize)")
+    bn.add_argument("--resume", action="store_true",
+                    help="keep OUT/trials.jsonl and run only the missing trials")
+    bn.add_argument("--report", action="store_true",
+                    help="only print the report of the run in OUT")
+    bn.set_defaults(func=_cmd_bench)
 
     b = sub.add_parser("bugs", help="list the switchable historical KVM bugs (mutants)")
     b.add_argument("--json", action="store_true", help="machine-readable list")

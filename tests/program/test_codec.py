@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from progstrat import program_bytes, programs, record_count
 
 from fuzzmmu.machine.memslots import MemslotChange
 from fuzzmmu.machine.observe import AccessKind
@@ -37,6 +36,7 @@ from fuzzmmu.program.ops import (
     WritePte,
     ZapAll,
 )
+from fuzzmmu.program.strategies import program_bytes, programs, record_count
 from fuzzmmu.shadow.mmu import Point
 
 SETTINGS = settings(max_examples=300, deadline=None)

@@ -8,7 +8,6 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from progstrat import program_bytes, programs, record_count
 
 import fuzzmmu.program.text as text_module
 from fuzzmmu.machine.observe import AccessKind
@@ -25,6 +24,7 @@ from fuzzmmu.program.ops import (
     WritePte,
     ZapAll,
 )
+from fuzzmmu.program.strategies import program_bytes, programs, record_count
 from fuzzmmu.program.text import (
     FORMAT_LINE,
     ProgramSyntaxError,

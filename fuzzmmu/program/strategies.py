@@ -1,5 +1,7 @@
-"""Hypothesis strategies for programs: raw byte strings for the decoder, and Programs built
-op by op from the world's tables (fuzzmmu.program.world), as generate.py builds valid ops."""
+"""Hypothesis strategies for programs: raw byte strings for the decoder, and ops and Programs
+built field by field from the world's tables (fuzzmmu.program.world), uniformly, unlike
+generate.py, which aims its ops at the tables a program has built. Property tests and the
+Hypothesis engine of the benchmark draw from these."""
 
 from __future__ import annotations
 
@@ -108,20 +110,21 @@ def memslots(draw: st.DrawFn) -> Memslot:
                    draw(st.sampled_from(W.SLOT_HVAS)))
 
 
-simple_ops: st.SearchStrategy[Op] = st.one_of(
-    accesses(), maps(), write_ptes(), stores(),
+table_writes: st.SearchStrategy[Op] = st.one_of(write_ptes(), stores())
+control_ops: st.SearchStrategy[Op] = st.one_of(
     st.builds(SetMode, vcpus, st.sampled_from(list(GuestMode)), st.sampled_from(W.ROOTS)),
     st.builds(LoadCr3, vcpus, st.sampled_from(W.ROOTS)),
     st.builds(SetBit, vcpus, st.sampled_from(list(CrBit)), st.booleans()),
-    st.builds(Invlpg, vcpus, vas),
-    st.builds(Smi, vcpus),
-    st.builds(Rsm, vcpus),
+    st.builds(Invlpg, vcpus, vas))
+smm_ops: st.SearchStrategy[Op] = st.one_of(st.builds(Smi, vcpus), st.builds(Rsm, vcpus))
+host_ops: st.SearchStrategy[Op] = st.one_of(
     memslots(),
     st.just(ZapAll()),
     st.builds(Migrate, st.integers(0, 1), frames),
     st.builds(Shrink, st.sampled_from(W.SHRINK_COUNTS)),
-    st.builds(MmuPages, st.sampled_from(W.MAX_PAGES)),
-)
+    st.builds(MmuPages, st.sampled_from(W.MAX_PAGES)))
+simple_ops: st.SearchStrategy[Op] = st.one_of(accesses(), maps(), table_writes, control_ops,
+                                              smm_ops, host_ops)
 interleaves = st.builds(Interleave, st.sampled_from(list(Point)), simple_ops,
                         st.lists(simple_ops, min_size=1, max_size=MAX_SECOND).map(tuple))
 ops = st.one_of(simple_ops, interleaves)

@@ -1,0 +1,162 @@
+"""One benchmark trial: one engine, one mutant (or the clean model), one seed, one budget.
+
+Every trial runs in processes of its own: the Atheris harness as a campaign would start it
+(fuzzmmu.campaign.fuzz builds the command), the other engines in fuzzmmu.bench.worker. Time
+counts from the start of the search, not of the interpreter: for Atheris from libFuzzer's
+``INFO: Seed:`` line (after the harness's imports and instrumentation, which are reported
+apart as ``startup``), for the others from the start of their loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fuzzmmu.bench.engines import Engine
+from fuzzmmu.campaign.fuzz import CampaignConfig, prepare, target_command, target_environment
+from fuzzmmu.campaign.triage import is_crash_file, load_crash
+from fuzzmmu.program.text import format_program
+
+_STAT = re.compile(r"stat::(\w+):\s*(\d+)")
+# Slack on top of a trial's budget before its process is killed (start-up, final replay).
+_GRACE = 60.0
+
+
+class TrialError(RuntimeError):
+    """A trial's process failed in a way that says nothing about the engine."""
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    bug: str | None  # None: the clean model (a throughput run)
+    engine: Engine
+    trial: int
+    seed: int
+    budget: float
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.bug or "", self.engine.value, self.trial)
+
+
+@dataclass
+class TrialResult:
+    bug: str | None
+    engine: str
+    trial: int
+    seed: int
+    budget: float
+    found: bool
+    seconds: float  # to the first divergence, or the time searched without one
+    programs: int
+    startup: float | None = None  # Atheris: interpreter, imports and instrumentation
+    kind: str | None = None
+    signature: str | None = None
+    program: str | None = None  # the divergent program's text form
+    minimized: dict[str, Any] | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> TrialResult:
+        return TrialResult(**d)
+
+
+def _worker(task: dict[str, Any], timeout: float) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "fuzzmmu.bench.worker", json.dumps(task)],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise TrialError(f"worker {task['task']} exited {proc.returncode}: "
+                         f"{proc.stderr.strip()[-400:]}")
+    return json.loads(lines[-1])
+
+
+def _atheris(spec: TrialSpec, workdir: Path) -> TrialResult:
+    bugs = (spec.bug,) if spec.bug else ()
+    cfg = CampaignConfig(bugs=bugs, max_time=max(1, math.ceil(spec.budget)), seed=spec.seed,
+                         corpus=workdir / "corpus", crashes=workdir / "crashes",
+                         stats=workdir / "stats.jsonl", dashboard=False,
+                         byte_share=1.0 if spec.engine is Engine.ATHERIS_BYTES else 0.2)
+    prepare(cfg)
+    launched = time.monotonic()
+    proc = subprocess.Popen(target_command(cfg), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=target_environment(cfg))
+    marks: dict[str, float] = {}
+    stats: dict[str, int] = {}
+    tail: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for raw in iter(proc.stderr.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip()
+            now = time.monotonic()
+            if line.startswith("INFO: Seed:"):
+                marks.setdefault("start", now)
+            elif "Uncaught Python exception" in line:
+                marks.setdefault("crash", now)
+            elif m := _STAT.match(line):
+                stats[m[1]] = int(m[2])
+            if not line.startswith("INFO: Instrumenting"):
+                tail[:] = [*tail[-20:], line]
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=spec.budget + _GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    reader.join(timeout=10)
+    ended = time.monotonic()
+    start = marks.get("start", launched)
+    result = TrialResult(spec.bug, spec.engine.value, spec.trial, spec.seed, spec.budget,
+                         False, round(ended - start, 3),
+                         stats.get("number_of_executed_units", 0),
+                         startup=round(start - launched, 3))
+    crashes = sorted(p for p in cfg.crashes.iterdir() if is_crash_file(p))
+    if not crashes:
+        if proc.returncode not in (0, None):
+            result.error = f"harness exited {proc.returncode}: " + " | ".join(tail[-5:])
+        return result
+    crash = load_crash(crashes[0], bugs)
+    if crash.divergence is None:
+        result.error = f"{crashes[0].name} does not replay as a divergence: " \
+                       + " | ".join(tail[-5:])
+        return result
+    result.found = True
+    result.seconds = round(marks.get("crash", ended) - start, 3)
+    result.kind = crash.divergence.kind.value
+    result.signature = crash.divergence.signature
+    result.program = format_program(crash.program)
+    return result
+
+
+def run_trial(spec: TrialSpec, workdir: Path, *, minimize_runs: int = 3000) -> TrialResult:
+    """Run one trial; a divergence found is minimized (``minimize_runs`` 0: not minimized)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if spec.engine in (Engine.ATHERIS, Engine.ATHERIS_BYTES):
+        result = _atheris(spec, workdir)
+    else:
+        task = {"task": "search", "engine": spec.engine.value,
+                "bugs": [spec.bug] if spec.bug else [], "seed": spec.seed,
+                "budget": spec.budget}
+        out = _worker(task, spec.budget + _GRACE)
+        result = TrialResult(spec.bug, spec.engine.value, spec.trial, spec.seed, spec.budget,
+                             out["found"], out["seconds"], out["programs"], kind=out["kind"],
+                             signature=out["signature"], program=out["program"])
+    if result.found and result.program is not None and minimize_runs > 0:
+        task = {"task": "minimize", "program": result.program, "bugs": [spec.bug],
+                "max_runs": minimize_runs}
+        result.minimized = _worker(task, 600)
+    return result
