@@ -4,15 +4,18 @@
 diverge: a distinct exception class per divergence kind, raised from a distinct function, so
 that libFuzzer/ClusterFuzz crash grouping by the top stack frames separates bug classes.
 
-The mutator edits programs at the op level (records of the binary form): insert a generated
-op, delete, duplicate, swap, change one field of one op (one mixed-radix digit), mutate the
-header; part of the time it leaves the bytes to libFuzzer's own byte mutator.
+The mutator edits programs at the op level (records of the binary form), stacking a few of:
+insert an op aimed at the program's addresses and tables, delete, duplicate, swap, change one
+field of one op (one mixed-radix digit), change the machine configuration or boot mode,
+replace the tail with random records; part of the time it leaves the bytes to libFuzzer's own
+byte mutator.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
 from fuzzmmu.oracle.executor import run
@@ -23,13 +26,14 @@ from fuzzmmu.program.codec import (
     MAX_OPS,
     RECORD_SIZE,
     decode,
+    decode_record,
     encode,
     op_record,
     record_digits,
     record_from_digits,
 )
 from fuzzmmu.program.generate import Generator
-from fuzzmmu.program.ops import Header, Program
+from fuzzmmu.program.ops import Header, Interleave, Program
 
 
 class DivergenceFound(Exception):
@@ -157,8 +161,16 @@ def _join(header: bytes, records: list[bytes], max_size: int) -> bytes:
     return header + b"".join(records[:keep])
 
 
-def _new_record(rng: random.Random, header: Header) -> bytes:
-    return op_record(Generator(rng, header).simple_op())
+def _new_records(rng: random.Random, program: Program) -> list[bytes]:
+    """Mostly an op aimed at what the program already uses (an interleave is several
+    records); sometimes any op of the world, uniformly (what the generator rarely writes)."""
+    if rng.random() < 0.25:
+        return [op_record(decode_record(rng.randbytes(RECORD_SIZE)))]
+    op = Generator(rng, program.header, program).op()
+    if isinstance(op, Interleave):
+        body = encode(Program(program.header, (op,)))[HEADER_SIZE:]
+        return [body[i:i + RECORD_SIZE] for i in range(0, len(body), RECORD_SIZE)]
+    return [op_record(op)]
 
 
 def _change_field(rng: random.Random, rec: bytes) -> bytes:
@@ -181,31 +193,76 @@ def _mutate_header(rng: random.Random, h: Header) -> Header:
         rng.choice(BOOT_MODES) if field == 4 else h.boot)
 
 
+@dataclass
+class _Draft:
+    """A program being mutated: its header and op records, and the program it started as
+    (what inserted ops aim at)."""
+
+    header: bytes
+    recs: list[bytes]
+    start: Program
+
+
+def _insert(rng: random.Random, d: _Draft) -> None:
+    at = rng.randrange(len(d.recs) + 1)
+    d.recs[at:at] = _new_records(rng, d.start)
+
+
+def _delete(rng: random.Random, d: _Draft) -> None:
+    if d.recs:
+        del d.recs[rng.randrange(len(d.recs))]
+
+
+def _duplicate(rng: random.Random, d: _Draft) -> None:
+    if d.recs:
+        d.recs.insert(rng.randrange(len(d.recs) + 1), d.recs[rng.randrange(len(d.recs))])
+
+
+def _swap(rng: random.Random, d: _Draft) -> None:
+    if len(d.recs) > 1:
+        i, j = rng.sample(range(len(d.recs)), 2)
+        d.recs[i], d.recs[j] = d.recs[j], d.recs[i]
+
+
+def _change(rng: random.Random, d: _Draft) -> None:
+    if d.recs:
+        i = rng.randrange(len(d.recs))
+        d.recs[i] = _change_field(rng, d.recs[i])
+
+
+def _reconfigure(rng: random.Random, d: _Draft) -> None:
+    """The machine configuration and boot mode."""
+    d.header = encode(Program(_mutate_header(rng, decode(d.header).header), ()))
+
+
+def _random_tail(rng: random.Random, d: _Draft) -> None:
+    """Keep a prefix, then uniformly random records: what the random tester would run next
+    from there, so the search never explores less than it would."""
+    del d.recs[rng.randrange(len(d.recs) + 1):]
+    d.recs += [rng.randbytes(RECORD_SIZE) for _ in range(rng.randint(1, 8))]
+
+
+_MUTATIONS = ((_insert, 25), (_delete, 12), (_duplicate, 7), (_swap, 7), (_change, 36),
+              (_reconfigure, 8), (_random_tail, 5))
+_KINDS = [m for m, _ in _MUTATIONS]
+_WEIGHTS = [w for _, w in _MUTATIONS]
+
+
 def mutate(data: bytes, max_size: int, seed: int,
            byte_mutator: Callable[[bytes, int], bytes] | None = None,
            byte_share: float = 0.2) -> bytes:
-    """The custom mutator: deterministic in (data, max_size, seed)."""
+    """The custom mutator: deterministic in (data, max_size, seed). Stacks 1, 2 or 4 op-level
+    mutations, as AFL's havoc stage stacks byte mutations."""
     rng = random.Random(seed)
     if byte_mutator is not None and rng.random() < byte_share:
         return byte_mutator(data, max_size)
     header, recs = _records(data)
-    h = decode(header).header
-    choice = rng.randrange(100)
-    if choice < 25 or not recs:  # insert a generated op
-        recs.insert(rng.randrange(len(recs) + 1), _new_record(rng, h))
-    elif choice < 40:  # delete
-        del recs[rng.randrange(len(recs))]
-    elif choice < 48:  # duplicate
-        recs.insert(rng.randrange(len(recs) + 1), recs[rng.randrange(len(recs))])
-    elif choice < 56 and len(recs) > 1:  # swap
-        i, j = rng.sample(range(len(recs)), 2)
-        recs[i], recs[j] = recs[j], recs[i]
-    elif choice < 92:  # change one field of one op
-        i = rng.randrange(len(recs))
-        recs[i] = _change_field(rng, recs[i])
-    else:  # the machine configuration and boot mode
-        header = encode(Program(_mutate_header(rng, h), ()))
-    return _join(header, recs, max_size)
+    draft = _Draft(header, recs, decode(data))
+    if not recs:
+        _insert(rng, draft)
+    for mutation in rng.choices(_KINDS, _WEIGHTS, k=1 << rng.randrange(3)):
+        mutation(rng, draft)
+    return _join(draft.header, draft.recs, max_size)
 
 
 def crossover(data1: bytes, data2: bytes, max_size: int, seed: int) -> bytes:

@@ -52,11 +52,17 @@ def _bit(rng: random.Random, p: float) -> bool:
 class Generator:
     """Random ops for one program; ``vas`` is the program's working set."""
 
-    def __init__(self, rng: random.Random, header: Header | None = None) -> None:
+    def __init__(self, rng: random.Random, header: Header | None = None,
+                 context: Program | None = None) -> None:
+        """With ``context``, new ops aim at that program's addresses and table pools, as a
+        kernel keeps touching what it mapped."""
         self.rng = rng
         self.header = header or self.random_header()
-        self.vas = rng.sample(W.VAS, rng.randint(1, 4))
-        self.pools = [rng.choice(W.POOLS) for _ in range(2)]
+        ops = context.flat_ops() if context is not None else []
+        vas = sorted({op.va for op in ops if isinstance(op, Access | Map | Invlpg)})
+        pools = sorted({op.pool for op in ops if isinstance(op, Map)})
+        self.vas = vas or rng.sample(W.VAS, rng.randint(1, 4))
+        self.pools = pools or [rng.choice(W.POOLS) for _ in range(2)]
 
     def random_header(self) -> Header:
         r = self.rng
