@@ -264,25 +264,51 @@ def load_pdptrs(mem: Memory, cr3: int, maxphyaddr: int = 40) -> tuple[int, int, 
     return (out[0], out[1], out[2], out[3])
 
 
+Walked = list[tuple[int, int]]  # the entries a walk read: (entry gpa, value), root first
+
+
 def walk(mem: Memory, cpu: CpuState, gva: int, acc: Access = Access(), set_ad: bool = True
          ) -> WalkResult:
     """Translate ``gva`` for ``acc`` under ``cpu``; with ``set_ad``, update A/D bits in ``mem``
     as the processor does (only on success)."""
-    return _walk(mem, cpu, gva, acc, set_ad, None)[0]
+    return _walk(mem, cpu, gva, acc, set_ad, None, [])[0]
 
 
-def walk_leaf(mem: Memory, cpu: CpuState, gva: int, acc: Access = Access(), set_ad: bool = True
-              ) -> tuple[WalkResult, int]:
-    """Like :func:`walk`, also returning the leaf entry as read (0 unless the walk reached a
-    valid leaf): a TLB caches its D bit and protection key (SDM §4.10.2.2)."""
-    return _walk(mem, cpu, gva, acc, set_ad, None)
+def walk_leaf(mem: Memory, cpu: CpuState, gva: int, acc: Access = Access()
+              ) -> tuple[WalkResult, int, Walked]:
+    """Like :func:`walk` without A/D updates, also returning the leaf entry as read (0 unless
+    the walk reached a valid leaf: a TLB caches its D bit and protection key, SDM §4.10.2.2)
+    and the entries read, for :func:`set_accessed_dirty` once the caller knows that the
+    access takes place."""
+    walked: Walked = []
+    res, leaf = _walk(mem, cpu, gva, acc, False, None, walked)
+    return res, leaf, walked
 
 
 def walk_trace(mem: Memory, cpu: CpuState, gva: int, acc: Access = Access(), set_ad: bool = False
                ) -> tuple[WalkResult, list[WalkStep]]:
     """Like :func:`walk`, also returning every entry read, for humans."""
     steps: list[WalkStep] = []
-    return _walk(mem, cpu, gva, acc, set_ad, steps)[0], steps
+    return _walk(mem, cpu, gva, acc, set_ad, steps, [])[0], steps
+
+
+def set_accessed_dirty(mem: Memory, cpu: CpuState, walked: Walked, write: bool) -> bool:
+    """SDM §4.8: A in every entry of a successful walk, D in the leaf for a write, once the
+    access is known to succeed (KVM's update_accessed_dirty_bits after walk_addr).
+    Read-modify-write the current value: an entry may be walked twice when tables alias.
+    Returns whether an entry changed."""
+    esize = cpu._p.esize
+    last = len(walked) - 1
+    changed = False
+    for i, (egpa, e) in enumerate(walked):
+        want = PTE_A | (PTE_D if write and i == last else 0)
+        if e & want == want:
+            continue  # set when walked; the writes here only add bits, so still set
+        cur = mem.read(egpa, esize)
+        if cur & want != want:
+            mem.write(egpa, esize, cur | want)
+            changed = True
+    return changed
 
 
 def _fault(p: _Params, cpu: CpuState, acc: Access, code: int, level: int, rights: int = 0
@@ -298,15 +324,20 @@ def _fault(p: _Params, cpu: CpuState, acc: Access, code: int, level: int, rights
     return WalkResult(False, None, code, level, rights), 0
 
 
+_IDENTITY_RIGHTS = ACC_U | ACC_W | ACC_X
+# Address bits of a leaf entry at each level (8-byte entries): 51:12, 51:21, 51:30.
+_LEAF_ADDR = (0, bits(51, 12), bits(51, 21), bits(51, 30))
+
+
 def _walk(mem: Memory, cpu: CpuState, gva: int, acc: Access, set_ad: bool,
-          trace: list[WalkStep] | None) -> tuple[WalkResult, int]:
+          trace: list[WalkStep] | None, walked: Walked) -> tuple[WalkResult, int]:
     p = cpu._p
     if p.levels == 0:
         # SDM §4.1.1: without paging the linear address is the physical address (32 bits).
         gpa = gva & 0xFFFFFFFF
         if trace is not None:
-            trace.append(WalkStep(0, None, 0, ACC_U | ACC_W | ACC_X, "paging off: identity"))
-        return WalkResult(True, gpa, 0, 0, ACC_U | ACC_W | ACC_X), 0
+            trace.append(WalkStep(0, None, 0, _IDENTITY_RIGHTS, "paging off: identity"))
+        return WalkResult(True, gpa, 0, 0, _IDENTITY_RIGHTS), 0
 
     if p.va_bits == 32:
         gva &= 0xFFFFFFFF
@@ -316,11 +347,14 @@ def _walk(mem: Memory, cpu: CpuState, gva: int, acc: Access, set_ad: bool,
             raise NonCanonicalAddress(f"{gva:#x} is not canonical for {p.mode.label} paging (#GP)")
 
     esize = p.esize
+    if esize == 4:
+        index_bits, index_mask = 10, 1023
+    else:
+        index_bits, index_mask = 9, 511
     level = p.levels
     w_all = PTE_W
     u_all = PTE_U
     nx_any = 0
-    walked: list[tuple[int, int]] = []  # (entry gpa, value as read)
 
     if p.mode is PagingMode.PAE:
         # SDM §4.4.1: the PDPTE registers, not memory; they carry no rights and no A bit.
@@ -340,8 +374,7 @@ def _walk(mem: Memory, cpu: CpuState, gva: int, acc: Access, set_ad: bool,
         table = cpu.cr3 & p.table_mask
 
     while True:
-        shift = 12 + (10 if esize == 4 else 9) * (level - 1)
-        index = (gva >> shift) & (1023 if esize == 4 else 511)
+        index = (gva >> (12 + index_bits * (level - 1))) & index_mask
         egpa = table + index * esize
         try:
             e = mem.read(egpa, esize)
@@ -380,8 +413,7 @@ def _walk(mem: Memory, cpu: CpuState, gva: int, acc: Access, set_ad: bool,
         else:
             gpa = (e & 0xFFFFF000) | (gva & 0xFFF)
     else:
-        low = 12 + 9 * (level - 1)
-        gpa = (e & bits(51, low)) | (gva & ((1 << low) - 1))
+        gpa = (e & _LEAF_ADDR[level]) | (gva & ((1 << (3 + 9 * level)) - 1))
 
     rights = _rights(w_all, u_all, nx_any)
     code = access_fault(cpu, acc, rights, (e >> PTE_PKEY_SHIFT) & 0xF)
@@ -389,15 +421,7 @@ def _walk(mem: Memory, cpu: CpuState, gva: int, acc: Access, set_ad: bool,
         return _fault(p, cpu, acc, code, level, rights)
 
     if set_ad:
-        # SDM §4.8: A in every entry used, D in the leaf for a write, only once the access is
-        # known to succeed (KVM's update_accessed_dirty_bits after walk_addr). Read-modify-write
-        # the current value: an entry may be walked twice when tables alias.
-        last = len(walked) - 1
-        for i, (egpa, _) in enumerate(walked):
-            want = PTE_A | (PTE_D if acc.write and i == last else 0)
-            cur = mem.read(egpa, esize)
-            if cur & want != want:
-                mem.write(egpa, esize, cur | want)
+        set_accessed_dirty(mem, cpu, walked, acc.write)
     return WalkResult(True, gpa, 0, level, rights), e
 
 
@@ -451,6 +475,7 @@ __all__ = [
     "fault_error_code",
     "load_pdptrs",
     "mode_from_label",
+    "set_accessed_dirty",
     "walk",
     "walk_leaf",
     "walk_trace",

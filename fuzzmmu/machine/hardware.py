@@ -35,26 +35,32 @@ if TYPE_CHECKING:
     from fuzzmmu.shadow.mmu import KvmMmu
 
 
+# Bits 51:MAXPHYADDR of a paging entry, reserved on the host CPU, per MAXPHYADDR (36..52).
+_RSVD_PA_BITS = {m: bits(51, m) for m in range(36, 53)}
+
+
 def walk_shadow_tables(kvm: KvmMmu, vcpu: Vcpu, gva: int) -> tuple[int, int]:
     """The hardware page walk over the shadow tables: (pfn, ACC rights) or (-1, #PF code)."""
     mmu = vcpu.mmu
     root = mmu.root_hpa
-    rsvd = bits(51, kvm.config.maxphyaddr)
+    rsvd = _RSVD_PA_BITS[kvm.config.maxphyaddr]
+    sp_by_hpfn = kvm.sp_by_hpfn
     if root == PAE_ROOT:
         pdpte = mmu.pae_root[(gva >> 30) & 3]
         if not pdpte & S.SPTE_P:
             return -1, 0
-        sp = kvm.sp_by_hpfn.get(pdpte >> PAGE_SHIFT)
+        sp = sp_by_hpfn.get(pdpte >> PAGE_SHIFT)
         level = 2
     elif root == DUMMY_ROOT:
         return -1, 0
     elif root >= 0:
-        sp = kvm.sp_by_hpfn.get(root >> PAGE_SHIFT)
+        sp = sp_by_hpfn.get(root >> PAGE_SHIFT)
         level = sp.level if sp is not None else 0
     else:
         raise ModelError(f"vCPU {vcpu.id} entered the guest without a root")
-    w = u = True
-    nx = False
+    # Rights accumulate over the levels: W and U where every spte has them, NX where any does.
+    w_u = S.SPTE_W | S.SPTE_U
+    nx = 0
     while True:
         if sp is None:
             raise ModelError("the hardware walked into a freed shadow page")
@@ -63,17 +69,17 @@ def walk_shadow_tables(kvm: KvmMmu, vcpu: Vcpu, gva: int) -> tuple[int, int]:
             return -1, 0
         if spte & rsvd:
             return -1, PFERR_RSVD | PFERR_P
-        w = w and bool(spte & S.SPTE_W)
-        u = u and bool(spte & S.SPTE_U)
-        nx = nx or bool(spte & S.SPTE_NX)
+        w_u &= spte
+        nx |= spte
         if level == 1 or spte & S.SPTE_PS:
             break
-        sp = kvm.sp_by_hpfn.get(S.spte_pfn(spte))
+        sp = sp_by_hpfn.get((spte & S.SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT)  # spte_pfn()
         level -= 1
     pfn = (spte & S.SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
     if level > 1:
         pfn += (gva >> PAGE_SHIFT) & ((1 << (9 * (level - 1))) - 1)
-    return pfn, (ACC_W if w else 0) | (ACC_U if u else 0) | (0 if nx else ACC_X)
+    return pfn, ((ACC_W if w_u & S.SPTE_W else 0) | (ACC_U if w_u & S.SPTE_U else 0)
+                 | (0 if nx & S.SPTE_NX else ACC_X))
 
 
 def translate(kvm: KvmMmu, vcpu: Vcpu, gva: int, write: bool, fetch: bool) -> tuple[int, int]:

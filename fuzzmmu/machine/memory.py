@@ -21,7 +21,7 @@ class GuestMemory:
     """``num_pages`` 4 KiB frames of zeroed memory; reads and writes of 1, 2, 4 or 8 bytes at any
     alignment, including accesses that straddle two entries or two pages."""
 
-    __slots__ = ("_bytes", "_qwords", "array", "dirty", "num_pages", "size")
+    __slots__ = ("_bytes", "_dwords", "_qwords", "array", "dirty", "num_pages", "size")
 
     def __init__(self, num_pages: int, *, _array: np.ndarray | None = None) -> None:
         if num_pages <= 0:
@@ -31,6 +31,7 @@ class GuestMemory:
         self.array = np.zeros(self.size, dtype=np.uint8) if _array is None else _array
         self._bytes = memoryview(self.array)
         self._qwords = self._bytes.cast("Q")
+        self._dwords = self._bytes.cast("I")
         self.dirty: set[int] = set()  # frames written since the owner last cleared the set
 
     def _check(self, gpa: int, size: int) -> None:
@@ -45,13 +46,28 @@ class GuestMemory:
         """Little-endian value of ``size`` bytes at ``gpa``."""
         if size == 8 and not gpa & 7 and 0 <= gpa < self.size:
             return self._qwords[gpa >> 3]
+        if size == 4 and not gpa & 3 and 0 <= gpa < self.size:  # 32-bit paging entries
+            return self._dwords[gpa >> 2]
         self._check(gpa, size)
         return int.from_bytes(self._bytes[gpa:gpa + size], "little")
+
+    def read_many(self, gpa: int, size: int, count: int) -> list[int]:
+        """``count`` consecutive little-endian values of ``size`` bytes from ``gpa``."""
+        if gpa >= 0 and gpa + size * count <= self.size:
+            if size == 8 and not gpa & 7:
+                return self._qwords[gpa >> 3:(gpa >> 3) + count].tolist()
+            if size == 4 and not gpa & 3:
+                return self._dwords[gpa >> 2:(gpa >> 2) + count].tolist()
+        return [self.read(gpa + k * size, size) for k in range(count)]
 
     def write(self, gpa: int, size: int, value: int) -> None:
         """Store the low ``size`` bytes of ``value`` at ``gpa``, little-endian."""
         if size == 8 and not gpa & 7 and 0 <= gpa < self.size and 0 <= value < 1 << 64:
             self._qwords[gpa >> 3] = value
+            self.dirty.add(gpa >> PAGE_SHIFT)
+            return
+        if size == 4 and not gpa & 3 and 0 <= gpa < self.size and 0 <= value < 1 << 32:
+            self._dwords[gpa >> 2] = value
             self.dirty.add(gpa >> PAGE_SHIFT)
             return
         self._check(gpa, size)
@@ -79,7 +95,9 @@ class GuestMemory:
 
     def same_frame(self, other: GuestMemory, pfn: int) -> bool:
         lo = pfn << PAGE_SHIFT
-        return self._bytes[lo:lo + (1 << PAGE_SHIFT)] == other._bytes[lo:lo + (1 << PAGE_SHIFT)]
+        hi = lo + (1 << PAGE_SHIFT)
+        # bytes compare with memcmp; memoryviews compare item by item (10x slower)
+        return self._bytes[lo:hi].tobytes() == other._bytes[lo:hi].tobytes()
 
     def same_as(self, other: GuestMemory) -> bool:
         return self.size == other.size and bool(np.array_equal(self.array, other.array))

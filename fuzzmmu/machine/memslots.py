@@ -16,7 +16,6 @@ from fuzzmmu.arch.bits import PAGE_SHIFT
 from fuzzmmu.machine.memory import GuestMemory, GuestMemoryError
 
 NUM_ADDRESS_SPACES = 2
-LOOKUP_LIMIT = 1 << 12  # gfns below this are resolved through a flat table
 GEN_UPDATE_IN_PROGRESS = 1 << 63  # KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
 
 
@@ -74,29 +73,29 @@ class Memslots:
     update (the shadow MMU's VM) moves the generation.
     """
 
-    __slots__ = ("_flat", "generation", "host_pages", "spaces")
+    __slots__ = ("_by_gfn", "generation", "host_pages", "hva_table", "spaces")
 
     def __init__(self, host_pages: int) -> None:
         self.host_pages = host_pages
         self.spaces: list[dict[int, Memslot]] = [{} for _ in range(NUM_ADDRESS_SPACES)]
         self.generation = list(range(NUM_ADDRESS_SPACES))
-        self._flat: list[list[Memslot | None]] = [[None] * LOOKUP_LIMIT
-                                                  for _ in range(NUM_ADDRESS_SPACES)]
+        # Per address space, every gfn of every memslot (slots map existing host pages, so
+        # these stay small): its slot, and its host-virtual page, which PhysMemory reads on
+        # every guest-physical access. A gfn that is not a key is MMIO.
+        self._by_gfn: list[dict[int, Memslot]] = [{} for _ in range(NUM_ADDRESS_SPACES)]
+        self.hva_table: list[dict[int, int]] = [{} for _ in range(NUM_ADDRESS_SPACES)]
 
     def copy(self) -> Memslots:
-        other = Memslots(self.host_pages)
+        other = Memslots.__new__(Memslots)
+        other.host_pages = self.host_pages
         other.spaces = [dict(s) for s in self.spaces]
         other.generation = list(self.generation)
-        other._flat = [list(f) for f in self._flat]
+        other._by_gfn = [dict(m) for m in self._by_gfn]
+        other.hva_table = [dict(t) for t in self.hva_table]
         return other
 
     def lookup(self, as_id: int, gfn: int) -> Memslot | None:
-        if 0 <= gfn < LOOKUP_LIMIT:
-            return self._flat[as_id][gfn]
-        for slot in self.spaces[as_id].values():
-            if slot.contains(gfn):
-                return slot
-        return None
+        return self._by_gfn[as_id].get(gfn)
 
     def slots(self, as_id: int) -> list[Memslot]:
         return sorted(self.spaces[as_id].values(), key=lambda s: s.base_gfn)
@@ -141,15 +140,18 @@ class Memslots:
         slot = new or old
         assert slot is not None
         space = self.spaces[slot.as_id]
-        flat = self._flat[slot.as_id]
+        by_gfn = self._by_gfn[slot.as_id]
+        hvas = self.hva_table[slot.as_id]
         if old is not None:
             del space[old.slot_id]
-            for gfn in range(old.base_gfn, min(old.end_gfn, LOOKUP_LIMIT)):
-                flat[gfn] = None
+            for gfn in range(old.base_gfn, old.end_gfn):
+                del by_gfn[gfn]
+                del hvas[gfn]
         if new is not None:
             space[new.slot_id] = new
-            for gfn in range(new.base_gfn, min(new.end_gfn, LOOKUP_LIMIT)):
-                flat[gfn] = new
+            for gfn in range(new.base_gfn, new.end_gfn):
+                by_gfn[gfn] = new
+                hvas[gfn] = new.gfn_to_hva(gfn)
 
 
 class HostMap:
@@ -193,22 +195,27 @@ class PhysMemory:
 
     def gfn_to_pfn(self, as_id: int, gfn: int) -> int:
         """Backing frame of ``gfn`` in address space ``as_id``; -1 when it is MMIO there."""
-        slot = self.slots.lookup(as_id, gfn)
-        if slot is None:
-            return -1
-        return self.host.pfn[slot.hva + gfn - slot.base_gfn]
+        hva = self.slots.hva_table[as_id].get(gfn, -1)
+        return self.host.pfn[hva] if hva >= 0 else -1
 
     def read(self, as_id: int, gpa: int, size: int) -> int | None:
+        hva = self.slots.hva_table[as_id].get(gpa >> PAGE_SHIFT, -1)  # gfn_to_pfn(), inline
+        if hva < 0:
+            return None
+        return self.backing.read((self.host.pfn[hva] << PAGE_SHIFT) | (gpa & 0xFFF), size)
+
+    def read_many(self, as_id: int, gpa: int, size: int, count: int) -> list[int] | None:
+        """``count`` consecutive values of ``size`` bytes from ``gpa``, all in one page."""
         pfn = self.gfn_to_pfn(as_id, gpa >> PAGE_SHIFT)
         if pfn < 0:
             return None
-        return self.backing.read((pfn << PAGE_SHIFT) | (gpa & 0xFFF), size)
+        return self.backing.read_many((pfn << PAGE_SHIFT) | (gpa & 0xFFF), size, count)
 
     def write(self, as_id: int, gpa: int, size: int, value: int) -> bool:
-        pfn = self.gfn_to_pfn(as_id, gpa >> PAGE_SHIFT)
-        if pfn < 0:
+        hva = self.slots.hva_table[as_id].get(gpa >> PAGE_SHIFT, -1)  # gfn_to_pfn(), inline
+        if hva < 0:
             return False
-        self.backing.write((pfn << PAGE_SHIFT) | (gpa & 0xFFF), size, value)
+        self.backing.write((self.host.pfn[hva] << PAGE_SHIFT) | (gpa & 0xFFF), size, value)
         return True
 
     def view(self, as_id: int) -> AddressSpaceView:
@@ -233,10 +240,11 @@ class AddressSpaceView:
         self.as_id = as_id
 
     def read(self, gpa: int, size: int) -> int:
-        value = self.phys.read(self.as_id, gpa, size)
-        if value is None:
+        phys = self.phys
+        hva = phys.slots.hva_table[self.as_id].get(gpa >> PAGE_SHIFT, -1)  # gfn_to_pfn()
+        if hva < 0:
             raise GuestMemoryError(f"gpa {gpa:#x} is not RAM in address space {self.as_id}")
-        return value
+        return phys.backing.read((phys.host.pfn[hva] << PAGE_SHIFT) | (gpa & 0xFFF), size)
 
     def write(self, gpa: int, size: int, value: int) -> None:
         if not self.phys.write(self.as_id, gpa, size, value):

@@ -80,14 +80,17 @@ _DM_KEY = {GuestMode.BIT32: PagingMode.BIT32, GuestMode.BIT32_PSE: PagingMode.BI
 
 
 class Step:
-    """One guest instruction or VMM/host call, run on both machines."""
+    """One guest instruction or VMM/host call, run on both machines. ``text`` describes it
+    for traces and divergences; it is built only when asked for."""
 
-    __slots__ = ("kind", "text", "vcpu")
+    __slots__ = ("kind", "vcpu")
 
-    def __init__(self, kind: str, text: str, vcpu: int | None) -> None:
-        self.kind = kind
-        self.text = text
-        self.vcpu = vcpu
+    kind: str
+    vcpu: int | None
+
+    @property
+    def text(self) -> str:
+        raise NotImplementedError
 
     def on_model(self, m: Machine) -> Observation:
         raise NotImplementedError
@@ -96,16 +99,24 @@ class Step:
         raise NotImplementedError
 
 
+_ACCESS_STEP_KIND = {k: f"access/{k.value}" for k in AccessKind}
+
+
 class AccessStep(Step):
-    __slots__ = ("ac", "akind", "cpl", "gva", "value", "width")
+    __slots__ = ("ac", "akind", "cpl", "gva", "value", "why", "width")
 
     def __init__(self, vcpu: int, gva: int, akind: AccessKind, cpl: int, ac: bool, width: int,
                  value: int, why: str) -> None:
-        super().__init__(f"access/{akind.value}", f"{why}: {akind.value} cpu{vcpu} {gva:#x} "
-                         f"width={width} cpl={cpl}{' ac' if ac else ''}"
-                         + (f" value={value:#x}" if akind is AccessKind.WRITE else ""), vcpu)
-        self.gva, self.akind, self.cpl, self.ac, self.width, self.value = (
-            gva, akind, cpl, ac, width, value)
+        self.kind = _ACCESS_STEP_KIND[akind]
+        self.vcpu = vcpu
+        self.gva, self.akind, self.cpl, self.ac, self.width, self.value, self.why = (
+            gva, akind, cpl, ac, width, value, why)
+
+    @property
+    def text(self) -> str:
+        return (f"{self.why}: {self.akind.value} cpu{self.vcpu} {self.gva:#x} "
+                f"width={self.width} cpl={self.cpl}{' ac' if self.ac else ''}"
+                + (f" value={self.value:#x}" if self.akind is AccessKind.WRITE else ""))
 
     def on_model(self, m: Machine) -> Observation:
         return m.access(self.vcpu, self.gva, self.akind, cpl=self.cpl, ac=self.ac,
@@ -116,17 +127,54 @@ class AccessStep(Step):
                         width=self.width, value=self.value)
 
 
+_MODEL_WRITES: dict[str, Callable[[Machine, int, int], Observation]] = {
+    "cr0": Machine.write_cr0, "cr3": Machine.write_cr3, "cr4": Machine.write_cr4,
+    "efer": Machine.write_efer}
+_REF_WRITES: dict[str, Callable[[ReferenceMachine, int, int], Observation]] = {
+    "cr0": ReferenceMachine.write_cr0, "cr3": ReferenceMachine.write_cr3,
+    "cr4": ReferenceMachine.write_cr4, "efer": ReferenceMachine.write_efer}
+
+
+class CrStep(Step):
+    """A MOV to CR0/CR3/CR4 or a WRMSR to EFER (``kind`` names the register); the model's
+    outcome must equal the reference's."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, vcpu: int, reg: str, value: int) -> None:
+        self.kind = reg
+        self.vcpu = vcpu
+        self.value = value
+
+    @property
+    def text(self) -> str:
+        return f"mov {self.kind}, {self.value:#x} (cpu{self.vcpu})"
+
+    def on_model(self, m: Machine) -> Observation:
+        return _MODEL_WRITES[self.kind](m, self.vcpu, self.value)
+
+    def on_ref(self, r: ReferenceMachine, got: Observation) -> tuple[bool, Observation]:
+        expected = _REF_WRITES[self.kind](r, self.vcpu, self.value)
+        return _same_outcome(expected, got), expected
+
+
 class CallStep(Step):
     """A step whose outcome on the model must equal the reference's."""
 
-    __slots__ = ("model_call", "ref_call")
+    __slots__ = ("describe", "model_call", "ref_call")
 
-    def __init__(self, kind: str, text: str, vcpu: int | None,
+    def __init__(self, kind: str, vcpu: int | None, describe: Callable[[], str],
                  model_call: Callable[[Machine], Observation],
                  ref_call: Callable[[ReferenceMachine], Observation]) -> None:
-        super().__init__(kind, text, vcpu)
+        self.kind = kind
+        self.vcpu = vcpu
+        self.describe = describe
         self.model_call = model_call
         self.ref_call = ref_call
+
+    @property
+    def text(self) -> str:
+        return self.describe()
 
     def on_model(self, m: Machine) -> Observation:
         return self.model_call(m)
@@ -141,15 +189,9 @@ def _same_outcome(expected: Observation, got: Observation) -> bool:
         expected.value == got.value and expected.error_code == got.error_code)
 
 
-def cr_step(v: int, reg: str, value: int) -> CallStep:
-    name = f"write_{reg}"
-    return CallStep(reg, f"mov {reg}, {value:#x} (cpu{v})", v,
-                    lambda m: getattr(m, name)(v, value), lambda r: getattr(r, name)(v, value))
-
-
-def host_step(kind: str, text: str, model_call: Callable[[Machine], Observation],
+def host_step(kind: str, describe: Callable[[], str], model_call: Callable[[Machine], Observation],
               ref_call: Callable[[ReferenceMachine], Observation] = lambda r: DONE) -> CallStep:
-    return CallStep(kind, text, None, model_call, ref_call)
+    return CallStep(kind, None, describe, model_call, ref_call)
 
 
 # ---------------------------------------------------------------------- lowering
@@ -193,7 +235,7 @@ def lower(op: Op, r: ReferenceMachine) -> list[Step]:
         steps: list[Step] = []
         if cr0 & CR0_PG:
             cr0 &= ~CR0_PG
-            steps.append(cr_step(v, "cr0", cr0))
+            steps.append(CrStep(v, "cr0", cr0))
         if op.mode is not GuestMode.OFF:
             steps += _link_store(r, v, _DM_KEY[op.mode], PagingMode.OFF, op.root)
         new_cr4 = cr4 & ~(CR4_PAE | CR4_PSE)
@@ -202,14 +244,14 @@ def lower(op: Op, r: ReferenceMachine) -> list[Step]:
         if op.mode is GuestMode.BIT32_PSE:
             new_cr4 |= CR4_PSE
         if new_cr4 != cr4:
-            steps.append(cr_step(v, "cr4", new_cr4))
+            steps.append(CrStep(v, "cr4", new_cr4))
         new_efer = (efer & ~(EFER_LME | EFER_LMA)) | (EFER_LME if op.mode is GuestMode.LONG4
                                                       else 0)
         if new_efer != efer & ~EFER_LMA:
-            steps.append(cr_step(v, "efer", new_efer))
-        steps.append(cr_step(v, "cr3", op.root << PAGE_SHIFT))
+            steps.append(CrStep(v, "efer", new_efer))
+        steps.append(CrStep(v, "cr3", op.root << PAGE_SHIFT))
         if op.mode is not GuestMode.OFF:
-            steps.append(cr_step(v, "cr0", cr0 | CR0_PE | CR0_PG))
+            steps.append(CrStep(v, "cr0", cr0 | CR0_PE | CR0_PG))
         return steps
     if isinstance(op, LoadCr3):
         cr0, _, cr4, efer, _ = r.regs(op.vcpu)
@@ -217,42 +259,44 @@ def lower(op: Op, r: ReferenceMachine) -> list[Step]:
         steps = []
         if mode is not PagingMode.OFF:
             steps += _link_store(r, op.vcpu, mode, mode, op.root)
-        return [*steps, cr_step(op.vcpu, "cr3", op.root << PAGE_SHIFT)]
+        return [*steps, CrStep(op.vcpu, "cr3", op.root << PAGE_SHIFT)]
     if isinstance(op, SetBit):
         v = op.vcpu
         cr0, _, cr4, efer, _ = r.regs(v)
         if op.bit is CrBit.WP:
-            return [cr_step(v, "cr0", cr0 | CR0_WP if op.on else cr0 & ~CR0_WP)]
+            return [CrStep(v, "cr0", cr0 | CR0_WP if op.on else cr0 & ~CR0_WP)]
         if op.bit is CrBit.NXE:
-            return [cr_step(v, "efer", efer | EFER_NXE if op.on else efer & ~EFER_NXE)]
+            return [CrStep(v, "efer", efer | EFER_NXE if op.on else efer & ~EFER_NXE)]
         bit = {CrBit.SMEP: CR4_SMEP, CrBit.SMAP: CR4_SMAP, CrBit.PSE: CR4_PSE}[op.bit]
-        return [cr_step(v, "cr4", cr4 | bit if op.on else cr4 & ~bit)]
+        return [CrStep(v, "cr4", cr4 | bit if op.on else cr4 & ~bit)]
     if isinstance(op, Invlpg):
         v, va = op.vcpu, op.va
-        return [CallStep("invlpg", f"invlpg {va:#x} (cpu{v})", v, lambda m: m.invlpg(v, va),
-                         lambda r: r.invlpg(v, va))]
+        return [CallStep("invlpg", v, lambda: f"invlpg {va:#x} (cpu{v})",
+                         lambda m: m.invlpg(v, va), lambda r: r.invlpg(v, va))]
     if isinstance(op, Smi):
         v = op.vcpu
-        return [CallStep("smi", f"SMI to cpu{v}", v, lambda m: m.smi(v), lambda r: r.smi(v))]
+        return [CallStep("smi", v, lambda: f"SMI to cpu{v}", lambda m: m.smi(v),
+                         lambda r: r.smi(v))]
     if isinstance(op, Rsm):
         v = op.vcpu
-        return [CallStep("rsm", f"rsm (cpu{v})", v, lambda m: m.rsm(v), lambda r: r.rsm(v))]
+        return [CallStep("rsm", v, lambda: f"rsm (cpu{v})", lambda m: m.rsm(v),
+                         lambda r: r.rsm(v))]
     if isinstance(op, Memslot):
         upd = MemslotUpdate(op.change, op.as_id, op.slot, op.base, op.npages, op.hva)
-        return [host_step("memslot", format_op(op), lambda m: m.set_memslot(upd),
+        return [host_step("memslot", lambda: format_op(op), lambda m: m.set_memslot(upd),
                           lambda r: r.set_memslot(upd))]
     if isinstance(op, Migrate):
         as_id, gfn = op.as_id, op.gfn
-        return [host_step("migrate", format_op(op), lambda m: m.migrate_page(as_id, gfn),
+        return [host_step("migrate", lambda: format_op(op), lambda m: m.migrate_page(as_id, gfn),
                           lambda r: r.migrate_page(as_id, gfn))]
     if isinstance(op, ZapAll):
-        return [host_step("zap-all", "zap all shadow pages", lambda m: m.zap_all())]
+        return [host_step("zap-all", lambda: "zap all shadow pages", lambda m: m.zap_all())]
     if isinstance(op, Shrink):
         count = op.count
-        return [host_step("shrink", format_op(op), lambda m: m.shrink(count))]
+        return [host_step("shrink", lambda: format_op(op), lambda m: m.shrink(count))]
     if isinstance(op, MmuPages):
         count = op.count
-        return [host_step("mmu-pages", format_op(op), lambda m: m.set_max_pages(count))]
+        return [host_step("mmu-pages", lambda: format_op(op), lambda m: m.set_max_pages(count))]
     raise TypeError(f"cannot lower {op!r}")
 
 
@@ -315,7 +359,7 @@ def _lower_map(op: Map, r: ReferenceMachine) -> list[Step]:
     if now is PagingMode.PAE and fmt is GuestMode.PAE and table_root == cr3 >> PAGE_SHIFT and any(
             gpa >> PAGE_SHIFT == table_root and gpa & 0xFFF < 32 for gpa in written):
         # A new PDPTE takes effect at the next PDPTE load: reload CR3, as Linux does.
-        steps.append(cr_step(v, "cr3", cr3))
+        steps.append(CrStep(v, "cr3", cr3))
     entry = op.entry
     if leaf_level > 1:
         pages = 1 << (ibits * (leaf_level - 1))
@@ -350,6 +394,25 @@ class Outcome:
 
 Explainer = Callable[[Machine, ReferenceMachine, Step], object]
 
+# A divergence signature names the mode the vCPU was in. It is captured before each step or op
+# as the vCPU's (cr0, cr3, cr4, efer, smm), which is cheap, and named only for a divergence;
+# None stands for a host step, a str for a label already known.
+ModeAt = tuple[int, int, int, int, int] | str | None
+
+
+def _mode_label(mode: ModeAt) -> str:
+    if mode is None:
+        return "host"
+    if isinstance(mode, str):
+        return mode
+    cr0, _, cr4, efer, smm = mode
+    label = paging_mode(cr0, cr4, efer).label
+    return label + "+smm" if smm else label
+
+
+def _op_vcpu(op: Op) -> int | None:
+    return getattr(op.first if isinstance(op, Interleave) else op, "vcpu", None)
+
 
 class _ModelCrash(Exception):
     def __init__(self, step: Step, exc: BaseException) -> None:
@@ -368,13 +431,13 @@ class Executor:
         h = program.header
         self.program = program
         self.bugset = BugSet(bugs)
-        self.model = Machine(MachineConfig(h.policy, h.mmio_gen_bits, h.maxphyaddr,
-                                           h.mmu_pages), self.bugset)
-        self.ref = ReferenceMachine(h.maxphyaddr)
         self.audit = audit
         self.outcome = Outcome(program, self.bugset.ids)
         self.tracing = trace
         self.explain = explain  # (step index, callback): look at both machines before it
+        self.model = Machine(MachineConfig(h.policy, h.mmio_gen_bits, h.maxphyaddr,
+                                           h.mmu_pages), self.bugset)
+        self.ref = ReferenceMachine(h.maxphyaddr)
 
     def boot(self) -> Divergence | None:
         """Both vCPUs enter the header's boot mode (as op index -1)."""
@@ -386,7 +449,7 @@ class Executor:
             try:
                 div = self._op(-1, op)
             except _ModelCrash as crash:
-                div = self._crash(-1, op, crash, self._vcpu_mode(v))
+                div = self._crash(-1, op, crash, self._mode_at(v))
             if div is not None:
                 return div
         return self._compare_state(-1, SetMode(0, mode, BOOT_ROOT), "boot")
@@ -404,7 +467,7 @@ class Executor:
     def step(self, i: int, op: Op) -> Divergence | None:
         """Run op number ``i`` on both machines (after ``boot``); a stateful driver that builds
         its program as it goes calls this directly."""
-        mode = self._mode_label(op)
+        mode = self._mode_at(_op_vcpu(op))
         try:
             div = self._interleave(i, op) if isinstance(op, Interleave) else self._op(i, op)
         except _ModelCrash as crash:
@@ -433,7 +496,7 @@ class Executor:
 
     def _op(self, i: int, op: Op) -> Divergence | None:
         for step in lower(op, self.ref):
-            mode = self._vcpu_mode(step.vcpu)
+            mode = self._mode_at(step.vcpu)
             got = self._model(step)
             ok, expected = step.on_ref(self.ref, got)
             self._traced(i, step, got, expected, ok)
@@ -474,7 +537,7 @@ class Executor:
             self.outcome.steps_run += len(second)
         # The reference: the first op then the second, or the second then the first; the
         # order must explain every outcome and the state both ops leave behind.
-        mode = self._vcpu_mode(first[0].vcpu if first else None)
+        mode = self._mode_at(first[0].vcpu if first else None)
         attempts: list[tuple[Divergence, list[TraceEntry]]] = []
         for order in ((first, first_got, second, second_got),
                       (second, second_got, first, first_got)):
@@ -487,7 +550,7 @@ class Executor:
                     log.append(TraceEntry(i, step.text, str(got), str(expected), ok))
                     if not ok:
                         div = self._step_divergence(i, op, step, expected, got,
-                                                    self._vcpu_mode(step.vcpu))
+                                                    self._mode_at(step.vcpu))
                         break
                 if div is not None:
                     break
@@ -528,37 +591,28 @@ class Executor:
         if self.tracing:
             self.outcome.trace.append(TraceEntry(i, step.text, str(got), str(expected), ok))
 
-    def _vcpu_mode(self, v: int | None) -> str:
-        if v is None:
-            return "host"
-        cr0, _, cr4, efer, smm = self.ref.regs(v)
-        label = paging_mode(cr0, cr4, efer).label
-        return label + "+smm" if smm else label
-
-    def _mode_label(self, op: Op) -> str:
-        v = getattr(op, "vcpu", None)
-        if isinstance(op, Interleave):
-            v = getattr(op.first, "vcpu", None)
-        return self._vcpu_mode(v)
+    def _mode_at(self, v: int | None) -> ModeAt:
+        return None if v is None else self.ref.regs(v)
 
     def _step_divergence(self, i: int, op: Op, step: Step, expected: Observation,
-                         got: Observation, mode: str) -> Divergence:
+                         got: Observation, mode: ModeAt) -> Divergence:
         kind = classify(expected, got)
         return Divergence(kind, i, format_op(op), step.text, str(expected), str(got),
-                          make_signature(kind, step.kind, mode, outcome_class(expected),
-                                         outcome_class(got)))
+                          make_signature(kind, step.kind, _mode_label(mode),
+                                         outcome_class(expected), outcome_class(got)))
 
-    def _crash(self, i: int, op: Op, crash: _ModelCrash, mode: str) -> Divergence:
+    def _crash(self, i: int, op: Op, crash: _ModelCrash, mode: ModeAt) -> Divergence:
         exc = crash.exc
         where = traceback.extract_tb(exc.__traceback__)[-1]
         actual = f"{type(exc).__name__}: {exc} (at {where.name}, {where.filename.split('/')[-1]}:"\
                  f"{where.lineno})"
         return Divergence(DivergenceKind.MODEL_CRASH, i, format_op(op), crash.step.text,
                           "no exception", actual,
-                          make_signature(DivergenceKind.MODEL_CRASH, crash.step.kind, mode,
-                                         "-", f"{type(exc).__name__}@{where.name}"))
+                          make_signature(DivergenceKind.MODEL_CRASH, crash.step.kind,
+                                         _mode_label(mode), "-",
+                                         f"{type(exc).__name__}@{where.name}"))
 
-    def _compare_state(self, i: int, op: Op, mode: str) -> Divergence | None:
+    def _compare_state(self, i: int, op: Op, mode: ModeAt) -> Divergence | None:
         div = self._state_divergence(self.ref, i, op, mode)
         if div is not None:
             return div
@@ -572,11 +626,11 @@ class Executor:
                 v0 = violations[0]
                 return Divergence(DivergenceKind.AUDIT_VIOLATION, i, format_op(op),
                                   v0.invariant, "no violation", v0.message,
-                                  make_signature(DivergenceKind.AUDIT_VIOLATION, op.KIND, mode,
-                                                 v0.invariant, v0.kind))
+                                  make_signature(DivergenceKind.AUDIT_VIOLATION, op.KIND,
+                                                 _mode_label(mode), v0.invariant, v0.kind))
         return None
 
-    def _state_divergence(self, r: ReferenceMachine, i: int, op: Op, mode: str
+    def _state_divergence(self, r: ReferenceMachine, i: int, op: Op, mode: ModeAt
                           ) -> Divergence | None:
         """Registers, then the frames either side wrote since the last comparison."""
         m = self.model
@@ -588,15 +642,15 @@ class Executor:
             if got != want:
                 return Divergence(DivergenceKind.STATE_MISMATCH, i, format_op(op), f"cpu{v}",
                                   _regs_str(want), _regs_str(got),
-                                  make_signature(DivergenceKind.STATE_MISMATCH, op.KIND, mode,
-                                                 "regs", "regs"))
+                                  make_signature(DivergenceKind.STATE_MISMATCH, op.KIND,
+                                                 _mode_label(mode), "regs", "regs"))
         mm, rm = m.phys.backing, r.phys.backing
         for pfn in sorted(mm.dirty | rm.dirty):
             if not mm.same_frame(rm, pfn):
                 return self._memory_divergence(r, i, op, mode, pfn)
         return None
 
-    def _memory_divergence(self, r: ReferenceMachine, i: int, op: Op, mode: str, pfn: int
+    def _memory_divergence(self, r: ReferenceMachine, i: int, op: Op, mode: ModeAt, pfn: int
                            ) -> Divergence:
         mm, rm = self.model.phys.backing, r.phys.backing
         base = pfn << PAGE_SHIFT
@@ -614,7 +668,7 @@ class Executor:
         where = f"frame {pfn:#x} offset {off:#x}"
         more = f" (+{len(diffs) - 1} more words)" if len(diffs) > 1 else ""
         return Divergence(kind, i, format_op(op), where, f"{want:#010x}", f"{got:#010x}{more}",
-                          make_signature(kind, op.KIND, mode, "memory", "memory"))
+                          make_signature(kind, op.KIND, _mode_label(mode), "memory", "memory"))
 
 
 def _regs_str(regs: tuple) -> str:
@@ -627,5 +681,9 @@ def run(program: Program, bugs: Iterable[str] = (), *, audit: bool = False,
         trace: bool = False, explain: tuple[int, Explainer] | None = None) -> Outcome:
     """Run ``program`` on model and reference; the Outcome holds the first divergence.
     ``explain=(k, f)`` calls ``f(model, reference, step)`` just before the k-th step runs."""
-    return Executor(program, bugs, audit=audit, trace=trace, explain=explain).run()
+    executor = Executor(program, bugs, audit=audit, trace=trace, explain=explain)
+    try:
+        return executor.run()
+    finally:
+        executor.model.destroy()  # nothing else holds it
 

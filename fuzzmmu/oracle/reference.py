@@ -38,6 +38,7 @@ from fuzzmmu.arch.walker import (
     access_fault,
     fault_error_code,
     load_pdptrs,
+    set_accessed_dirty,
     walk,
     walk_leaf,
 )
@@ -48,10 +49,14 @@ from fuzzmmu.machine.observe import DONE, GP, AccessKind, Observation, ObsKind, 
 CR0_PDPTR_BITS = CR0_CD | CR0_NW | CR0_PG  # SDM §4.4.1
 CR4_PDPTR_BITS = CR4_PGE | CR4_PSE | CR4_PAE | CR4_SMEP
 PSE36_WIDTH = 36  # the CPU KVM presents: PSE-36 reaches 36 physical address bits
+# The walker's Access for each (kind, CPL 3); Access is immutable, so one of each is shared.
+_ACCESSES = {(kind, user): Access(write=kind is AccessKind.WRITE, user=user,
+                                  fetch=kind is AccessKind.FETCH)
+             for kind in AccessKind for user in (False, True)}
 
 
 class RefCpu:
-    __slots__ = ("cr0", "cr3", "cr4", "dead", "efer", "pdptrs", "saved", "smm", "state", "tlb")
+    __slots__ = ("cr0", "cr3", "cr4", "dead", "efer", "pdptrs", "saved", "smm", "states", "tlb")
 
     def __init__(self) -> None:
         self.cr0 = CR0_PE | CR0_WP  # the world's reset state: protected mode, paging off
@@ -63,7 +68,7 @@ class RefCpu:
         self.saved: tuple[int, int, int, int] | None = None
         self.dead = False
         self.tlb = Tlb()
-        self.state: CpuState | None = None
+        self.states: dict[bool, CpuState] = {}  # the walker's view per EFLAGS.AC
 
     def copy(self) -> RefCpu:
         other = RefCpu()
@@ -73,7 +78,7 @@ class RefCpu:
         other.saved = self.saved
         other.dead = self.dead
         other.tlb = self.tlb.copy()
-        other.state = self.state
+        other.states = dict(self.states)
         return other
 
 
@@ -84,10 +89,11 @@ class ReferenceMachine:
         if _copy_of is not None:
             self.phys = _copy_of.phys.copy()
             self.cpus = [c.copy() for c in _copy_of.cpus]
-            return
-        backing, slots, host = new_world()
-        self.phys = PhysMemory(backing, slots, host)
-        self.cpus = [RefCpu(), RefCpu()]
+        else:
+            backing, slots, host = new_world()
+            self.phys = PhysMemory(backing, slots, host)
+            self.cpus = [RefCpu(), RefCpu()]
+        self.views = (self.phys.view(0), self.phys.view(1))  # per address space (SMM: 1)
 
     def copy(self) -> ReferenceMachine:
         return ReferenceMachine(self.maxphyaddr, _copy_of=self)
@@ -97,14 +103,15 @@ class ReferenceMachine:
         return c.cr0, c.cr3, c.cr4, c.efer, c.smm
 
     def cpu_state(self, v: int, ac: bool = False) -> CpuState:
-        """The walker's view of vCPU ``v`` (cached until a register changes)."""
+        """The walker's view of vCPU ``v`` (cached, for either EFLAGS.AC, until a register
+        changes)."""
         c = self.cpus[v]
-        state = c.state
-        if state is None or state.eflags_ac != ac:
+        state = c.states.get(ac)
+        if state is None:
             state = CpuState(cr0=c.cr0, cr3=c.cr3 if c.efer & EFER_LMA else c.cr3 & 0xFFFFFFFF,
                              cr4=c.cr4, efer=c.efer, pdptrs=c.pdptrs,
                              maxphyaddr=self.maxphyaddr, eflags_ac=ac, pse36_width=PSE36_WIDTH)
-            c.state = state
+            c.states[ac] = state
         return state
 
     # ------------------------------------------------------------------ accesses
@@ -129,9 +136,9 @@ class ReferenceMachine:
         if c.dead:
             return Observation(ObsKind.SHUTDOWN)
         write = kind is AccessKind.WRITE
-        acc = Access(write=write, user=cpl == 3, fetch=kind is AccessKind.FETCH)
+        acc = _ACCESSES[kind, cpl == 3]
         gva = gva if c.efer & EFER_LMA else gva & 0xFFFFFFFF
-        res = walk(self.phys.view(c.smm), self.cpu_state(v, ac), gva, acc, set_ad=False)
+        res = walk(self.views[c.smm], self.cpu_state(v, ac), gva, acc, set_ad=False)
         if not res.ok:
             return Observation(ObsKind.PF, gva, 0, res.error_code)
         assert res.gpa is not None
@@ -146,13 +153,13 @@ class ReferenceMachine:
             obs = Observation(ObsKind.SHUTDOWN)
             return model.kind is ObsKind.SHUTDOWN, obs
         write = kind is AccessKind.WRITE
-        acc = Access(write=write, user=cpl == 3, fetch=kind is AccessKind.FETCH)
+        acc = _ACCESSES[kind, cpl == 3]
         if not c.efer & EFER_LMA:
             gva &= 0xFFFFFFFF
         cpu = self.cpu_state(v, ac)
-        view = self.phys.view(c.smm)
+        view = self.views[c.smm]
         page = gva >> PAGE_SHIFT
-        res, leaf = walk_leaf(view, cpu, gva, acc, set_ad=False)
+        res, leaf, walked = walk_leaf(view, cpu, gva, acc)
         if res.ok:
             assert res.gpa is not None
             fresh = self._outcome(v, res.gpa, write, width, value)
@@ -162,9 +169,9 @@ class ReferenceMachine:
             # The current tables: A/D bits first (the data read may be a paging entry), then
             # the access; the translation may now be cached.
             if res.ok:
-                walk(view, cpu, gva, acc, set_ad=True)
                 assert res.gpa is not None
-                fresh = self._outcome(v, res.gpa, write, width, value)
+                if set_accessed_dirty(view, cpu, walked, write):  # the data may be an entry
+                    fresh = self._outcome(v, res.gpa, write, width, value)
                 self._perform(fresh, write, width)
                 if cpu.mode.value:
                     c.tlb.fill(page, TlbEntry(res.gpa >> PAGE_SHIFT, res.rights,
@@ -193,11 +200,11 @@ class ReferenceMachine:
     # ------------------------------------------------------------------ control registers
 
     def _changed(self, c: RefCpu) -> None:
-        c.state = None
+        c.states = {}
 
     def _load_pdptrs(self, c: RefCpu, cr3: int) -> bool:
         try:
-            c.pdptrs = load_pdptrs(self.phys.view(c.smm), cr3, self.maxphyaddr)
+            c.pdptrs = load_pdptrs(self.views[c.smm], cr3, self.maxphyaddr)
         except PdpteLoadError:
             return False
         return True

@@ -216,19 +216,17 @@ def decode(data: bytes) -> Program:
     i = 0
     while i < n:
         rec = records[i]
-        kind = OPCODE[rec[0]]
-        digits = _Digits(int.from_bytes(rec[1:], "little"))
-        if kind is Interleave:
+        if OPCODE[rec[0]] is Interleave:
+            digits = _Digits(int.from_bytes(rec[1:], "little"))
             point = _POINTS[digits.take(len(_POINTS))]
             count = 1 + digits.take(MAX_SECOND)
             if i + 1 + count >= n:
                 break
-            operands = [_decode_op(OPCODE[rec[0]], _Digits(int.from_bytes(rec[1:], "little")))
-                        for rec in records[i + 1:i + 2 + count]]
+            operands = [decode_record(rec) for rec in records[i + 1:i + 2 + count]]
             ops.append(Interleave(point, operands[0], tuple(operands[1:])))
             i += 2 + count
             continue
-        ops.append(_decode_op(kind, digits))
+        ops.append(decode_record(rec))
         i += 1
     return Program(header, tuple(ops))
 
@@ -327,9 +325,22 @@ def record_digits(rec: bytes) -> tuple[type[Op], list[tuple[int, int]]]:
     return type(op), _DIGITS[type(op)](op)
 
 
+# Decoding a record is a pure function of its 8 bytes and ops are immutable, so the ops of the
+# records seen last are kept: a fuzzer decodes the same records over and over.
+_RECORD_OPS: dict[bytes, Op] = {}
+_RECORD_OPS_LIMIT = 1 << 15  # then the cache starts afresh
+
+
 def decode_record(rec: bytes) -> Op:
     """The op of one (non-interleave) record; an interleave record reads as an access."""
-    return _decode_op(OPCODE[rec[0]], _Digits(int.from_bytes(rec[1:], "little")))
+    rec = bytes(rec)  # the key must be immutable (no copy for bytes)
+    op = _RECORD_OPS.get(rec)
+    if op is None:
+        if len(_RECORD_OPS) >= _RECORD_OPS_LIMIT:
+            _RECORD_OPS.clear()
+        op = _RECORD_OPS[rec] = _decode_op(OPCODE[rec[0]],
+                                           _Digits(int.from_bytes(rec[1:], "little")))
+    return op
 
 
 def record_from_digits(kind: type[Op], digits: Sequence[tuple[int, int]]) -> bytes:

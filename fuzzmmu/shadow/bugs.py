@@ -152,6 +152,7 @@ CATALOG: tuple[Bug, ...] = (
 )
 
 _BY_ID = {b.id: b for b in CATALOG}
+_SWITCHES = tuple(b.attr for b in CATALOG if b.available)
 
 
 class UnknownBugError(ValueError):
@@ -161,12 +162,11 @@ class UnknownBugError(ValueError):
 class BugSet:
     """Which mutants are on. Attribute tests keep the switches cheap on hot paths."""
 
-    __slots__ = (*(b.attr for b in CATALOG if b.available), "ids")
+    __slots__ = (*_SWITCHES, "ids")
 
     def __init__(self, ids: Iterable[str] = ()) -> None:
-        for b in CATALOG:
-            if b.available:
-                setattr(self, b.attr, False)
+        for attr in _SWITCHES:
+            setattr(self, attr, False)
         chosen = []
         for bug_id in ids:
             bug = lookup(bug_id)

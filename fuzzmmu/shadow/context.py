@@ -278,7 +278,8 @@ def kvm_mmu_load(kvm: KvmMmu, vcpu: Vcpu) -> bool:
         ok = mmu_alloc_shadow_roots(kvm, vcpu)
     if not ok:
         return False
-    kvm.emit("load_root", None, f"vcpu{vcpu.id} pgd={mmu.root_pgd:#x}")
+    if kvm.trace is not None:  # the detail only for a trace
+        kvm.emit("load_root", None, f"vcpu{vcpu.id} pgd={mmu.root_pgd:#x}")
     vcpu.tlb.clear()
     return True
 

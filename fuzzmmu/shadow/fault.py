@@ -262,12 +262,9 @@ def gpte_changed(vcpu: Vcpu, w: GuestWalker, level: int) -> bool:
     esize = 4 if vcpu.mmu.cpu_role.level == 2 else 8
     if level == 1:
         base = pte_gpa & ~(PTE_PREFETCH_NUM * esize - 1)
-        ptes = []
-        for k in range(PTE_PREFETCH_NUM):
-            value = vcpu.phys.read(vcpu.smm, base + k * esize, esize)
-            if value is None:
-                return True
-            ptes.append(value)
+        ptes = vcpu.phys.read_many(vcpu.smm, base, esize, PTE_PREFETCH_NUM)  # one page
+        if ptes is None:
+            return True
         w.prefetch_ptes = ptes
         curr = ptes[(pte_gpa - base) // esize]
     else:
@@ -386,7 +383,10 @@ def mmu_try_to_unsync_pages(kvm: KvmMmu, as_id: int, gfn: int) -> bool:
     still has shadow pages with gptes, stays write-protected. Returns True when it must."""
     if kvm.kvm_gfn_is_write_tracked(as_id, gfn):
         return True
-    return any(not sp.direct and not kvm.is_obsolete_sp(sp) for sp in kvm.page_hash.get(gfn, ()))
+    for sp in kvm.page_hash.get(gfn, ()):  # noqa: SIM110 (a loop: any() and a generator cost 2x)
+        if not sp.direct and not kvm.is_obsolete_sp(sp):
+            return True
+    return False
 
 
 def make_spte(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, pte_access: int, pfn: int, old: int,
@@ -436,7 +436,8 @@ def mmu_set_spte(kvm: KvmMmu, vcpu: Vcpu, slot: Memslot | None, sp: ShadowPage, 
         # the spte writable behind our back).
         if old & S.SPTE_MMU_WRITABLE and not spte & S.SPTE_MMU_WRITABLE:
             flush = True
-        kvm.emit("set_spte", sp, f"[{i}] gfn={gfn:#x} spte={spte:#x}")
+        if kvm.trace is not None:  # the detail only for a trace
+            kvm.emit("set_spte", sp, f"[{i}] gfn={gfn:#x} spte={spte:#x}")
     if wrprot and write_fault:
         ret = RET_PF_EMULATE
     if flush:

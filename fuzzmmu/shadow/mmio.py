@@ -34,7 +34,8 @@ def mark_mmio_spte(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, i: int, gfn: int, ac
     else:
         spte = S.make_mmio_spte(gfn, access, gen, kvm.config.mmio_gen_bits)
     sp.sptv[i] = spte
-    kvm.emit("mark_mmio_spte", sp, f"[{i}] gfn={gfn:#x} gen={gen & mmio_gen_mask(kvm)}")
+    if kvm.trace is not None:  # the detail only for a trace
+        kvm.emit("mark_mmio_spte", sp, f"[{i}] gfn={gfn:#x} gen={gen & mmio_gen_mask(kvm)}")
 
 
 def check_mmio_spte(kvm: KvmMmu, vcpu: Vcpu, spte: int) -> bool:

@@ -106,7 +106,8 @@ def kvm_mmu_track_write(kvm: KvmMmu, vcpu: Vcpu, gpa: int, nbytes: int) -> None:
     invalid: list[ShadowPage] = []
     remote_flush = False
     local_flush = False
-    kvm.emit("pte_write", None, f"gpa={gpa:#x} bytes={nbytes} gentry={gentry:#x}")
+    if kvm.trace is not None:  # the detail only for a trace
+        kvm.emit("pte_write", None, f"gpa={gpa:#x} bytes={nbytes} gentry={gentry:#x}")
     for sp in list(kvm.page_hash.get(gfn, ())):
         if kvm.is_obsolete_sp(sp) or not sp.has_gptes():
             continue
