@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fuzzmmu.arch.bits import PAGE_SHIFT, PFERR_FETCH, PFERR_U, PFERR_W
+from fuzzmmu.arch.bits import ACC_W, PAGE_SHIFT, PFERR_FETCH, PFERR_U, PFERR_W
 from fuzzmmu.machine.observe import Observation, ObsKind, mmio_read_value
 from fuzzmmu.shadow.pte_write import kvm_mmu_track_write
 from fuzzmmu.shadow.walk import gva_to_gpa, permission_fault
@@ -29,9 +29,14 @@ def emulate_access(kvm: KvmMmu, vcpu: Vcpu, gva: int, write: bool, fetch: bool, 
     role = vcpu.mmu.cpu_role
     assert role is not None
     is_mmio = False
+    # The cached access lacks W for a clean gpte (FNAME(protect_clean_gpte)); a write needs it,
+    # or the walk that sets the D bit (SDM §4.8) is skipped. KVM asks only permission_fault(),
+    # which with CR0.WP=0 lets a supervisor write through (kvm.mmio-cache-write-skips-dirty).
+    cached_write_ok = (not write or bool(vcpu.mmio_access & ACC_W)
+                       or kvm.bugs.mmio_cache_write_skips_dirty)
     if not fetch and vcpu.match_mmio_gva(gva) and (
-            not role.pg or not permission_fault(vcpu.mmu, vcpu.mmio_access, pfec,
-                                                vcpu.eflags_ac)):
+            not role.pg or (cached_write_ok and not permission_fault(
+                vcpu.mmu, vcpu.mmio_access, pfec, vcpu.eflags_ac))):
         gpa = (vcpu.mmio_gfn << PAGE_SHIFT) | (gva & 0xFFF)
         is_mmio = True
     else:

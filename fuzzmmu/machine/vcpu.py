@@ -56,8 +56,8 @@ class SmmState:
 
 class Vcpu:
     __slots__ = ("cpl", "cr0", "cr3", "cr4", "dead", "efer", "eflags_ac", "id", "kvm",
-                 "mmio_access", "mmio_gen", "mmio_gfn", "mmio_gva", "mmu", "pending_pf", "phys",
-                 "requests", "smm", "smm_saved", "tlb")
+                 "mmio_access", "mmio_gen", "mmio_gfn", "mmio_gva", "mmio_smm", "mmu",
+                 "pending_pf", "phys", "requests", "smm", "smm_saved", "tlb")
 
     def __init__(self, vcpu_id: int, kvm: KvmMmu, phys: PhysMemory) -> None:
         self.id = vcpu_id
@@ -78,6 +78,7 @@ class Vcpu:
         self.mmio_gfn = 0
         self.mmio_access = 0
         self.mmio_gen = 0
+        self.mmio_smm = 0  # the address space the MMIO info was cached in
         self.pending_pf: tuple[int, int] | None = None  # (cr2, error code) to inject
         self.dead = False
         ctx.kvm_init_mmu(kvm, self)
@@ -111,6 +112,7 @@ class Vcpu:
         self.mmio_access = access
         self.mmio_gfn = gfn
         self.mmio_gen = gen
+        self.mmio_smm = self.smm
 
     def clear_mmio_info(self, gva: int | None = None) -> None:
         """vcpu_clear_mmio_info(); None stands for MMIO_GVA_ANY."""
@@ -119,7 +121,12 @@ class Vcpu:
         self.mmio_gva = 0
 
     def match_mmio_gen(self) -> bool:
-        return self.mmio_gen == self.kvm.memslots.generation[0]
+        """vcpu_match_mmio_gen(). KVM tags the info with address space 0's generation alone,
+        and vcpu_clear_mmio_info() keeps the gfn, so a gfn cached as MMIO outside SMM still
+        matches inside SMM, where it may be SMRAM; the model also asks for the address space
+        the info was cached in (KVM's behaviour is the kvm.mmio-cache-ignores-smm mutant)."""
+        return self.mmio_gen == self.kvm.memslots.generation[0] and (
+            self.mmio_smm == self.smm or self.kvm.bugs.mmio_cache_ignores_smm)
 
     def match_mmio_gva(self, gva: int) -> bool:
         return self.match_mmio_gen() and self.mmio_gva != 0 and self.mmio_gva == gva & ~0xFFF

@@ -20,6 +20,9 @@ class Bug:
     seed: bool  # one of the five bugs of the project's seed documents
     needs: tuple[str, ...]  # model features the reproducer exercises
     pending: str = ""  # why the mutant is not available yet; empty when it is
+    # Mutants this one switches on with it: KVM has both, and without them this one cannot be
+    # seen (the clean model's fix for them also covers it).
+    requires: tuple[str, ...] = ()
 
     @property
     def available(self) -> bool:
@@ -128,7 +131,7 @@ CATALOG: tuple[Bug, ...] = (
     Bug("kvm.mmio-cache-survives-cr3", "mmio_cache_survives_cr3",
         "a CR3 write that does not reuse a cached root leaves the vCPU's MMIO gva cache valid",
         "open: __kvm_mmu_new_pgd() clears the MMIO info only on the fast_pgd_switch() path",
-        "current", False, ("mmio",)),
+        "current", False, ("mmio",), requires=("kvm.mmio-cache-outlives-walk",)),
     Bug("kvm.pte-write-widen-misaligned", "pte_write_widen_misaligned",
         "a 4-byte PT write by a PAE/long-mode vCPU is widened to the aligned 8 bytes before "
         "detect_write_misaligned(), so a write straddling two gptes zaps one spte",
@@ -149,6 +152,29 @@ CATALOG: tuple[Bug, ...] = (
         "every fault forever, though its PDPTE registers are valid",
         "open: mmu_alloc_shadow_roots() checks the CR3 gfn before handling PAE (older kernels "
         "injected a triple fault from mmu_check_root())", "current", False, ("pae", "memslots")),
+    Bug("kvm.mmio-cache-outlives-walk", "mmio_cache_outlives_walk",
+        "after the guest remaps an MMIO address without INVLPG, the vCPU's MMIO gva cache "
+        "survives the fault-path walk of the new tables: the walk sets A/D bits in the new "
+        "entries, and when the access is then emulated (say a write to a shadowed page table "
+        "the address now maps) it goes to the old MMIO gfn",
+        "open: FNAME(page_fault) never clears the MMIO info, and "
+        "kvm_inject_emulated_page_fault() invalidates the address only for present, "
+        "non-reserved faults (found by fuzzmmu's Atheris harness)", "current", False,
+        ("mmio",)),
+    Bug("kvm.mmio-cache-write-skips-dirty", "mmio_cache_write_skips_dirty",
+        "with CR0.WP=0, a supervisor write through the MMIO gva cache to a page whose gpte is "
+        "read-only or clean is emulated without walking the guest tables, so the gpte's D bit "
+        "stays clear",
+        "open: vcpu_mmio_gva_to_gpa() trusts the cached access whenever permission_fault() "
+        "allows the write, and with CR0.WP=0 it allows a supervisor write to a read-only page "
+        "(found by fuzzmmu's Atheris harness)", "current", False, ("mmio", "cr0-wp")),
+    Bug("kvm.mmio-cache-ignores-smm", "mmio_cache_ignores_smm",
+        "a gfn cached as MMIO outside SMM still matches the vCPU's MMIO cache in SMM, where "
+        "it is SMRAM: an emulated SMRAM access there (say a write to a shadowed page table) "
+        "exits as MMIO",
+        "open: vcpu_match_mmio_gpa() compares the gfn and address space 0's generation only, "
+        "and kvm_smm_changed() -> kvm_mmu_unload() clears only the cached gva (found by "
+        "fuzzmmu's Atheris harness)", "current", False, ("mmio", "smm")),
 )
 
 _BY_ID = {b.id: b for b in CATALOG}
@@ -172,7 +198,8 @@ class BugSet:
             bug = lookup(bug_id)
             if not bug.available:
                 raise UnknownBugError(f"bug {bug_id!r} is pending: {bug.pending}")
-            setattr(self, bug.attr, True)
+            for attr in (bug.attr, *(lookup(r).attr for r in bug.requires)):
+                setattr(self, attr, True)
             chosen.append(bug.id)
         self.ids: tuple[str, ...] = tuple(sorted(set(chosen)))
 

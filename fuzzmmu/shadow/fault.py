@@ -148,6 +148,11 @@ def shadow_page_table_clear_flood(kvm: KvmMmu, vcpu: Vcpu, addr: int) -> None:
 def paging_page_fault(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
     """FNAME(page_fault)."""
     w = walk_addr(kvm, vcpu, fault.addr, fault.error_code, vcpu.eflags_ac)
+    if not kvm.bugs.mmio_cache_outlives_walk:
+        # The walk is the guest's translation now; an MMIO translation cached from older
+        # tables must not outlive it (SDM §4.10.4.1: a #PF invalidates the address too). A
+        # walk to MMIO caches it afresh below.
+        vcpu.clear_mmio_info(fault.addr)
     if not w.ok:
         # The page is not mapped by the guest: let the guest handle it, with the walker's
         # error code (before the walker checked rights, KVM passed on the shadow fault's).

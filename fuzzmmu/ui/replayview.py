@@ -53,8 +53,9 @@ def capture(model: Machine, ref: ReferenceMachine, step: Step) -> AccessView | N
     mgva = gva if vcpu.efer & EFER_LMA else gva & 0xFFFFFFFF
     path = [(level, repr(sp), i, sp.sptv[i]) for sp, i, level in shadow_walk(model.kvm, vcpu,
                                                                             mgva)]
-    cache = (f"gva {vcpu.mmio_gva:#x} -> gfn {vcpu.mmio_gfn:#x} gen {vcpu.mmio_gen}"
-             if vcpu.mmio_gva else "empty")
+    where = f"gfn {vcpu.mmio_gfn:#x}{' (smm)' if vcpu.mmio_smm else ''} gen {vcpu.mmio_gen}"
+    cache = (f"gva {vcpu.mmio_gva:#x} -> {where}" if vcpu.mmio_gva
+             else where if vcpu.mmio_gfn else "empty")
     return AccessView(step.text, cpu, gva, res, steps, path, vcpu.tlb.get(mgva >> PAGE_SHIFT),
                       cache)
 
