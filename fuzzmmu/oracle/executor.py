@@ -511,19 +511,19 @@ class Executor:
         second = [s for o in op.second for s in lower(o, self.ref)]
         m = self.model
         second_got: list[Observation] = []
-        fired = [False]
+        ran_at: list[int] = []  # how many of the first op's steps had completed then
 
         def hook(point: Point, vcpu: object) -> None:
             if point is not op.point:
                 return
             m.kvm.hook = None
-            fired[0] = True
             if self._can_run_at(point, vcpu, second):
+                ran_at.append(len(first_got))
                 second_got.extend(self._model(s) for s in second)
 
+        first_got: list[Observation] = []
         m.kvm.hook = hook
         try:
-            first_got = []
             for s in first:
                 first_got.append(self._model(s))
                 self.outcome.steps_run += 1
@@ -535,24 +535,28 @@ class Executor:
                 self.outcome.steps_run += 1
         else:
             self.outcome.steps_run += len(second)
-        # The reference: the first op then the second, or the second then the first; the
-        # order must explain every outcome and the state both ops leave behind.
+        # The reference: the first op then the second, or the second then the first, or, when
+        # the second ran inside step k of a first op of several steps (a map: stores, then a
+        # CR3 reload), the first op's steps before k, the second, then the rest; one order
+        # must explain every outcome and the state both ops leave behind.
+        a, b = list(zip(first, first_got, strict=True)), list(zip(second, second_got,
+                                                                  strict=True))
+        orders = [a + b, b + a]
+        if ran_at and 0 < ran_at[0] < len(a):
+            k = ran_at[0]
+            orders.insert(0, a[:k] + b + a[k:])
         mode = self._mode_at(first[0].vcpu if first else None)
         attempts: list[tuple[Divergence, list[TraceEntry]]] = []
-        for order in ((first, first_got, second, second_got),
-                      (second, second_got, first, first_got)):
+        for order in orders:
             r = self.ref.copy()
             div: Divergence | None = None
             log: list[TraceEntry] = []
-            for steps, gots in (order[:2], order[2:]):
-                for step, got in zip(steps, gots, strict=True):
-                    ok, expected = step.on_ref(r, got)
-                    log.append(TraceEntry(i, step.text, str(got), str(expected), ok))
-                    if not ok:
-                        div = self._step_divergence(i, op, step, expected, got,
-                                                    self._mode_at(step.vcpu))
-                        break
-                if div is not None:
+            for step, got in order:
+                ok, expected = step.on_ref(r, got)
+                log.append(TraceEntry(i, step.text, str(got), str(expected), ok))
+                if not ok:
+                    div = self._step_divergence(i, op, step, expected, got,
+                                                self._mode_at(step.vcpu))
                     break
             if div is None:
                 div = self._state_divergence(r, i, op, mode)

@@ -394,6 +394,32 @@ def test_interleave_satisfied_only_by_the_second_order_is_accepted() -> None:
     assert _read_result(second_order, 1 + 1).startswith("RAM hpa=0x7000")
 
 
+# cpu1 (paging off) writes 4-level entries into frame 2 while cpu0, in PAE mode with its PDPT
+# there, is in the middle of a map: its first store done, the second faulting. cpu1's store puts
+# NX, reserved in a PDPTE, into frame 2, so cpu0's CR3 reload at the end of its map must #GP.
+# Only the order "cpu0's first store, cpu1's map, the rest of cpu0's map" explains it.
+MID_MAP = """\
+# fuzzmmu program v1
+config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot=pae
+cr3 cpu0 root=0x2
+mode cpu1 off root=0x2
+interleave at=faultin
+  map cpu0 root=current current 0x0 -> 0x0 NX level=1 upper=NX pool=0x8
+  map cpu1 root=current current 0x0 -> 0x0 NX level=1 upper=NX pool=0x8
+"""
+
+
+def test_second_op_run_between_the_steps_of_a_map_is_accepted() -> None:
+    outcome = run(parse_program(MID_MAP), trace=True, audit=True)
+    assert outcome.divergence is None
+    steps = [t.step.split(" (")[0].split(": write cpu")[0] for t in outcome.trace
+             if t.op_index == 2]
+    assert steps == ["map: level-3 table at 0x8", "map: level-4 table at 0x8",
+                     "map: level-3 table at 0x9", "map: level-2 table at 0xa", "map: leaf",
+                     "map: level-2 table at 0x9", "mov cr3, 0x2000", "map: leaf"]
+    assert outcome.trace[[t.op_index for t in outcome.trace].index(2) + 6].model == "#GP"
+
+
 RACE_WRITE = HEAD + """\
 map cpu0 root=current current 0x1000 -> 0x5 P|W|U|A|D level=1 upper=W|U|A pool=0x8
 map cpu1 root=current current 0x0 -> 0x6 P|W|U|A|D level=1 upper=W|U|A pool=0x8
