@@ -142,6 +142,19 @@ CATALOG: tuple[Bug, ...] = (
         "mapping a 4 MiB page for a vCPU (or after a toggle) that must walk it as a table",
         "open: kvm_mmu_page_role has no CR4.PSE bit (found by fuzzmmu's clean-model soak)",
         "current", False, ("32bit",)),
+    Bug("kvm.pae-shares-long-mode-pages", "pae_shares_long_mode_pages",
+        "shadow pages of page tables are shared between 4-level and PAE paging, so a gpte with "
+        "a bit in 62:52 (ignored in long mode, reserved in PAE) stays mapped for a PAE vCPU "
+        "that must take a reserved-bit #PF on it",
+        "open: kvm_mmu_page_role has no paging-mode bit beyond the level and has_4_byte_gpte "
+        "(found by fuzzmmu's generator soak)", "current", False, ("pae", "4level")),
+    Bug("kvm.pae-root-entry-stays-invalid", "pae_root_entry_stays_invalid",
+        "a PAE root entry left invalid because its PDPTE's gfn was outside the memslots when "
+        "the root was loaded stays invalid after a memslot makes the gfn visible: the next "
+        "access through it WARNs in FNAME(fetch) and KVM_RUN fails with -EFAULT",
+        "open: mmu_alloc_shadow_roots() zeroes the PDPTRs of invisible gfns, and only dummy "
+        "roots are reloaded on memslot creation (found by fuzzmmu's clean campaign)",
+        "current", False, ("pae", "memslots")),
     Bug("kvm.smap-ac-wp0-conversion", "smap_ac_wp0_conversion",
         "with CR0.WP=0 and SMAP on, a supervisor write with EFLAGS.AC=1 to a read-only user "
         "page makes it a writable kernel page, so later supervisor accesses with AC=0 get no "

@@ -80,7 +80,7 @@ def kvm_calc_cpu_role(cr0: int, cr4: int, efer: int, smm: int) -> CpuRole:
     pse = bool(cr4 & CR4_PSE)
     base = make_role(level, has_4_byte_gpte=not pae, access=ACC_ALL, efer_nx=nx, cr0_wp=wp,
                      smep_andnot_wp=smep and not wp, smap_andnot_wp=smap and not wp,
-                     cr4_pse=pse and not pae, smm=smm)
+                     cr4_pse=pse and not pae, long_mode=lma, smm=smm)
     return CpuRole(base, level, True, pae, pse, smep, smap, wp, nx, lma)
 
 
@@ -127,6 +127,8 @@ def calc_root_role(kvm: KvmMmu, cpu_role: CpuRole) -> int:
         role &= ~R.SMAP_ANDNOT_WP
     if bugs.cr4_pse_not_in_role:
         role &= ~R.CR4_PSE
+    if bugs.pae_shares_long_mode_pages:
+        role &= ~R.LONG_MODE
     return role
 
 

@@ -310,6 +310,13 @@ def fetch(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault, w: GuestWalker) -> int:
         return RET_PF_RETRY
 
     sp, level = _root_start(kvm, vcpu, fault.addr)
+    if sp is None and mmu.root_hpa == PAE_ROOT and not kvm.bugs.pae_root_entry_stays_invalid:
+        # The guest walk went through a PDPTE whose PAE root entry was left invalid because
+        # its gfn was outside every memslot when the root was loaded; a memslot created since
+        # made it visible. Reload the root and retry, as for a dummy root (KVM WARNs and fails
+        # KVM_RUN with -EFAULT: the kvm.pae-root-entry-stays-invalid mutant).
+        vcpu.requests.add("free_obsolete_roots")
+        return RET_PF_RETRY
     while sp is not None:
         i = _index(fault.addr, level)
         if not sp.direct:

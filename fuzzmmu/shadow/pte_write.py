@@ -20,6 +20,7 @@ from fuzzmmu.shadow.role import (
     CR0_WP,
     EFER_NX,
     HAS_4_BYTE_GPTE,
+    LONG_MODE,
     SMAP_ANDNOT_WP,
     SMEP_ANDNOT_WP,
     SMM_SHIFT,
@@ -31,9 +32,10 @@ if TYPE_CHECKING:
     from fuzzmmu.shadow.mmu import KvmMmu
 
 # mmu_base_role_mask: role bits in which a page must match the writing vCPU's context for the
-# update policy to interpret the new gpte in the page's format.
+# update policy to interpret the new gpte in the page's format (LONG_MODE, the model's own bit:
+# the reserved bits of a gpte differ between PAE and 4-level paging).
 BASE_ROLE_MASK = CR0_WP | HAS_4_BYTE_GPTE | EFER_NX | SMEP_ANDNOT_WP | SMAP_ANDNOT_WP | (
-    0xFF << SMM_SHIFT)
+    LONG_MODE | (0xFF << SMM_SHIFT))
 
 
 def mmu_pte_write_fetch_gpte(vcpu: Vcpu, gpa: int, nbytes: int, widen_any: bool

@@ -24,15 +24,21 @@ SMAP_ANDNOT_WP = 1 << 15
 # whether a PDE with PS=1 maps a 4 MiB page or points at a page table, so pages built under
 # one setting must not serve the other. KVM shares them (the kvm.cr4-pse-not-in-role mutant).
 CR4_PSE = 1 << 19
+# Not in KVM's role either (bit 20 is unused too): PAE paging reserves bits 62:MAXPHYADDR of a
+# PDE or PTE that 4-level paging ignores from bit 52 up, so the same 8-byte gptes are valid
+# for one and a reserved-bit #PF for the other: shadow pages built under long mode must not
+# serve a PAE vCPU. KVM shares them (the kvm.pae-shares-long-mode-pages mutant).
+LONG_MODE = 1 << 20
 SMM_SHIFT = 24  # bits 24-31 (later renamed as_id)
 
 
 def make_role(level: int, *, has_4_byte_gpte: bool = False, quadrant: int = 0,
               direct: bool = False, access: int = 7, efer_nx: bool = False,
               cr0_wp: bool = False, smep_andnot_wp: bool = False,
-              smap_andnot_wp: bool = False, cr4_pse: bool = False, smm: int = 0) -> int:
+              smap_andnot_wp: bool = False, cr4_pse: bool = False, long_mode: bool = False,
+              smm: int = 0) -> int:
     return (level | (HAS_4_BYTE_GPTE if has_4_byte_gpte else 0) | (quadrant << QUADRANT_SHIFT)
-            | (CR4_PSE if cr4_pse else 0)
+            | (CR4_PSE if cr4_pse else 0) | (LONG_MODE if long_mode else 0)
             | (DIRECT if direct else 0) | (access << ACCESS_SHIFT)
             | (EFER_NX if efer_nx else 0) | (CR0_WP if cr0_wp else 0)
             | (SMEP_ANDNOT_WP if smep_andnot_wp else 0)
@@ -88,6 +94,8 @@ def role_str(role: int) -> str:
         parts.append("smap&!wp")
     if role & CR4_PSE:
         parts.append("pse")
+    if role & LONG_MODE:
+        parts.append("lm")
     if role_smm(role):
         parts.append("smm")
     return " ".join(parts)
