@@ -42,6 +42,7 @@ def emulate_access(kvm: KvmMmu, vcpu: Vcpu, gva: int, write: bool, fetch: bool, 
     else:
         maybe_gpa, error_code = gva_to_gpa(kvm, vcpu, gva, pfec, vcpu.eflags_ac)
         if maybe_gpa is None:
+            vcpu.inject_page_fault(gva, error_code)
             return Observation(ObsKind.PF, gva, 0, error_code)
         gpa = maybe_gpa
         is_mmio = not fetch and vcpu.match_mmio_gpa(gpa)

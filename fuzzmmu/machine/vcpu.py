@@ -27,6 +27,8 @@ from fuzzmmu.arch.bits import (
     EFER_LMA,
     EFER_LME,
     EFER_NXE,
+    PFERR_P,
+    PFERR_RSVD,
     bits,
 )
 from fuzzmmu.shadow import context as ctx
@@ -98,7 +100,12 @@ class Vcpu:
         return self.is_paging and bool(self.cr4 & CR4_PAE) and not self.is_long_mode
 
     def inject_page_fault(self, addr: int, error_code: int) -> None:
-        """kvm_inject_emulated_page_fault(): CR2 and the error code go to the guest."""
+        """kvm_inject_emulated_page_fault(): CR2 and the error code go to the guest. A present,
+        non-reserved fault first invalidates the address (kvm_mmu_invalidate_addr(): the TLB
+        entry and the MMIO gva cache), as the hardware's own #PF would, or a stale entry would
+        fault forever."""
+        if error_code & PFERR_P and not error_code & PFERR_RSVD:
+            ctx.kvm_mmu_invalidate_addr(self.kvm, self, addr)
         self.pending_pf = (addr, error_code)
 
     # ------------------------------------------------------------------ MMIO info cache

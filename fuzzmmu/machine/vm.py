@@ -96,7 +96,9 @@ class Machine:
                     return Observation(ObsKind.PF, cr2, 0, error_code)
                 if r == RET_PF_EMULATE:
                     kvm.point(Point.EMULATE, vcpu)
-                    return emulate_access(kvm, vcpu, gva, write, fetch, width, value)
+                    obs = emulate_access(kvm, vcpu, gva, write, fetch, width, value)
+                    vcpu.pending_pf = None  # a fault of the emulated access is ``obs``
+                    return obs
             return Observation(ObsKind.HANG, gva, 0, 0, "the access faulted "
                                f"{MAX_GUEST_ENTRIES} times without completing")
         except VmError as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from guest import AD, PW, Guest, long_mode_guest, map4k, pa
 
+from fuzzmmu.arch.bits import PFERR_P, PFERR_W, PTE_P
 from fuzzmmu.machine.memslots import MemslotChange, MemslotUpdate
 from fuzzmmu.machine.observe import ObsKind, mmio_read_value
 from fuzzmmu.machine.vm import Machine, MachineConfig
@@ -133,3 +134,18 @@ def test_generation_wrap_with_smm_address_space_updates():
     assert any(e.name == "mmio_gen_wrap" for e in events)
     assert all(g.kvm.is_obsolete_sp(sp) for sp in pages_before)
     g.ok(g.read(0, pa(5)))
+
+
+def test_emulated_page_fault_clears_the_mmio_cache_of_its_address():
+    """kvm_inject_emulated_page_fault(): a present, non-reserved #PF from the emulator
+    invalidates the address, MMIO gva cache included. Without it (a clean campaign found this)
+    a later access there, once remapped, took the stale cached gfn."""
+    g = long_mode_guest()
+    long_mode_guest(v=1, guest=g)
+    va = map4k(g, 0, 1, HOLE, PTE_P | AD)  # read-only MMIO
+    _mmio(g.read(1, va, width=4), pa(HOLE))
+    vcpu = g.m.vcpus[1]
+    assert vcpu.mmio_gva == va
+    # the write takes the MMIO spte, is emulated, and faults in the emulator's walk
+    g.pf(g.write(1, va, 1, width=4), va, PFERR_P | PFERR_W)
+    assert vcpu.mmio_gva == 0
