@@ -127,6 +127,27 @@ class AccessStep(Step):
                         width=self.width, value=self.value)
 
 
+class SpeculativeWalk(Step):
+    """On the reference only: the translation an access made before another op ran (KVM's
+    walk at the interleave point), the access itself coming after."""
+
+    __slots__ = ("access",)
+
+    def __init__(self, access: AccessStep) -> None:
+        self.kind = access.kind
+        self.vcpu = access.vcpu
+        self.access = access
+
+    @property
+    def text(self) -> str:
+        return f"translation ahead of the access ({self.access.text})"
+
+    def on_ref(self, r: ReferenceMachine, got: Observation) -> tuple[bool, Observation]:
+        a = self.access
+        r.speculative_walk(a.vcpu, a.gva, a.akind, cpl=a.cpl, ac=a.ac)
+        return True, DONE
+
+
 _MODEL_WRITES: dict[str, Callable[[Machine, int, int], Observation]] = {
     "cr0": Machine.write_cr0, "cr3": Machine.write_cr3, "cr4": Machine.write_cr4,
     "efer": Machine.write_efer}
@@ -410,6 +431,10 @@ def _mode_label(mode: ModeAt) -> str:
     return label + "+smm" if smm else label
 
 
+# Interleave points at which a faulting access has walked the guest tables already.
+_AFTER_WALK = frozenset({Point.WALKED, Point.FAULTIN, Point.PRE_LEAF, Point.EMULATE})
+
+
 def _op_vcpu(op: Op) -> int | None:
     return getattr(op.first if isinstance(op, Interleave) else op, "vcpu", None)
 
@@ -545,6 +570,11 @@ class Executor:
         if ran_at and 0 < ran_at[0] < len(a):
             k = ran_at[0]
             orders.insert(0, a[:k] + b + a[k:])
+        if ran_at and op.point in _AFTER_WALK and isinstance(first[ran_at[0]], AccessStep):
+            # The access had translated (and set A flags) before the second part ran, then
+            # completed after it: through that translation or, retried, a new one.
+            k = ran_at[0]
+            orders.append([*a[:k], (SpeculativeWalk(first[k]), DONE), *b, *a[k:]])
         mode = self._mode_at(first[0].vcpu if first else None)
         attempts: list[tuple[Divergence, list[TraceEntry]]] = []
         for order in orders:

@@ -144,6 +144,28 @@ class ReferenceMachine:
         assert res.gpa is not None
         return self._outcome(v, res.gpa, write, width, value)
 
+    def speculative_walk(self, v: int, gva: int, kind: AccessKind, *, cpl: int = 0,
+                         ac: bool = False) -> None:
+        """A translation made ahead of an access that then runs on: the A flags of a successful
+        walk are set and the translation may be cached (SDM §4.8, §4.10.2.3); nothing is
+        accessed, and a walk that faults leaves no trace."""
+        c = self.cpus[v]
+        if c.dead:
+            return
+        acc = _ACCESSES[kind, cpl == 3]
+        if not c.efer & EFER_LMA:
+            gva &= 0xFFFFFFFF
+        cpu = self.cpu_state(v, ac)
+        view = self.views[c.smm]
+        res, leaf, walked = walk_leaf(view, cpu, gva, acc)
+        if not res.ok or not cpu.mode.value:
+            return
+        assert res.gpa is not None
+        set_accessed_dirty(view, cpu, walked, False)
+        c.tlb.fill(gva >> PAGE_SHIFT, TlbEntry(res.gpa >> PAGE_SHIFT, res.rights,
+                                               bool(leaf & PTE_D),
+                                               (leaf >> PTE_PKEY_SHIFT) & 0xF))
+
     def access(self, v: int, gva: int, kind: AccessKind, model: Observation, *, cpl: int = 0,
                ac: bool = False, width: int = 8, value: int = 0) -> tuple[bool, Observation]:
         """Adopt the allowed outcome equal to ``model``; return (matched, expected outcome).

@@ -420,6 +420,28 @@ def test_second_op_run_between_the_steps_of_a_map_is_accepted() -> None:
     assert outcome.trace[[t.op_index for t in outcome.trace].index(2) + 6].model == "#GP"
 
 
+# cpu0's read of 0x1000 (MMIO) walks the tables, setting A flags, and at that point cpu1 turns
+# the PDE above it into a 2 MiB page with NX, reserved while EFER.NXE=0. KVM's fetch sees the
+# changed gpte and retries; the new walk takes a reserved-bit #PF. Architecturally: a
+# translation made (A flags set), dropped, then a walk of the new tables.
+AFTER_WALK = """\
+# fuzzmmu program v1
+config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot=4level
+map cpu0 root=current current 0x1000 -> 0x30 P level=1 upper=0 pool=0x8
+interleave at=walked
+  read cpu0 0x1000+0x0 width=1 cpl=0
+  map cpu1 root=current current 0x0 -> 0x0 P|NX level=2 upper=NX pool=0x8
+"""
+
+
+def test_access_that_translated_before_the_second_op_ran_is_accepted() -> None:
+    outcome = run(parse_program(AFTER_WALK), trace=True, audit=True)
+    assert outcome.divergence is None
+    steps = [t for t in outcome.trace if t.op_index == 1]
+    assert steps[0].step.startswith("translation ahead of the access")
+    assert steps[-1].model == "#PF cr2=0x1000 error=0x9 (P|RSVD)"
+
+
 RACE_WRITE = HEAD + """\
 map cpu0 root=current current 0x1000 -> 0x5 P|W|U|A|D level=1 upper=W|U|A pool=0x8
 map cpu1 root=current current 0x0 -> 0x6 P|W|U|A|D level=1 upper=W|U|A pool=0x8
