@@ -134,7 +134,7 @@ def _cmd_bugs(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         print(json.dumps([{"id": b.id, "summary": b.summary, "fix": b.fix, "year": b.year,
                            "seed": b.seed, "needs": list(b.needs), "available": b.available,
-                           "pending": b.pending or None, "requires": list(b.requires)}
+                           "pending": b.pending or None}
                           for b in CATALOG], indent=1))
         return 0
     table = Table(title="KVM shadow-MMU bugs the model can re-create (--bug ID)",
@@ -145,8 +145,6 @@ def _cmd_bugs(args: argparse.Namespace, console: Console) -> int:
         name = b.id + (" [yellow](seed)[/]" if b.seed else "")
         if not b.available:
             name += f"\n[dim]pending: {b.pending}[/]"
-        if b.requires:
-            name += f"\n[dim]switches on {', '.join(b.requires)} too[/]"
         table.add_row(name, b.year, b.summary, b.fix)
     console.print(table)
     return 0

@@ -137,6 +137,12 @@ def throughput(trials: Sequence[TrialResult]) -> dict[str, float]:
     return {e: statistics.median(v) for e, v in out.items()}
 
 
+def clean_divergences(trials: Sequence[TrialResult]) -> list[TrialResult]:
+    """Finds in the throughput runs: a model or oracle bug, which voids every mutant's figures
+    (a trial could have stopped at it instead of at its mutant)."""
+    return [t for t in trials if t.bug is None and t.found]
+
+
 def goals(table: dict[tuple[str, str], Cell], summaries: Sequence[EngineSummary],
           mini: MinimizeSummary | None) -> list[tuple[str, bool, str]]:
     """The benchmark's stated goals: (goal, met, the figures behind the verdict)."""
@@ -219,6 +225,10 @@ def show(console: Console, trials: Sequence[TrialResult], engines: Sequence[str]
     for goal, met, why in goals(table, summaries, minimize_summary(trials)):
         console.print(f"{'[green]met[/]   ' if met else '[red]missed[/]'} {goal}: {why}",
                       highlight=False)
+    for c in clean_divergences(trials):
+        console.print(f"[bold red]the clean model diverged[/] under {c.engine} (trial "
+                      f"{c.trial}, seed {c.seed}) after {c.programs:,} programs: {c.kind} "
+                      f"{c.signature}; its program is in bench.json", highlight=False)
     errors = [t for t in trials if t.error]
     for e in errors:
         console.print(f"[red]error[/] {e.engine} {e.bug} trial {e.trial}: {e.error}",
@@ -246,4 +256,5 @@ def summary_json(trials: Sequence[TrialResult], engines: Sequence[str]) -> dict[
         "minimize": vars(mini) if mini else None,
         "goals": [{"goal": g, "met": m, "figures": w} for g, m, w in
                   goals(table, summaries, mini)],
+        "clean_divergences": [t.to_json() for t in clean_divergences(trials)],
     }

@@ -156,7 +156,8 @@ def run_trial(spec: TrialSpec, workdir: Path, *, minimize_runs: int = 3000) -> T
                              out["found"], out["seconds"], out["programs"], kind=out["kind"],
                              signature=out["signature"], program=out["program"])
     if result.found and result.program is not None and minimize_runs > 0:
-        task = {"task": "minimize", "program": result.program, "bugs": [spec.bug],
+        task = {"task": "minimize", "program": result.program,
+                "bugs": [spec.bug] if spec.bug else [],
                 "max_runs": minimize_runs}
         result.minimized = _worker(task, 600)
     return result

@@ -154,9 +154,14 @@ class Vcpu:
             if "free_obsolete_roots" in reqs:
                 reqs.discard("free_obsolete_roots")
                 ctx.kvm_mmu_free_obsolete_roots(kvm, self)
+            if "mmu_sync" in reqs:
+                reqs.discard("mmu_sync")
+                ctx.kvm_mmu_sync_roots(self)
             if "tlb_flush_current" in reqs or "tlb_flush_guest" in reqs:
-                # kvm_vcpu_flush_tlb_current()/_guest(): with sync shadow pages there is
-                # nothing to resync, only the hardware TLB to flush.
+                # kvm_vcpu_flush_tlb_guest() syncs the roots first (as INVPCID(all) would);
+                # kvm_vcpu_flush_tlb_current() only flushes the hardware TLB.
+                if "tlb_flush_guest" in reqs:
+                    ctx.kvm_mmu_sync_roots(self)
                 reqs.discard("tlb_flush_current")
                 reqs.discard("tlb_flush_guest")
                 self.tlb.clear()
@@ -240,7 +245,8 @@ class Vcpu:
             if cr3 != self.cr3:
                 ctx.kvm_mmu_new_pgd(self.kvm, self, cr3)
             self.cr3 = cr3
-        # kvm_invalidate_pcid(): sync the current root and flush the current TLB.
+        # kvm_invalidate_pcid(): KVM_REQ_MMU_SYNC and KVM_REQ_TLB_FLUSH_CURRENT.
+        self.requests.add("mmu_sync")
         self.requests.add("tlb_flush_current")
         return True
 

@@ -20,9 +20,6 @@ class Bug:
     seed: bool  # one of the five bugs of the project's seed documents
     needs: tuple[str, ...]  # model features the reproducer exercises
     pending: str = ""  # why the mutant is not available yet; empty when it is
-    # Mutants this one switches on with it: KVM has both, and without them this one cannot be
-    # seen (the clean model's fix for them also covers it).
-    requires: tuple[str, ...] = ()
 
     @property
     def available(self) -> bool:
@@ -128,10 +125,6 @@ CATALOG: tuple[Bug, ...] = (
         "sets it only with PAE/long paging or SMEP)", "open: FNAME(walk_addr_generic) uses "
         "cpu_role.base.efer_nx, which kvm_calc_cpu_role() sets for 32-bit paging too",
         "current", False, ("32bit", "walker")),
-    Bug("kvm.mmio-cache-survives-cr3", "mmio_cache_survives_cr3",
-        "a CR3 write that does not reuse a cached root leaves the vCPU's MMIO gva cache valid",
-        "open: __kvm_mmu_new_pgd() clears the MMIO info only on the fast_pgd_switch() path",
-        "current", False, ("mmio",), requires=("kvm.mmio-cache-outlives-walk",)),
     Bug("kvm.pte-write-widen-misaligned", "pte_write_widen_misaligned",
         "a 4-byte PT write by a PAE/long-mode vCPU is widened to the aligned 8 bytes before "
         "detect_write_misaligned(), so a write straddling two gptes zaps one spte",
@@ -211,8 +204,7 @@ class BugSet:
             bug = lookup(bug_id)
             if not bug.available:
                 raise UnknownBugError(f"bug {bug_id!r} is pending: {bug.pending}")
-            for attr in (bug.attr, *(lookup(r).attr for r in bug.requires)):
-                setattr(self, attr, True)
+            setattr(self, bug.attr, True)
             chosen.append(bug.id)
         self.ids: tuple[str, ...] = tuple(sorted(set(chosen)))
 

@@ -1,6 +1,6 @@
 """The per-vCPU MMU context (struct kvm_mmu): CPU role, root role, guest reserved bits,
 permission bitmap, and the roots (mmu.c: kvm_init_mmu, kvm_mmu_load/unload, mmu_alloc_*_roots,
-kvm_mmu_free_roots, kvm_mmu_new_pgd, kvm_mmu_invalidate_addr).
+kvm_mmu_free_roots, kvm_mmu_new_pgd, kvm_mmu_sync_roots, kvm_mmu_invalidate_addr).
 
 Guests that do not use 64-bit paging are shadowed with PAE-shaped tables: four level-2 roots
 in ``pae_root`` (KVM's special root, not a shadow page). Long-mode guests get one root page.
@@ -270,8 +270,8 @@ def mmu_alloc_shadow_roots(kvm: KvmMmu, vcpu: Vcpu) -> bool:
 
 
 def kvm_mmu_load(kvm: KvmMmu, vcpu: Vcpu) -> bool:
-    """kvm_mmu_load(): allocate the roots, then flush the current TLB (the provenance of the
-    new root is unknown). False stands for -ENOSPC."""
+    """kvm_mmu_load(): allocate the roots, sync them, then flush the current TLB (the
+    provenance of the new root is unknown). False stands for -ENOSPC."""
     mmu = vcpu.mmu
     assert mmu.cpu_role is not None
     if mmu.root_role & DIRECT:
@@ -282,6 +282,7 @@ def kvm_mmu_load(kvm: KvmMmu, vcpu: Vcpu) -> bool:
         return False
     if kvm.trace is not None:  # the detail only for a trace
         kvm.emit("load_root", None, f"vcpu{vcpu.id} pgd={mmu.root_pgd:#x}")
+    kvm_mmu_sync_roots(vcpu)
     vcpu.tlb.clear()
     return True
 
@@ -382,18 +383,24 @@ def fast_pgd_switch(kvm: KvmMmu, vcpu: Vcpu, new_pgd: int, role: int) -> bool:
 
 
 def kvm_mmu_new_pgd(kvm: KvmMmu, vcpu: Vcpu, new_pgd: int) -> None:
-    """kvm_mmu_new_pgd(). KVM clears the MMIO gva cache only when a cached root is reused; a
-    MOV to CR3 invalidates every non-global translation, so the model clears it on both paths
-    (the stale-mmio-cache-on-cr3 mutant is KVM's behaviour)."""
+    """__kvm_mmu_new_pgd(). A root built afresh gets its MMIO gva cache cleared by
+    kvm_mmu_load()'s kvm_mmu_sync_roots(); a reused one skips that, so it is cleared here."""
     mmu = vcpu.mmu
     if not fast_pgd_switch(kvm, vcpu, new_pgd, mmu.root_role):
-        if not kvm.bugs.mmio_cache_survives_cr3:
-            vcpu.clear_mmio_info()
         return
     vcpu.clear_mmio_info()
     sp = kvm.root_to_sp(mmu.root_hpa)
     if sp is not None and not sp.direct:
         sp.write_flooding_count = 0
+
+
+def kvm_mmu_sync_roots(vcpu: Vcpu) -> None:
+    """kvm_mmu_sync_roots(): with every shadowed table write-protected (no unsync pages) there
+    is nothing to resync, but it still drops the MMIO gva cache: this is what makes every
+    MOV to CR3 (KVM_REQ_MMU_SYNC from kvm_invalidate_pcid()) and every new root forget it."""
+    if vcpu.mmu.root_role & DIRECT or not vcpu.mmu.root_valid:
+        return
+    vcpu.clear_mmio_info()
 
 
 def kvm_mmu_reload(kvm: KvmMmu, vcpu: Vcpu) -> bool:

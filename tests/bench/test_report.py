@@ -102,6 +102,18 @@ def test_summary_json_is_strict_json_and_the_table_prints() -> None:
     assert "1/1 2.0s" in out and "0/1 > 30s" in out
 
 
+def test_a_divergence_of_the_clean_model_is_reported_not_hidden() -> None:
+    clean = t(None, "atheris", 0, 3.0, programs=900)
+    clean.kind, clean.signature = "mmio-mismatch", "mmio-mismatch:access/read"
+    trials = [clean, t(None, "random", 0, None), t(SEED, "atheris", 0, 2.0)]
+    assert throughput(trials) == {"atheris": 300.0, "random": 100 / 30}
+    assert [d["engine"] for d in summary_json(trials, ["atheris"])["clean_divergences"]] == \
+        ["atheris"]
+    console = Console(record=True, width=200)
+    show(console, trials, ["atheris"])
+    assert "the clean model diverged under atheris" in console.export_text()
+
+
 def test_survival_curve_steps_up_at_each_find() -> None:
     trials = [t(SEED, "atheris", 0, 2.0), t(OTHER, "atheris", 0, 5.0),
               t(SEED, "atheris", 1, None), t(OTHER, "atheris", 1, 1.0)]

@@ -149,3 +149,31 @@ def test_emulated_page_fault_clears_the_mmio_cache_of_its_address():
     # the write takes the MMIO spte, is emulated, and faults in the emulator's walk
     g.pf(g.write(1, va, 1, width=4), va, PFERR_P | PFERR_W)
     assert vcpu.mmio_gva == 0
+
+
+def test_every_cr3_write_forgets_the_mmio_cache():
+    """kvm_invalidate_pcid() makes KVM_REQ_MMU_SYNC, and kvm_mmu_sync_roots() drops the MMIO
+    gva cache, even for a MOV to CR3 of the value it holds (a benchmark run on the clean model
+    found the model keeping it). vCPU 1 then remaps the VA to another MMIO gfn; vCPU 0's next
+    access there must go to the new gfn, not the cached one."""
+    g = long_mode_guest()
+    long_mode_guest(v=1, guest=g)
+    va = map4k(g, 0, 1, HOLE, PTE_P | AD)
+    _mmio(g.read(0, va, width=4), pa(HOLE))
+    assert g.m.vcpus[0].mmio_gva == va
+    g.expect_done(g.cr3(0, g.m.vcpus[0].cr3))
+    map4k(g, 1, 1, HOLE + 1, PTE_P | AD)  # no INVLPG needed: vCPU 0's CR3 write came first
+    _mmio(g.read(1, va, width=4), pa(HOLE + 1))
+    _mmio(g.read(0, va, width=4), pa(HOLE + 1))
+
+
+def test_a_new_root_forgets_the_mmio_cache():
+    """kvm_mmu_load() syncs the new roots, which drops the MMIO gva cache: a MOV to CR3 that
+    does not reuse a cached root leaves no stale MMIO translation behind."""
+    g = long_mode_guest()
+    va = map4k(g, 0, 1, HOLE, PTE_P | AD)
+    _mmio(g.read(0, va, width=4), pa(HOLE))
+    vcpu = g.m.vcpus[0]
+    g.expect_done(g.cr3(0, vcpu.cr3 + pa(1)))  # a fresh root page, not in the root cache
+    vcpu.service_requests()
+    assert vcpu.mmu.root_valid and vcpu.mmio_gva == 0
