@@ -293,10 +293,12 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
 
     if args.report:
         try:
-            report_from(Path(args.out), console)
+            report_from(Path(args.out), console, as_markdown=args.markdown)
         except BenchError as exc:
             return _fail(str(exc))
         return 0
+    if args.markdown:
+        return _fail("--markdown goes with --report")
     if args.seed_mutants:
         bugs = [b.id for b in CATALOG if b.available and b.seed]
     else:
@@ -469,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep OUT/trials.jsonl and run only the missing trials")
     bn.add_argument("--report", action="store_true",
                     help="only print the report of the run in OUT")
+    bn.add_argument("--markdown", action="store_true",
+                    help="with --report: print it as Markdown tables (for the README)")
     bn.set_defaults(func=_cmd_bench)
 
     b = sub.add_parser("bugs", help="list the switchable historical KVM bugs (mutants)")

@@ -21,7 +21,7 @@ def curves(trials: Sequence[TrialResult], engines: Sequence[str]
         mine = [t for t in trials if t.engine == e and t.bug is not None and t.error is None]
         if not mine:
             continue
-        times = sorted(t.seconds for t in mine if t.found)
+        times = sorted(t.seconds for t in mine if t.in_budget)
         xs, ys = [0.0], [0.0]
         for i, x in enumerate(times, 1):
             xs.append(x)

@@ -50,9 +50,9 @@ def cells(trials: Sequence[TrialResult]) -> dict[tuple[str, str], Cell]:
             groups.setdefault((t.bug, t.engine), []).append(t)
     out = {}
     for (bug, engine), ts in sorted(groups.items()):
-        times = [t.seconds if t.found else math.inf for t in ts]
+        times = [t.seconds if t.in_budget else math.inf for t in ts]
         out[bug, engine] = Cell(bug, engine, max(t.budget for t in ts), len(ts),
-                                sum(t.found for t in ts), statistics.median(times), max(times),
+                                sum(t.in_budget for t in ts), statistics.median(times), max(times),
                                 statistics.median(t.programs for t in ts))
     return out
 
@@ -233,6 +233,43 @@ def show(console: Console, trials: Sequence[TrialResult], engines: Sequence[str]
     for e in errors:
         console.print(f"[red]error[/] {e.engine} {e.bug} trial {e.trial}: {e.error}",
                       highlight=False)
+
+
+def markdown(trials: Sequence[TrialResult], engines: Sequence[str]) -> str:
+    """The report as Markdown tables, for a README or a pull request: the same figures as
+    :func:`show`."""
+    table = cells(trials)
+    summaries = engine_summaries(table, engines, throughput(trials))
+    lines = ["| mutant | " + " | ".join(engines) + " |",
+             "|---|" + "---:|" * len(engines)]
+    for bug in sorted({b for b, _ in table}, key=lambda b: (b not in SEED_MUTANTS, b)):
+        row = [f"`{bug}`" + (" (seed)" if bug in SEED_MUTANTS else "")]
+        for e in engines:
+            c = table.get((bug, e))
+            if c is None:
+                row.append("-")
+                continue
+            cell = f"{c.found}/{c.trials} {_time(c).replace('> ', '&gt;')} " \
+                   f"{c.median_programs:g}p"
+            r = ratio(c, table.get((bug, BASELINE)))
+            if e != BASELINE and r is not None:
+                cell += f" {_x(*r).replace('>= ', '&ge;')}"
+            row.append(f"**{cell}**" if not c.censored else cell)
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "| engine | programs/s (clean) | found (median trial) | sum of medians | "
+                  "vs atheris (sum) | vs atheris (geo. mean) |", "|---|---:|---:|---:|---:|---:|"]
+    for x in summaries:
+        thr = "-" if x.programs_per_s is None else f"{x.programs_per_s:,.0f}"
+        lines.append(f"| {x.engine} | {thr} | {x.found}/{x.mutants} | {x.catalog_s:.0f} s | "
+                     f"{_x(x.catalog_ratio, x.lower_bound).replace('>= ', '&ge;')} | "
+                     f"{_x(x.geomean_ratio, x.lower_bound).replace('>= ', '&ge;')} |")
+    lines.append("")
+    for goal, met, why in goals(table, summaries, minimize_summary(trials)):
+        lines.append(f"* {'met' if met else '**missed**'}: {goal}: {why}")
+    for c in clean_divergences(trials):
+        lines.append(f"* **the clean model diverged** under {c.engine} (trial {c.trial}): "
+                     f"{c.kind} `{c.signature}`")
+    return "\n".join(lines) + "\n"
 
 
 def summary_json(trials: Sequence[TrialResult], engines: Sequence[str]) -> dict[str, object]:

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fuzzmmu import __version__
 from fuzzmmu.bench.engines import Engine
 from fuzzmmu.bench.plot import PlotUnavailable, survival_plot
-from fuzzmmu.bench.report import show, summary_json
+from fuzzmmu.bench.report import markdown, show, summary_json
 from fuzzmmu.bench.trial import TrialResult, TrialSpec, run_trial
 
 
@@ -191,8 +191,9 @@ def write_outputs(cfg: BenchConfig, results: list[TrialResult], wall: float,
         console.print(f"wrote {cfg.out / 'bench.json'}; no plot: {exc}", highlight=False)
 
 
-def report_from(out: Path, console: Console) -> None:
-    """Print the report of an earlier run from its bench.json."""
+def report_from(out: Path, console: Console, *, as_markdown: bool = False) -> None:
+    """Print the report of an earlier run from its bench.json (as Markdown tables when
+    ``as_markdown``)."""
     path = out / "bench.json"
     try:
         data = json.loads(path.read_text())
@@ -200,5 +201,8 @@ def report_from(out: Path, console: Console) -> None:
         engines = data["meta"]["engines"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise BenchError(f"cannot read a benchmark from {path}: {exc}") from exc
-    show(console, trials, engines)
+    if as_markdown:
+        print(markdown(trials, engines), end="")
+    else:
+        show(console, trials, engines)
 

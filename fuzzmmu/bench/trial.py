@@ -64,6 +64,13 @@ class TrialResult:
     minimized: dict[str, Any] | None = None
     error: str | None = None
 
+    @property
+    def in_budget(self) -> bool:
+        """Found within the budget. libFuzzer checks -max_total_time only now and then, so an
+        Atheris trial may find something a little after the budget, which the other engines
+        never get to run: comparisons count that as a miss."""
+        return self.found and self.seconds <= self.budget
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -132,8 +132,9 @@ def minimize(program: Program, bugs: Sequence[str] = (), *, max_runs: int = 3000
     header = program.header
     ops = list(program.ops)
 
-    def still(candidate: list[Op], h: Header = header) -> bool:
-        return oracle(Program(h, tuple(candidate)))
+    def still(candidate: list[Op], h: Header | None = None) -> bool:
+        # the header as simplified so far, read at each call (not bound once at the start)
+        return oracle(Program(header if h is None else h, tuple(candidate)))
 
     changed = True
     while changed and not oracle.exhausted:

@@ -76,6 +76,9 @@ def test_report_reprints_a_finished_run(tiny: tuple[Path, object]) -> None:
     out, _ = tiny
     res = bench("--report", "--out", out)
     assert res.returncode == 0 and "engines over the catalog" in res.stdout
+    res = bench("--report", "--markdown", "--out", out)
+    assert res.returncode == 0 and f"| `{EASY}` (seed) | **1/1 " in res.stdout
+    assert "| engine | programs/s (clean) |" in res.stdout
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -84,6 +87,7 @@ def test_report_reprints_a_finished_run(tiny: tuple[Path, object]) -> None:
     (["--trials", "0"], "--trials must be at least 1"),
     (["--budget", "0"], "--budget must be at least 1"),
     (["--report", "--out", "/nonexistent"], "cannot read a benchmark"),
+    (["--markdown"], "--markdown goes with --report"),
 ])
 def test_bad_flags_are_clear_errors(capsys: pytest.CaptureFixture[str], argv: list[str],
                                     message: str) -> None:

@@ -44,6 +44,13 @@ def test_median_counts_misses_as_infinite() -> None:
     assert c.censored and c.capped_median == 30.0
 
 
+def test_a_find_after_the_budget_counts_as_a_miss() -> None:
+    late = t(SEED, "atheris", 0, 31.0)
+    c = cells([late, t(SEED, "atheris", 1, 3.0)])[SEED, "atheris"]
+    assert (c.found, c.max_s) == (1, math.inf)
+    assert curves([late], ["atheris"])["atheris"][1][-1] == 0.0
+
+
 def test_trials_with_errors_and_clean_runs_are_not_cells() -> None:
     bad = t(SEED, "atheris", 0, 1.0)
     bad.error = "harness exited 1"
