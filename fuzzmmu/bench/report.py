@@ -188,41 +188,64 @@ def _x(r: float | None, lower: bool) -> str:
     return "-" if r is None else f"{'>= ' if lower else ''}{r:.2g}x"
 
 
-def show(console: Console, trials: Sequence[TrialResult], engines: Sequence[str]) -> None:
+_SUMMARY_COLUMNS = ("engine", "programs/s (clean)", "found (median trial)", "sum of medians",
+                    "vs atheris (sum)", "vs atheris (geo. mean)")
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The report's figures as text, for :func:`show` and :func:`markdown` to mark up."""
+
+    mutants: list[tuple[str, list[tuple[str, bool]]]]  # bug, per engine (text, censored)
+    engines: list[list[str]]
+    goals: list[tuple[str, bool, str]]
+
+
+def _rows(trials: Sequence[TrialResult], engines: Sequence[str], *, with_max: bool) -> _Rows:
     table = cells(trials)
-    thr = throughput(trials)
-    summaries = engine_summaries(table, engines, thr)
+    summaries = engine_summaries(table, engines, throughput(trials))
+    mutants = []
+    for bug in sorted({b for b, _ in table}, key=lambda b: (b not in SEED_MUTANTS, b)):
+        row = []
+        for e in engines:
+            c = table.get((bug, e))
+            if c is None:
+                row.append(("-", False))
+                continue
+            most = "-" if math.isinf(c.max_s) else f"{c.max_s:.1f}"
+            text = f"{c.found}/{c.trials} {_time(c)}{f' ({most})' if with_max else ''} " \
+                   f"{c.median_programs:g}p"
+            r = ratio(c, table.get((bug, BASELINE)))
+            if e != BASELINE and r is not None:
+                text += f" {_x(*r)}"
+            row.append((text, c.censored))
+        mutants.append((bug, row))
+    rows = [[x.engine, "-" if x.programs_per_s is None else f"{x.programs_per_s:,.0f}",
+             f"{x.found}/{x.mutants}", f"{x.catalog_s:.0f} s",
+             _x(x.catalog_ratio, x.lower_bound), _x(x.geomean_ratio, x.lower_bound)]
+            for x in summaries]
+    return _Rows(mutants, rows, goals(table, summaries, minimize_summary(trials)))
+
+
+def show(console: Console, trials: Sequence[TrialResult], engines: Sequence[str]) -> None:
+    rows = _rows(trials, engines, with_max=True)
     t = Table(title="time to first divergence: found/trials, median (max) seconds, "
                     "median programs; ratio of the median to atheris's",
               title_justify="left", show_lines=False)
     t.add_column("mutant", overflow="fold")
     for e in engines:
         t.add_column(e, justify="right")
-    for bug in sorted({b for b, _ in table}, key=lambda b: (b not in SEED_MUTANTS, b)):
-        row = [bug + (" [yellow](seed)[/]" if bug in SEED_MUTANTS else "")]
-        for e in engines:
-            c = table.get((bug, e))
-            if c is None:
-                row.append("-")
-                continue
-            r = ratio(c, table.get((bug, BASELINE)))
-            most = "-" if math.isinf(c.max_s) else f"{c.max_s:.1f}"
-            cell = f"{c.found}/{c.trials} {_time(c)} ({most}) {c.median_programs:g}p"
-            if e != BASELINE and r is not None:
-                cell += f" {_x(*r)}"
-            row.append(cell if not c.censored else f"[red]{cell}[/]")
-        t.add_row(*row)
+    for bug, row in rows.mutants:
+        t.add_row(bug + (" [yellow](seed)[/]" if bug in SEED_MUTANTS else ""),
+                  *(f"[red]{text}[/]" if censored else text for text, censored in row))
     console.print(t)
     s = Table(title="engines over the catalog", title_justify="left")
-    for col in ("engine", "programs/s (clean)", "found (median trial)",
-                "sum of medians", "vs atheris (sum)", "vs atheris (geo. mean)"):
+    for col in _SUMMARY_COLUMNS:
         s.add_column(col, justify="right")
-    for x in summaries:
-        s.add_row(x.engine, "-" if x.programs_per_s is None else f"{x.programs_per_s:,.0f}",
-                  f"{x.found}/{x.mutants}", f"{x.catalog_s:.0f}s",
-                  _x(x.catalog_ratio, x.lower_bound), _x(x.geomean_ratio, x.lower_bound))
+    for r in rows.engines:
+        s.add_row(*r)
     console.print(s)
-    for goal, met, why in goals(table, summaries, minimize_summary(trials)):
+    for goal, met, why in rows.goals:
         console.print(f"{'[green]met[/]   ' if met else '[red]missed[/]'} {goal}: {why}",
                       highlight=False)
     for c in clean_divergences(trials):
@@ -236,39 +259,26 @@ def show(console: Console, trials: Sequence[TrialResult], engines: Sequence[str]
 
 
 def markdown(trials: Sequence[TrialResult], engines: Sequence[str]) -> str:
-    """The report as Markdown tables, for a README or a pull request: the same figures as
-    :func:`show`."""
-    table = cells(trials)
-    summaries = engine_summaries(table, engines, throughput(trials))
-    lines = ["| mutant | " + " | ".join(engines) + " |",
-             "|---|" + "---:|" * len(engines)]
-    for bug in sorted({b for b, _ in table}, key=lambda b: (b not in SEED_MUTANTS, b)):
-        row = [f"`{bug}`" + (" (seed)" if bug in SEED_MUTANTS else "")]
-        for e in engines:
-            c = table.get((bug, e))
-            if c is None:
-                row.append("-")
-                continue
-            cell = f"{c.found}/{c.trials} {_time(c).replace('> ', '&gt;')} " \
-                   f"{c.median_programs:g}p"
-            r = ratio(c, table.get((bug, BASELINE)))
-            if e != BASELINE and r is not None:
-                cell += f" {_x(*r).replace('>= ', '&ge;')}"
-            row.append(f"**{cell}**" if not c.censored else cell)
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "| engine | programs/s (clean) | found (median trial) | sum of medians | "
-                  "vs atheris (sum) | vs atheris (geo. mean) |", "|---|---:|---:|---:|---:|---:|"]
-    for x in summaries:
-        thr = "-" if x.programs_per_s is None else f"{x.programs_per_s:,.0f}"
-        lines.append(f"| {x.engine} | {thr} | {x.found}/{x.mutants} | {x.catalog_s:.0f} s | "
-                     f"{_x(x.catalog_ratio, x.lower_bound).replace('>= ', '&ge;')} | "
-                     f"{_x(x.geomean_ratio, x.lower_bound).replace('>= ', '&ge;')} |")
+    """The report as Markdown tables, for a README or a pull request: the figures of
+    :func:`show`, the found cells in bold."""
+    rows = _rows(trials, engines, with_max=False)
+
+    def md(text: str) -> str:
+        return text.replace(">= ", "&ge;").replace("> ", "&gt;")
+
+    lines = ["| mutant | " + " | ".join(engines) + " |", "|---|" + "---:|" * len(engines)]
+    for bug, row in rows.mutants:
+        marked = [md(text) if censored or text == "-" else f"**{md(text)}**"
+                  for text, censored in row]
+        lines.append(f"| `{bug}`{' (seed)' if bug in SEED_MUTANTS else ''} | "
+                     + " | ".join(marked) + " |")
+    lines += ["", "| " + " | ".join(_SUMMARY_COLUMNS) + " |",
+              "|---|" + "---:|" * (len(_SUMMARY_COLUMNS) - 1)]
+    lines += ["| " + " | ".join(md(x) for x in r) + " |" for r in rows.engines]
     lines.append("")
-    for goal, met, why in goals(table, summaries, minimize_summary(trials)):
-        lines.append(f"* {'met' if met else '**missed**'}: {goal}: {why}")
-    for c in clean_divergences(trials):
-        lines.append(f"* **the clean model diverged** under {c.engine} (trial {c.trial}): "
-                     f"{c.kind} `{c.signature}`")
+    lines += [f"* {'met' if met else '**missed**'}: {goal}: {why}" for goal, met, why in rows.goals]
+    lines += [f"* **the clean model diverged** under {c.engine} (trial {c.trial}): {c.kind} "
+              f"`{c.signature}`" for c in clean_divergences(trials)]
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from pathlib import Path
 from typing import Any
 
 from fuzzmmu.oracle.executor import Outcome, run
@@ -18,18 +19,9 @@ from fuzzmmu.shadow.bugs import CATALOG
 
 ALL_BUGS = tuple(b.id for b in CATALOG if b.available)
 
-MISALIGNED = """\
-# fuzzmmu program v1
 # seed bug 1: an 8-byte store across PT entries 0 and 1 clears entry 1's P bit
-config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot=4level
-map cpu0 root=current current 0x0 -> 0x5 P|W|U|A|D level=1 upper=W|U|A pool=0x8
-map cpu0 root=current current 0x1000 -> 0x6 P|W|U|A|D level=1 upper=W|U|A pool=0x8
-read cpu0 0x0+0x0 width=8 cpl=0
-read cpu0 0x1000+0x0 width=8 cpl=0
-store cpu0 frame=0xa offset=0x4 width=8 -> 0x0 0
-invlpg cpu0 0x1000
-read cpu0 0x1000+0x0 width=8 cpl=0
-"""
+MISALIGNED = (Path(__file__).resolve().parents[1] / "bugs" / "reproducers"
+              / "misaligned-pt-write-two-sptes.txt").read_text()
 MISALIGNED_BUG = "misaligned-pt-write-two-sptes"
 
 # A race the model resolves in the second order: cpu1 rewrites the PTE while cpu0's fault on

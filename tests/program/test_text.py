@@ -4,6 +4,7 @@ binary form, and every kind of mistake is a ProgramSyntaxError naming the line."
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -36,18 +37,9 @@ from fuzzmmu.shadow.mmu import Point
 
 SETTINGS = settings(max_examples=300, deadline=None)
 
-EXAMPLE = """\
-# fuzzmmu program v1
 # seed bug 1: an 8-byte store across PT entries 0 and 1 clears entry 1's P bit
-config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot=4level
-map cpu0 root=current current 0x0 -> 0x5 P|W|U|A|D level=1 upper=W|U|A pool=0x8
-map cpu0 root=current current 0x1000 -> 0x6 P|W|U|A|D level=1 upper=W|U|A pool=0x8
-read cpu0 0x0+0x0 width=8 cpl=0
-read cpu0 0x1000+0x0 width=8 cpl=0
-store cpu0 frame=0xa offset=0x4 width=8 -> 0x0 0
-invlpg cpu0 0x1000
-read cpu0 0x1000+0x0 width=8 cpl=0
-"""
+EXAMPLE = (Path(__file__).resolve().parents[1] / "bugs" / "reproducers"
+           / "misaligned-pt-write-two-sptes.txt").read_text()
 
 
 # ---------------------------------------------------------------------- round trips
