@@ -28,7 +28,11 @@ from pathlib import Path
 from fuzzmmu.campaign.harness import mutate
 from fuzzmmu.oracle.executor import run
 from fuzzmmu.program.codec import HEADER_SIZE, MAX_OPS, RECORD_SIZE, decode
-from fuzzmmu.shadow.bugs import CATALOG
+
+try:
+    from fuzzmmu.model.bugs import CATALOG
+except ImportError:  # a checkout from before the model moved to fuzzmmu.model
+    from fuzzmmu.shadow.bugs import CATALOG  # type: ignore[no-redef]
 
 MAX_LEN = HEADER_SIZE + RECORD_SIZE * MAX_OPS
 CORPUS = Path(__file__).resolve().parent.parent / "corpus"

@@ -92,7 +92,7 @@ def _fail(message: str) -> int:
 
 
 def _bug_error(bugs: Sequence[str]) -> str | None:
-    from fuzzmmu.shadow.bugs import BugSet, UnknownBugError
+    from fuzzmmu.model.bugs import BugSet, UnknownBugError
 
     try:
         BugSet(bugs)
@@ -129,7 +129,7 @@ def _cmd_replay(args: argparse.Namespace, console: Console) -> int:
 def _cmd_bugs(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
-    from fuzzmmu.shadow.bugs import CATALOG
+    from fuzzmmu.model.bugs import CATALOG
 
     if args.json:
         print(json.dumps([{"id": b.id, "summary": b.summary, "fix": b.fix, "year": b.year,
@@ -289,7 +289,7 @@ def _cmd_corpus(args: argparse.Namespace, console: Console) -> int:
 def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     from fuzzmmu.bench.engines import Engine
     from fuzzmmu.bench.runner import BenchConfig, BenchError, report_from, run_bench
-    from fuzzmmu.shadow.bugs import CATALOG
+    from fuzzmmu.model.bugs import CATALOG
 
     if args.report:
         try:

@@ -17,7 +17,7 @@ import sys
 
 import atheris
 
-# Coverage feedback comes from the system under test (fuzzmmu.shadow, fuzzmmu.machine) and the
+# Coverage feedback comes from the system under test (fuzzmmu.model, fuzzmmu.world) and the
 # reference walker (fuzzmmu.arch). The decoder, executor, oracle, campaign and UI code would
 # only add noise to the coverage map and cost instrumentation time on every input (about 10%
 # of the throughput), so they are excluded. instrument_imports() honours only top-level

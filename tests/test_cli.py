@@ -82,7 +82,7 @@ def test_walk_non_canonical(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bugs_table_and_json(capsys: pytest.CaptureFixture[str],
                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from fuzzmmu.shadow.bugs import CATALOG
+    from fuzzmmu.model.bugs import CATALOG
 
     monkeypatch.setenv("COLUMNS", "300")
     code, out = run_cli(capsys, "bugs")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from fuzzmmu.cli import main
+from fuzzmmu.model.bugs import CATALOG
 from fuzzmmu.oracle.executor import run
 from fuzzmmu.program.files import read_program, write_program
-from fuzzmmu.shadow.bugs import CATALOG
 
 # seed bug 1: an 8-byte store across PT entries 0 and 1 clears entry 1's P bit
 MISALIGNED = (Path(__file__).resolve().parent / "bugs" / "reproducers"

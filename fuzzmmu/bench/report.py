@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fuzzmmu.bench.trial import TrialResult
-from fuzzmmu.shadow.bugs import CATALOG
+from fuzzmmu.model.bugs import CATALOG
 
 BASELINE = "atheris"
 SEED_MUTANTS = frozenset(b.id for b in CATALOG if b.seed)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fuzzmmu.shadow.bugs import BugSet
+from fuzzmmu.model.bugs import BugSet
 
 ENV_BUGS = "FUZZMMU_BUGS"
 ENV_CONFIG = "FUZZMMU_CONFIG"

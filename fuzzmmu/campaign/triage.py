@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fuzzmmu.model.bugs import BugSet
 from fuzzmmu.oracle.divergence import Divergence
 from fuzzmmu.oracle.executor import run
 from fuzzmmu.program.files import ProgramFileError, read_program
 from fuzzmmu.program.ops import Program
 from fuzzmmu.program.text import format_program
-from fuzzmmu.shadow.bugs import BugSet
 
 CRASH_PREFIXES = ("crash-", "leak-", "timeout-", "oom-", "slow-unit-")
 

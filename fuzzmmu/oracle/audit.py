@@ -69,10 +69,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fuzzmmu.arch.bits import ACC_U, ACC_W, ACC_X, PAGE_SHIFT, acc_str
-from fuzzmmu.machine.hardware import walk_shadow_tables
-from fuzzmmu.machine.memslots import GEN_UPDATE_IN_PROGRESS
-from fuzzmmu.shadow import spte as S
-from fuzzmmu.shadow.context import (
+from fuzzmmu.model.hardware import walk_shadow_tables
+from fuzzmmu.model.mmu import spte as S
+from fuzzmmu.model.mmu.context import (
     INVALID_PAGE,
     PAE_ROOT,
     PT32E_ROOT_LEVEL,
@@ -81,8 +80,8 @@ from fuzzmmu.shadow.context import (
     kvm_calc_cpu_role,
     shadow_walk,
 )
-from fuzzmmu.shadow.mmu import ModelError
-from fuzzmmu.shadow.role import (
+from fuzzmmu.model.mmu.internal import ModelError
+from fuzzmmu.model.mmu.role import (
     ACCESS_MASK,
     CR0_WP,
     DIRECT,
@@ -98,12 +97,13 @@ from fuzzmmu.shadow.role import (
     with_level,
     with_quadrant,
 )
+from fuzzmmu.world.memslots import GEN_UPDATE_IN_PROGRESS
 
 if TYPE_CHECKING:
-    from fuzzmmu.machine.memslots import Memslot
-    from fuzzmmu.machine.vcpu import Vcpu
-    from fuzzmmu.machine.vm import Machine
-    from fuzzmmu.shadow.page import ShadowPage
+    from fuzzmmu.model.machine import Machine
+    from fuzzmmu.model.mmu.page import ShadowPage
+    from fuzzmmu.model.x86 import Vcpu
+    from fuzzmmu.world.memslots import Memslot
 
 INVARIANTS = ("I2", "I3", "I4", "I5", "I6", "I7", "I8", "I9")
 

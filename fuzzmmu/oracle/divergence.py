@@ -8,7 +8,7 @@ import hashlib
 from dataclasses import dataclass
 
 from fuzzmmu.arch.bits import pferr_str
-from fuzzmmu.machine.observe import Observation, ObsKind
+from fuzzmmu.world.observe import Observation, ObsKind
 
 
 class DivergenceKind(enum.Enum):

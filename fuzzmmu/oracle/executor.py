@@ -32,10 +32,9 @@ from fuzzmmu.arch.bits import (
     PagingMode,
     paging_mode,
 )
-from fuzzmmu.machine.layout import DM_LINK, NUM_GFNS, direct_map_va
-from fuzzmmu.machine.memslots import MemslotUpdate
-from fuzzmmu.machine.observe import DONE, AccessKind, Observation
-from fuzzmmu.machine.vm import Machine, MachineConfig
+from fuzzmmu.model.bugs import BugSet
+from fuzzmmu.model.machine import Machine
+from fuzzmmu.model.mmu.internal import MmuConfig, Point
 from fuzzmmu.oracle.divergence import (
     Divergence,
     DivergenceKind,
@@ -69,8 +68,9 @@ from fuzzmmu.program.ops import (
 )
 from fuzzmmu.program.text import format_op
 from fuzzmmu.program.world import BOOT_ROOT, data_value, next_pool_frame
-from fuzzmmu.shadow.bugs import BugSet
-from fuzzmmu.shadow.mmu import Point
+from fuzzmmu.world.layout import DM_LINK, NUM_GFNS, direct_map_va
+from fuzzmmu.world.memslots import MemslotUpdate
+from fuzzmmu.world.observe import DONE, AccessKind, Observation
 
 _DM_KEY = {GuestMode.BIT32: PagingMode.BIT32, GuestMode.BIT32_PSE: PagingMode.BIT32,
            GuestMode.PAE: PagingMode.PAE, GuestMode.LONG4: PagingMode.LONG4}
@@ -460,7 +460,7 @@ class Executor:
         self.outcome = Outcome(program, self.bugset.ids)
         self.tracing = trace
         self.explain = explain  # (step index, callback): look at both machines before it
-        self.model = Machine(MachineConfig(h.policy, h.mmio_gen_bits, h.maxphyaddr,
+        self.model = Machine(MmuConfig(h.policy, h.mmio_gen_bits, h.maxphyaddr,
                                            h.mmu_pages), self.bugset)
         self.ref = ReferenceMachine(h.maxphyaddr)
 

@@ -42,9 +42,9 @@ from fuzzmmu.arch.walker import (
     walk,
     walk_leaf,
 )
-from fuzzmmu.machine.layout import new_world
-from fuzzmmu.machine.memslots import MemslotError, MemslotUpdate, PhysMemory
-from fuzzmmu.machine.observe import DONE, GP, AccessKind, Observation, ObsKind, mmio_read_value
+from fuzzmmu.world.layout import new_world
+from fuzzmmu.world.memslots import MemslotError, MemslotUpdate, PhysMemory
+from fuzzmmu.world.observe import DONE, GP, AccessKind, Observation, ObsKind, mmio_read_value
 
 CR0_PDPTR_BITS = CR0_CD | CR0_NW | CR0_PG  # SDM §4.4.1
 CR4_PDPTR_BITS = CR4_PGE | CR4_PSE | CR4_PAE | CR4_SMEP

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import random
 
-from fuzzmmu.machine.memslots import MemslotChange
-from fuzzmmu.machine.observe import AccessKind
+from fuzzmmu.model.mmu.internal import Point
 from fuzzmmu.program import world as W
 from fuzzmmu.program.codec import STORE_OFFSETS
 from fuzzmmu.program.ops import (
@@ -40,7 +39,8 @@ from fuzzmmu.program.ops import (
     WritePte,
     ZapAll,
 )
-from fuzzmmu.shadow.mmu import Point
+from fuzzmmu.world.memslots import MemslotChange
+from fuzzmmu.world.observe import AccessKind
 
 P, RW, US, A, D, NX = 1, 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 63
 

@@ -2,7 +2,7 @@
 
 Every operation is something a real guest or VMM can do; a later backend can replay the same
 programs as guest code on real KVM. Page-table entries and stores reach page tables through the
-guest kernel's direct map (fuzzmmu.machine.layout), i.e. as ordinary guest stores.
+guest kernel's direct map (fuzzmmu.world.layout), i.e. as ordinary guest stores.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from fuzzmmu.arch.bits import PAGE_SHIFT, PTE_A, PTE_D, PTE_NX, PTE_P, PTE_PS, PTE_U, PTE_W
-from fuzzmmu.machine.memslots import MemslotChange
-from fuzzmmu.machine.observe import AccessKind
-from fuzzmmu.shadow.mmu import Point
+from fuzzmmu.model.mmu.internal import Point
+from fuzzmmu.world.memslots import MemslotChange
+from fuzzmmu.world.observe import AccessKind
 
 
 class GuestMode(enum.Enum):

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from fuzzmmu.machine.memslots import MemslotChange
-from fuzzmmu.machine.observe import AccessKind
+from fuzzmmu.model.mmu.internal import Point
 from fuzzmmu.program import world as W
 from fuzzmmu.program.codec import HEADER_SIZE, MAX_OPS, MAX_SECOND, RECORD_SIZE, STORE_OFFSETS
 from fuzzmmu.program.ops import (
@@ -39,7 +38,8 @@ from fuzzmmu.program.ops import (
     WritePte,
     ZapAll,
 )
-from fuzzmmu.shadow.mmu import Point
+from fuzzmmu.world.memslots import MemslotChange
+from fuzzmmu.world.observe import AccessKind
 
 # Byte strings of every interesting length: empty, partial header, partial records, and more
 # records than MAX_OPS.

@@ -13,8 +13,7 @@ be among the world's (fuzzmmu.program.world), so every text program has a binary
 
 from __future__ import annotations
 
-from fuzzmmu.machine.memslots import MemslotChange
-from fuzzmmu.machine.observe import AccessKind
+from fuzzmmu.model.mmu.internal import Point
 from fuzzmmu.program import world as W
 from fuzzmmu.program.codec import MAX_OPS, MAX_SECOND, STORE_OFFSET_INDEX
 from fuzzmmu.program.ops import (
@@ -45,7 +44,8 @@ from fuzzmmu.program.ops import (
     WritePte,
     ZapAll,
 )
-from fuzzmmu.shadow.mmu import Point
+from fuzzmmu.world.memslots import MemslotChange
+from fuzzmmu.world.observe import AccessKind
 
 FORMAT_LINE = "# fuzzmmu program v1"
 

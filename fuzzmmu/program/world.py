@@ -8,7 +8,7 @@ Virtual addresses combine per-level slot choices that mean something in every pa
 
 from __future__ import annotations
 
-from fuzzmmu.machine.layout import DIRECT_MAP, NUM_GFNS
+from fuzzmmu.world.layout import DIRECT_MAP, NUM_GFNS
 
 # Bits 47:30 (PML4 and PDPT slot; in 32-bit modes bits 31:30 pick the 1 GiB quarter).
 _VA_HIGH = (

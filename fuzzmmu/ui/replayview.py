@@ -13,14 +13,14 @@ from rich.table import Table
 
 from fuzzmmu.arch.bits import EFER_LMA, PAGE_SHIFT, acc_str
 from fuzzmmu.arch.walker import Access, CpuState, WalkResult, WalkStep, walk_trace
-from fuzzmmu.machine.observe import AccessKind
-from fuzzmmu.machine.vm import Machine
+from fuzzmmu.model.machine import Machine
+from fuzzmmu.model.mmu import spte as S
+from fuzzmmu.model.mmu.context import shadow_walk
 from fuzzmmu.oracle.executor import AccessStep, Outcome, Step
 from fuzzmmu.oracle.reference import ReferenceMachine
 from fuzzmmu.program.text import format_header, format_op
-from fuzzmmu.shadow import spte as S
-from fuzzmmu.shadow.context import shadow_walk
 from fuzzmmu.ui.walkview import steps_table, verdict_str
+from fuzzmmu.world.observe import AccessKind
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from fuzzmmu.arch.bits import PAGE_SHIFT, PagingMode
 from fuzzmmu.arch.walker import Access, CpuState, mode_from_label
-from fuzzmmu.machine.memory import GuestMemory
+from fuzzmmu.world.memory import GuestMemory
 
 _FLAGS = {"wp", "nowp", "nxe", "smep", "smap", "pse", "pke", "ac", "user", "implicit", "set-ad"}
 _VALUED = {"mode", "cr3", "gva", "access", "maxphyaddr", "pkru", "pages"}

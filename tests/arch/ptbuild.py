@@ -24,7 +24,7 @@ from fuzzmmu.arch.bits import (
     PTE_W,
     PagingMode,
 )
-from fuzzmmu.machine.memory import GuestMemory
+from fuzzmmu.world.memory import GuestMemory
 
 BIT32, PAE, LONG4, LONG5 = PagingMode.BIT32, PagingMode.PAE, PagingMode.LONG4, PagingMode.LONG5
 PAGING_MODES = (BIT32, PAE, LONG4, LONG5)

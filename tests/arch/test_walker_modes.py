@@ -70,7 +70,7 @@ from fuzzmmu.arch.bits import (
     PagingMode,
     bits,
 )
-from fuzzmmu.machine.memory import GuestMemory
+from fuzzmmu.world.memory import GuestMemory
 
 # ---------------------------------------------------------------------------------------------
 # Accesses

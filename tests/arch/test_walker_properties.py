@@ -54,7 +54,7 @@ from fuzzmmu.arch.bits import (
     PTE_W,
     bits,
 )
-from fuzzmmu.machine.memory import GuestMemory
+from fuzzmmu.world.memory import GuestMemory
 
 SETTINGS = settings(max_examples=250, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

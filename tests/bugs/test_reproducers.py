@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from fuzzmmu.model.bugs import CATALOG, BugSet, UnknownBugError
 from fuzzmmu.oracle.executor import run
 from fuzzmmu.program.files import read_program
 from fuzzmmu.program.generate import random_program
-from fuzzmmu.shadow.bugs import CATALOG, BugSet, UnknownBugError
 
 HERE = Path(__file__).parent / "reproducers"
 AVAILABLE = [b for b in CATALOG if b.available]

@@ -13,7 +13,7 @@ import pytest
 
 from fuzzmmu.campaign.fuzz import CampaignConfig, target_command
 from fuzzmmu.campaign.settings import SettingsError, settings_from_environment
-from fuzzmmu.shadow.bugs import UnknownBugError
+from fuzzmmu.model.bugs import UnknownBugError
 
 REPRO = Path("tests/bugs/reproducers")
 

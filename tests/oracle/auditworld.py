@@ -26,10 +26,10 @@ from fuzzmmu.arch.bits import (
     PTE_W,
     PagingMode,
 )
-from fuzzmmu.machine.layout import DM_LINK, direct_map_va
-from fuzzmmu.machine.observe import AccessKind, Observation, ObsKind
-from fuzzmmu.machine.vm import Machine
+from fuzzmmu.model.machine import Machine
 from fuzzmmu.oracle.audit import AuditViolation, audit, format_violations
+from fuzzmmu.world.layout import DM_LINK, direct_map_va
+from fuzzmmu.world.observe import AccessKind, Observation, ObsKind
 
 R, W, X = AccessKind.READ, AccessKind.WRITE, AccessKind.FETCH
 PWUA = PTE_P | PTE_W | PTE_U | PTE_A

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fuzzmmu.model.bugs import CATALOG
 from fuzzmmu.oracle.executor import Outcome, run
 from fuzzmmu.program.codec import decode
 from fuzzmmu.program.generate import random_program
 from fuzzmmu.program.ops import Program
 from fuzzmmu.program.text import parse_program
-from fuzzmmu.shadow.bugs import CATALOG
 
 ALL_BUGS = tuple(b.id for b in CATALOG if b.available)
 

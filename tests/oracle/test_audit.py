@@ -45,18 +45,19 @@ from auditworld import (
 )
 
 from fuzzmmu.arch.bits import ACC_U, ACC_W, ACC_X, CR0_WP, PTE_D, PTE_P, PTE_PS, PTE_U, PTE_W
-from fuzzmmu.machine.hardware import walk_shadow_tables
-from fuzzmmu.machine.layout import DM_PD64, DM_PT64
-from fuzzmmu.machine.memslots import Memslot, MemslotChange, MemslotUpdate
-from fuzzmmu.machine.observe import ObsKind
-from fuzzmmu.machine.vm import Machine, MachineConfig
+from fuzzmmu.model.bugs import BugSet
+from fuzzmmu.model.hardware import walk_shadow_tables
+from fuzzmmu.model.machine import Machine
+from fuzzmmu.model.mmu import spte as S
+from fuzzmmu.model.mmu.context import INVALID_PAGE, PAE_ROOT
+from fuzzmmu.model.mmu.internal import MmuConfig
+from fuzzmmu.model.mmu.mmu import SlotArch
+from fuzzmmu.model.mmu.page import ShadowPage
+from fuzzmmu.model.mmu.role import with_access, with_quadrant
 from fuzzmmu.oracle.audit import AuditViolation, audit
-from fuzzmmu.shadow import spte as S
-from fuzzmmu.shadow.bugs import BugSet
-from fuzzmmu.shadow.context import INVALID_PAGE, PAE_ROOT
-from fuzzmmu.shadow.mmu import SlotArch
-from fuzzmmu.shadow.page import ShadowPage
-from fuzzmmu.shadow.role import with_access, with_quadrant
+from fuzzmmu.world.layout import DM_PD64, DM_PT64
+from fuzzmmu.world.memslots import Memslot, MemslotChange, MemslotUpdate
+from fuzzmmu.world.observe import ObsKind
 
 RAM, MMIO, PF = ObsKind.RAM, ObsKind.MMIO, ObsKind.PF
 
@@ -357,13 +358,13 @@ def test_memslot_move_to_same_base() -> None:
 
 
 @pytest.mark.parametrize("config", [
-    MachineConfig(mmio_gen_bits=1),
-    MachineConfig(mmio_gen_bits=2),
-    MachineConfig(maxphyaddr=52),
-    MachineConfig(pte_write_policy="update"),
-    MachineConfig(n_max_mmu_pages=16),
+    MmuConfig(mmio_gen_bits=1),
+    MmuConfig(mmio_gen_bits=2),
+    MmuConfig(maxphyaddr=52),
+    MmuConfig(pte_write_policy="update"),
+    MmuConfig(n_max_mmu_pages=16),
 ], ids=["gen1", "gen2", "no-mmio-caching", "update-policy", "small-pool"])
-def test_config_scenario(config: MachineConfig) -> None:
+def test_config_scenario(config: MmuConfig) -> None:
     d = Driver(Machine(config))
     build_all_tables(d)
     enter_long4(d, 0)
@@ -378,14 +379,14 @@ def test_config_scenario(config: MachineConfig) -> None:
         for k in range(8):  # PTE rewrites (prefetched under the update policy)
             d.store(0, dm(LONG4, (PT << 12) + k * 8), ((DATA + (k + round_) % 8) << 12) | LEAF)
             d.store(1, dm(PAE, (PAE_PT << 12) + k * 8), ((DATA + k) << 12) | PWUA)
-    if not config.mmu().enable_mmio_caching:
+    if not config.enable_mmio_caching:
         assert not mmio_sptes(d.m)
 
 
 # ---------------------------------------------------------------------- random programs
 
 
-def _random_program(seed: int, config: MachineConfig, nops: int) -> Driver:
+def _random_program(seed: int, config: MmuConfig, nops: int) -> Driver:
     rng = random.Random(seed)
     d = Driver(Machine(config))
     build_all_tables(d)
@@ -488,11 +489,11 @@ def _random_program(seed: int, config: MachineConfig, nops: int) -> Driver:
 
 
 RANDOM_CONFIGS = {
-    "default": MachineConfig(),
-    "update": MachineConfig(pte_write_policy="update"),
-    "small-pool": MachineConfig(n_max_mmu_pages=16),
-    "gen2": MachineConfig(mmio_gen_bits=2),
-    "maxphy52": MachineConfig(maxphyaddr=52),
+    "default": MmuConfig(),
+    "update": MmuConfig(pte_write_policy="update"),
+    "small-pool": MmuConfig(n_max_mmu_pages=16),
+    "gen2": MmuConfig(mmio_gen_bits=2),
+    "maxphy52": MmuConfig(maxphyaddr=52),
 }
 
 
@@ -827,7 +828,7 @@ def test_kernel_page_exemption_is_narrow() -> None:
 
 
 def test_mmio_spte_with_caching_disabled_is_reported() -> None:
-    d = Driver(Machine(MachineConfig(maxphyaddr=52)))
+    d = Driver(Machine(MmuConfig(maxphyaddr=52)))
     build_all_tables(d)
     enter_long4(d, 0)
     d.acc(0, user_va(0), R)
@@ -915,7 +916,7 @@ def test_audit_sees_local_flush_only() -> None:
 def test_audit_sees_update_ignoring_role_access() -> None:
     """emulated-pte-update-ignores-role-access (41074d07c78b): the update path installs U
     although the parent entries deny it."""
-    m = Machine(MachineConfig(pte_write_policy="update"),
+    m = Machine(MmuConfig(pte_write_policy="update"),
                 BugSet(["emulated-pte-update-ignores-role-access"]))
     d = Driver(m)
     build_all_tables(d)

@@ -21,12 +21,14 @@ import pytest
 import runsummary
 from runsummary import RACE, summary
 
-import fuzzmmu.machine.emulator as emulator
-import fuzzmmu.machine.vm as vm
-import fuzzmmu.shadow.fault as fault
-import fuzzmmu.shadow.walk as walk
+import fuzzmmu.model.emulator as emulator
+import fuzzmmu.model.machine as vm
+import fuzzmmu.model.mmu.fault as fault
+import fuzzmmu.model.mmu.walk as walk
 from fuzzmmu.arch.bits import EFER_NXE, PFERR_W
-from fuzzmmu.machine.vcpu import Vcpu
+from fuzzmmu.model.mmu.internal import RET_PF_RETRY, ModelError, VmError
+from fuzzmmu.model.mmu.mmu import KvmMmu
+from fuzzmmu.model.x86 import Vcpu
 from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
 from fuzzmmu.oracle.executor import AccessStep, run
 from fuzzmmu.program.codec import decode
@@ -34,7 +36,6 @@ from fuzzmmu.program.generate import random_program
 from fuzzmmu.program.ops import Interleave
 from fuzzmmu.program.text import format_program, parse_program
 from fuzzmmu.program.world import data_value
-from fuzzmmu.shadow.mmu import RET_PF_RETRY, KvmMmu, ModelError, VmError
 from fuzzmmu.ui.replayview import AccessView, capture
 
 HERE = Path(__file__).resolve().parent

@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fuzzmmu.machine.memslots import MemslotChange
-from fuzzmmu.machine.observe import AccessKind
+from fuzzmmu.model.mmu.internal import Point
 from fuzzmmu.program.codec import (
     FIRST_OPCODE,
     HEADER_SIZE,
@@ -37,7 +36,8 @@ from fuzzmmu.program.ops import (
     ZapAll,
 )
 from fuzzmmu.program.strategies import program_bytes, programs, record_count
-from fuzzmmu.shadow.mmu import Point
+from fuzzmmu.world.memslots import MemslotChange
+from fuzzmmu.world.observe import AccessKind
 
 SETTINGS = settings(max_examples=300, deadline=None)
 

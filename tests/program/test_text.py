@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fuzzmmu.program.text as text_module
-from fuzzmmu.machine.observe import AccessKind
+from fuzzmmu.model.mmu.internal import Point
 from fuzzmmu.program.codec import MAX_OPS, MAX_SECOND, decode, encode
 from fuzzmmu.program.ops import (
     Access,
@@ -33,7 +33,7 @@ from fuzzmmu.program.text import (
     format_program,
     parse_program,
 )
-from fuzzmmu.shadow.mmu import Point
+from fuzzmmu.world.observe import AccessKind
 
 SETTINGS = settings(max_examples=300, deadline=None)
 

@@ -1,1 +1,0 @@
-"""The virtual machine a guest lives in: guest memory, memslots, vCPUs."""

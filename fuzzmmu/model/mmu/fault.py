@@ -1,0 +1,512 @@
+"""The shadow page-fault path (mmu.c / paging_tmpl.h): kvm_mmu_page_fault, FNAME(page_fault)
+and direct_page_fault, kvm_faultin_pfn, FNAME(fetch) and direct_map, mmu_set_spte/make_spte,
+and pte prefetch.
+
+The fault path is where KVM defends against concurrent change: gpte_changed() after a table
+is write-protected, mmu_invalidate_seq against MMU-notifier invalidations, obsolete roots.
+``kvm.point(...)`` marks where another vCPU or the host may act.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fuzzmmu.arch.bits import (
+    ACC_ALL,
+    ACC_U,
+    ACC_W,
+    ACC_X,
+    PAGE_SHIFT,
+    PFERR_P,
+    PFERR_RSVD,
+    PFERR_U,
+    PFERR_W,
+    PTE_A,
+    PTE_P,
+)
+from fuzzmmu.model.mmu import spte as S
+from fuzzmmu.model.mmu.context import DUMMY_ROOT, PAE_ROOT
+from fuzzmmu.model.mmu.internal import (
+    RET_PF_CONTINUE,
+    RET_PF_EMULATE,
+    RET_PF_FIXED,
+    RET_PF_INVALID,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
+    Point,
+    VmError,
+)
+from fuzzmmu.model.mmu.mmio import handle_mmio_page_fault, mark_mmio_spte
+from fuzzmmu.model.mmu.mmu import KvmMmu
+from fuzzmmu.model.mmu.page import ShadowPage
+from fuzzmmu.model.mmu.walk import (
+    PTE_PREFETCH_NUM,
+    GuestWalker,
+    gpte_access,
+    protect_clean_gpte,
+    walk_addr,
+)
+
+if TYPE_CHECKING:
+    from fuzzmmu.model.x86 import Vcpu
+    from fuzzmmu.world.memslots import Memslot
+
+KVM_PFN_NOSLOT = -1
+
+
+class PageFault:
+    """struct kvm_page_fault."""
+
+    __slots__ = ("addr", "error_code", "gfn", "hva", "mmu_seq", "pfn", "prefetch",
+                 "present", "slot", "user", "write")
+
+    def __init__(self, addr: int, error_code: int) -> None:
+        self.addr = addr
+        self.error_code = error_code
+        self.write = bool(error_code & PFERR_W)
+        self.present = bool(error_code & PFERR_P)
+        self.user = bool(error_code & PFERR_U)
+        self.prefetch = False
+        self.gfn = 0
+        self.slot: Memslot | None = None
+        self.pfn = KVM_PFN_NOSLOT
+        self.hva = -1
+        self.mmu_seq = 0
+
+
+def kvm_mmu_page_fault(kvm: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> int:
+    """kvm_mmu_page_fault(): MMIO sptes fault with RSVD and take the MMIO path first."""
+    if not vcpu.mmu.root_valid:
+        return RET_PF_RETRY
+    r = RET_PF_INVALID
+    if error_code & PFERR_RSVD:
+        r = handle_mmio_page_fault(kvm, vcpu, addr)
+        if r == RET_PF_EMULATE:
+            return r
+    if r == RET_PF_INVALID:
+        fault = PageFault(addr, error_code & ~PFERR_RSVD)
+        assert vcpu.mmu.cpu_role is not None
+        if vcpu.mmu.cpu_role.pg:
+            r = paging_page_fault(kvm, vcpu, fault)
+        else:
+            r = direct_page_fault(kvm, vcpu, fault)
+    return r
+
+
+# ---------------------------------------------------------------------- pfn lookup
+
+
+def kvm_faultin_pfn(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault, access: int) -> int:
+    """kvm_faultin_pfn(): snapshot mmu_invalidate_seq, then resolve gfn -> pfn through the
+    memslot and the host mapping; no memslot means MMIO."""
+    fault.mmu_seq = kvm.mmu_invalidate_seq
+    slot = fault.slot
+    if slot is not None:
+        fault.hva = slot.gfn_to_hva(fault.gfn)
+        if kvm.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.hva):
+            return RET_PF_RETRY
+        fault.pfn = vcpu.phys.host.pfn[fault.hva]
+        return RET_PF_CONTINUE
+    # kvm_handle_noslot_fault()
+    vcpu.cache_mmio_info(fault.addr, fault.gfn, access & S.MMIO_ACCESS_MASK)
+    if not kvm.config.enable_mmio_caching:
+        return RET_PF_EMULATE
+    if fault.gfn >= 1 << (kvm.config.maxphyaddr - PAGE_SHIFT):
+        return RET_PF_EMULATE
+    fault.pfn = KVM_PFN_NOSLOT
+    return RET_PF_CONTINUE
+
+
+def is_page_fault_stale(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> bool:
+    mmu = vcpu.mmu
+    sp = kvm.root_to_sp(mmu.root_hpa) if mmu.root_hpa >= 0 else None
+    if sp is not None and kvm.is_obsolete_sp(sp):
+        return True
+    if sp is None and "free_obsolete_roots" in vcpu.requests:
+        return True
+    return fault.slot is not None and kvm.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.hva)
+
+
+def page_fault_handle_page_track(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> bool:
+    """A present write to a write-tracked gfn is emulated (the upper-level tables stay
+    read-only)."""
+    if not fault.present or not fault.write:
+        return False
+    return kvm.kvm_gfn_is_write_tracked(vcpu.smm, fault.gfn)
+
+
+def shadow_page_table_clear_flood(kvm: KvmMmu, vcpu: Vcpu, addr: int) -> None:
+    for sp, _index, _level in _walk_path(kvm, vcpu, addr):
+        sp.write_flooding_count = 0
+
+
+# ---------------------------------------------------------------------- the two handlers
+
+
+def paging_page_fault(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
+    """FNAME(page_fault)."""
+    w = walk_addr(kvm, vcpu, fault.addr, fault.error_code, vcpu.eflags_ac)
+    if not kvm.bugs.mmio_cache_outlives_walk:
+        # The walk is the guest's translation now; an MMIO translation cached from older
+        # tables must not outlive it (SDM §4.10.4.1: a #PF invalidates the address too). A
+        # walk to MMIO caches it afresh below.
+        vcpu.clear_mmio_info(fault.addr)
+    if not w.ok:
+        # The page is not mapped by the guest: let the guest handle it, with the walker's
+        # error code (before the walker checked rights, KVM passed on the shadow fault's).
+        code = fault.error_code if kvm.bugs.walk_error_code_from_hardware else w.error_code
+        vcpu.inject_page_fault(fault.addr, code)
+        return RET_PF_RETRY
+    kvm.point(Point.WALKED, vcpu)
+    fault.gfn = w.gfn
+    fault.slot = kvm.slot_for(vcpu.smm, fault.gfn)
+    if page_fault_handle_page_track(kvm, vcpu, fault):
+        shadow_page_table_clear_flood(kvm, vcpu, fault.addr)
+        return RET_PF_EMULATE
+    r = kvm_faultin_pfn(kvm, vcpu, fault, w.pte_access)
+    if r != RET_PF_CONTINUE:
+        return r
+    kvm.point(Point.FAULTIN, vcpu)
+    role = vcpu.mmu.cpu_role
+    assert role is not None
+    # CR0.WP=0: a supervisor write to a read-only page makes it a writable kernel page (not
+    # for MMIO, whose cached access must stay the guest's).
+    if fault.write and not w.pte_access & ACC_W and not role.wp and not fault.user and fault.slot:
+        if role.smap and w.pte_access & ACC_U and not kvm.bugs.smap_ac_wp0_conversion:
+            # A writable kernel page would hide this user page from SMAP once EFLAGS.AC is
+            # clear again (KVM converts it anyway): emulate the write instead.
+            return RET_PF_EMULATE
+        w.pte_access = (w.pte_access | ACC_W) & ~ACC_U
+        if role.smep:
+            w.pte_access &= ~ACC_X
+    # write_lock(&kvm->mmu_lock): a sequential model needs no lock, only the places where
+    # the others may act (kvm.point) and the checks done under it.
+    if is_page_fault_stale(kvm, vcpu, fault):
+        return RET_PF_RETRY
+    if not kvm.make_mmu_pages_available():
+        raise VmError("KVM_RUN: -ENOSPC (no shadow page could be freed)")
+    return fetch(kvm, vcpu, fault, w)
+
+
+def direct_page_fault(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
+    """nonpaging_page_fault() -> direct_page_fault(): gpa == gva, full access."""
+    fault.gfn = (fault.addr & 0xFFFFFFFF) >> PAGE_SHIFT
+    fault.slot = kvm.slot_for(vcpu.smm, fault.gfn)
+    if page_fault_handle_page_track(kvm, vcpu, fault):
+        return RET_PF_EMULATE
+    kvm.point(Point.WALKED, vcpu)
+    r = kvm_faultin_pfn(kvm, vcpu, fault, ACC_ALL)
+    if r != RET_PF_CONTINUE:
+        return r
+    kvm.point(Point.FAULTIN, vcpu)
+    if is_page_fault_stale(kvm, vcpu, fault):  # under mmu_lock
+        return RET_PF_RETRY
+    if not kvm.make_mmu_pages_available():
+        raise VmError("KVM_RUN: -ENOSPC (no shadow page could be freed)")
+    return direct_map(kvm, vcpu, fault)
+
+
+# ---------------------------------------------------------------------- shadow walks
+
+
+def _root_start(kvm: KvmMmu, vcpu: Vcpu, addr: int) -> tuple[ShadowPage | None, int]:
+    """shadow_walk_init(): the first shadow page and its level; (None, 0) if none."""
+    mmu = vcpu.mmu
+    if mmu.root_hpa == PAE_ROOT:
+        entry = mmu.pae_root[(addr >> 30) & 3]
+        if not entry:
+            return None, 0
+        return kvm.root_to_sp(entry & S.SPTE_BASE_ADDR_MASK), 2
+    if mmu.root_hpa >= 0:
+        sp = kvm.root_to_sp(mmu.root_hpa)
+        return sp, sp.level if sp is not None else 0
+    return None, 0
+
+
+def _index(addr: int, level: int) -> int:
+    return (addr >> (PAGE_SHIFT + 9 * (level - 1))) & 511
+
+
+def _walk_path(kvm: KvmMmu, vcpu: Vcpu, addr: int) -> list[tuple[ShadowPage, int, int]]:
+    sp, level = _root_start(kvm, vcpu, addr)
+    out = []
+    while sp is not None:
+        i = _index(addr, level)
+        out.append((sp, i, level))
+        spte = sp.sptv[i]
+        if not spte & S.SPTE_MMU_PRESENT or S.is_last_spte(spte, level):
+            break
+        sp = kvm.spte_to_child_sp(spte)
+        level -= 1
+    return out
+
+
+def gpte_changed(vcpu: Vcpu, w: GuestWalker, level: int) -> bool:
+    """FNAME(gpte_changed): re-read the gpte the walk used at ``level``; at level 1 also read
+    the aligned group of PTE_PREFETCH_NUM gptes for prefetching."""
+    pte_gpa = w.pte_gpa[level - 1]
+    assert vcpu.mmu.cpu_role is not None
+    esize = 4 if vcpu.mmu.cpu_role.level == 2 else 8
+    if level == 1:
+        base = pte_gpa & ~(PTE_PREFETCH_NUM * esize - 1)
+        ptes = vcpu.phys.read_many(vcpu.smm, base, esize, PTE_PREFETCH_NUM)  # one page
+        if ptes is None:
+            return True
+        w.prefetch_ptes = ptes
+        curr = ptes[(pte_gpa - base) // esize]
+    else:
+        value = vcpu.phys.read(vcpu.smm, pte_gpa, esize)
+        if value is None:
+            return True
+        curr = value
+    return curr != w.ptes[level - 1]
+
+
+def validate_direct_spte(kvm: KvmMmu, sp: ShadowPage, i: int, direct_access: int) -> None:
+    """validate_direct_spte(): a read-only direct page made for a clean large gpte must not be
+    reused once the gpte is dirty and the leaf access includes W."""
+    spte = sp.sptv[i]
+    if spte & S.SPTE_MMU_PRESENT and not spte & S.SPTE_PS:
+        child = kvm.spte_to_child_sp(spte)
+        if child.access == direct_access:
+            return
+        kvm.drop_parent_pte(child, (sp, i))
+        kvm.kvm_flush_remote_tlbs()
+
+
+def fetch(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault, w: GuestWalker) -> int:
+    """FNAME(fetch): indirect shadow pages down to the guest leaf level, direct pages below a
+    guest large page, then the leaf spte."""
+    mmu = vcpu.mmu
+    role = mmu.cpu_role
+    assert role is not None
+    direct_access = w.pte_access
+    top_level = 2 if role.level == 3 else role.level
+    if gpte_changed(vcpu, w, top_level):
+        return RET_PF_RETRY
+    if not mmu.root_valid:
+        return RET_PF_RETRY
+    if mmu.root_hpa == DUMMY_ROOT:
+        # The root gfn may have become visible since the dummy root was loaded.
+        vcpu.requests.add("free_obsolete_roots")
+        return RET_PF_RETRY
+
+    sp, level = _root_start(kvm, vcpu, fault.addr)
+    if sp is None and mmu.root_hpa == PAE_ROOT and not kvm.bugs.pae_root_entry_stays_invalid:
+        # The guest walk went through a PDPTE whose PAE root entry was left invalid because
+        # its gfn was outside every memslot when the root was loaded; a memslot created since
+        # made it visible. Reload the root and retry, as for a dummy root (KVM WARNs and fails
+        # KVM_RUN with -EFAULT: the kvm.pae-root-entry-stays-invalid mutant).
+        vcpu.requests.add("free_obsolete_roots")
+        return RET_PF_RETRY
+    while sp is not None:
+        i = _index(fault.addr, level)
+        if not sp.direct:
+            sp.write_flooding_count = 0
+        if level == w.level:
+            break
+        table_gfn = w.table_gfn[level - 2]
+        if kvm.bugs.inherited_access_leaf_level:
+            # Before b1bd5cba3306: every intermediate page got the access of all non-leaf
+            # levels together, so two parents with different rights share one page.
+            access = w.pt_access[w.level - 1]
+        else:
+            access = w.pt_access[level - 2]
+        child = kvm.kvm_mmu_get_child_sp((sp, i), table_gfn, False, access)
+        created = child is not None and kvm.created_last
+        # The table has just been write-protected (if new): re-check the gpte so that a
+        # concurrent write between the walk and the protection is not lost.
+        changed = gpte_changed(vcpu, w, level - 1)  # also reads the gptes to prefetch
+        if changed and not (kvm.bugs.gpte_recheck_only_new and not created):
+            return RET_PF_RETRY
+        if child is not None:
+            kvm.link_shadow_page((sp, i), child)
+        sp = kvm.spte_to_child_sp(sp.sptv[i])
+        level -= 1
+    if sp is None:
+        raise VmError("KVM_RUN: -EFAULT (FNAME(fetch) found no shadow root for the address)")
+
+    # kvm_mmu_hugepage_adjust(): the world's memslots are smaller than 2 MiB, so lpage_info
+    # disallows every huge mapping (misaligned slot edges) and the goal level is 4K.
+    while level > 1:
+        i = _index(fault.addr, level)
+        base_gfn = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
+        if not kvm.bugs.no_validate_direct_spte:
+            validate_direct_spte(kvm, sp, i, direct_access)
+        child = kvm.kvm_mmu_get_child_sp((sp, i), base_gfn, True, direct_access)
+        if child is not None:
+            kvm.link_shadow_page((sp, i), child)
+        sp = kvm.spte_to_child_sp(sp.sptv[i])
+        level -= 1
+
+    i = _index(fault.addr, 1)
+    kvm.point(Point.PRE_LEAF, vcpu)
+    ret = mmu_set_spte(kvm, vcpu, fault.slot, sp, i, w.pte_access, fault.gfn, fault.pfn, fault)
+    if ret == RET_PF_SPURIOUS:
+        return ret
+    pte_prefetch(kvm, vcpu, w, sp, i)
+    return ret
+
+
+def direct_map(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
+    sp, level = _root_start(kvm, vcpu, fault.addr)
+    if sp is None:
+        raise VmError("KVM_RUN: -EFAULT (direct_map found no shadow root)")
+    while level > 1:
+        i = _index(fault.addr, level)
+        base_gfn = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
+        child = kvm.kvm_mmu_get_child_sp((sp, i), base_gfn, True, ACC_ALL)
+        if child is not None:
+            kvm.link_shadow_page((sp, i), child)
+        sp = kvm.spte_to_child_sp(sp.sptv[i])
+        level -= 1
+    i = _index(fault.addr, 1)
+    kvm.point(Point.PRE_LEAF, vcpu)
+    ret = mmu_set_spte(kvm, vcpu, fault.slot, sp, i, ACC_ALL, fault.gfn, fault.pfn, fault)
+    if ret == RET_PF_SPURIOUS:
+        return ret
+    direct_pte_prefetch(kvm, vcpu, sp, i)
+    return ret
+
+
+# ---------------------------------------------------------------------- leaf sptes
+
+
+def mmu_try_to_unsync_pages(kvm: KvmMmu, as_id: int, gfn: int) -> bool:
+    """mmu_try_to_unsync_pages() with unsync pages off: a write-tracked gfn, or any gfn that
+    still has shadow pages with gptes, stays write-protected. Returns True when it must."""
+    if kvm.kvm_gfn_is_write_tracked(as_id, gfn):
+        return True
+    for sp in kvm.page_hash.get(gfn, ()):  # noqa: SIM110 (a loop: any() and a generator cost 2x)
+        if not sp.direct and not kvm.is_obsolete_sp(sp):
+            return True
+    return False
+
+
+def make_spte(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, pte_access: int, pfn: int, old: int,
+              prefetch: bool, gfn: int) -> tuple[int, bool]:
+    """make_spte() (spte.c); returns (spte, wrprot)."""
+    writable = False
+    wrprot = False
+    if pte_access & ACC_W:
+        if old & S.SPTE_W:
+            # Already writable: write protection is kvm_mmu_get_page()'s responsibility.
+            writable = True
+        elif mmu_try_to_unsync_pages(kvm, sp.smm, gfn):
+            wrprot = True
+            pte_access &= ~ACC_W
+        else:
+            writable = True
+    spte = S.make_leaf_spte(pfn, sp.level, pte_access, writable=writable, prefetch=prefetch)
+    return spte, wrprot
+
+
+def mmu_set_spte(kvm: KvmMmu, vcpu: Vcpu, slot: Memslot | None, sp: ShadowPage, i: int,
+                 pte_access: int, gfn: int, pfn: int, fault: PageFault | None) -> int:
+    """mmu_set_spte(): MMIO spte for no-slot pfns; replace a stale spte (flushing); make the
+    spte; rmap it. A write fault on a page that had to stay read-only is emulated."""
+    prefetch = fault is None or fault.prefetch
+    write_fault = fault is not None and fault.write
+    if pfn == KVM_PFN_NOSLOT:
+        mark_mmio_spte(kvm, vcpu, sp, i, gfn, pte_access)
+        return RET_PF_EMULATE
+    old = sp.sptv[i]
+    was_rmapped = False
+    flush = False
+    if old & S.SPTE_MMU_PRESENT:
+        if S.spte_pfn(old) != pfn:
+            kvm.drop_spte(sp, i)
+            flush = True
+            old = 0
+        else:
+            was_rmapped = True
+    spte, wrprot = make_spte(kvm, vcpu, sp, pte_access, pfn, old, prefetch, gfn)
+    ret = RET_PF_FIXED
+    if old == spte:
+        ret = RET_PF_SPURIOUS
+    else:
+        sp.sptv[i] = spte
+        # mmu_spte_update(): losing MMU-writable needs a flush (the fast path may have made
+        # the spte writable behind our back).
+        if old & S.SPTE_MMU_WRITABLE and not spte & S.SPTE_MMU_WRITABLE:
+            flush = True
+        if kvm.trace is not None:  # the detail only for a trace
+            kvm.emit("set_spte", sp, f"[{i}] gfn={gfn:#x} spte={spte:#x}")
+    if wrprot and write_fault:
+        ret = RET_PF_EMULATE
+    if flush:
+        kvm.kvm_flush_remote_tlbs_gfn(gfn)
+    if not was_rmapped:
+        kvm.rmap_add(sp, i, gfn, pte_access)
+    else:
+        sp.set_translation(i, gfn, pte_access)
+    return ret
+
+
+# ---------------------------------------------------------------------- prefetch
+
+
+def pte_prefetch(kvm: KvmMmu, vcpu: Vcpu, w: GuestWalker, sp: ShadowPage, i: int) -> None:
+    """FNAME(pte_prefetch): map the aligned group of 8 neighbouring gptes read by
+    gpte_changed(), stopping at the first that cannot be prefetched."""
+    if sp.level > 1 or kvm.mmu_invalidate_in_progress:
+        return
+    if sp.direct:
+        direct_pte_prefetch(kvm, vcpu, sp, i)
+        return
+    start = i & ~(PTE_PREFETCH_NUM - 1)
+    is32 = sp.has_4_byte_gpte
+    role = vcpu.mmu.cpu_role
+    assert role is not None
+    rsvd = vcpu.mmu.rsvd
+    for k in range(PTE_PREFETCH_NUM):
+        j = start + k
+        if j == i or sp.sptv[j] & S.SPTE_MMU_PRESENT:
+            continue
+        gpte = w.prefetch_ptes[k]
+        # FNAME(prefetch_invalid_gpte): only present, accessed, non-reserved gptes.
+        if not gpte & PTE_P or not gpte & PTE_A or gpte & rsvd[0][1]:
+            kvm.drop_spte(sp, j)
+            break
+        mask = 0xFFFFF000 if is32 else S.SPTE_BASE_ADDR_MASK
+        gfn = (gpte & mask) >> PAGE_SHIFT
+        access = protect_clean_gpte(sp.access & gpte_access(gpte, is32), gpte)
+        slot = kvm.slot_for(vcpu.smm, gfn)
+        if slot is None:
+            break
+        pfn = vcpu.phys.host.pfn[slot.gfn_to_hva(gfn)]
+        mmu_set_spte(kvm, vcpu, slot, sp, j, access, gfn, pfn, None)
+
+
+def direct_pte_prefetch(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, i: int) -> None:
+    """direct_pte_prefetch(): runs of non-present sptes in the aligned group of 8, mapped with
+    the page's access while the memslot of the run's first gfn lasts."""
+    if sp.level > 1 or kvm.mmu_invalidate_in_progress:
+        return
+    base = i & ~(PTE_PREFETCH_NUM - 1)
+    run_start = -1
+    for j in range(base, base + PTE_PREFETCH_NUM + 1):
+        at_end = j == base + PTE_PREFETCH_NUM
+        if at_end or sp.sptv[j] & S.SPTE_MMU_PRESENT or j == i:
+            if run_start >= 0:
+                if not _direct_prefetch_many(kvm, vcpu, sp, run_start, j):
+                    return
+                run_start = -1
+        elif run_start < 0:
+            run_start = j
+
+
+def _direct_prefetch_many(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, start: int, end: int
+                          ) -> bool:
+    gfn = sp.get_gfn(start)
+    slot = kvm.slot_for(vcpu.smm, gfn)
+    # gfn_to_page_many_atomic() gives nothing when the run leaves the memslot.
+    if slot is None or gfn + (end - start) > slot.end_gfn:
+        return False
+    for k in range(end - start):
+        pfn = vcpu.phys.host.pfn[slot.gfn_to_hva(gfn + k)]
+        mmu_set_spte(kvm, vcpu, slot, sp, start + k, sp.access, gfn + k, pfn, None)
+    return True
+
+
+__all__ = ["RET_PF_CONTINUE", "PageFault", "kvm_mmu_page_fault"]

@@ -1,0 +1,86 @@
+"""struct kvm_mmu_page: one shadow page table (mmu_internal.h)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fuzzmmu.model.mmu.role import (
+    DIRECT,
+    HAS_4_BYTE_GPTE,
+    INVALID,
+    role_access,
+    role_level,
+    role_quadrant,
+    role_smm,
+    role_str,
+)
+
+SPTES_PER_PAGE = 512
+
+
+class ShadowPage:
+    """A shadow page: 512 sptes (numpy, with a memoryview for single entries), its key
+    (gfn, role), reverse links and bookkeeping.
+
+    ``shadowed`` is shadowed_translation[]: for indirect pages, per spte the gfn and guest
+    access being shadowed, packed as ``gfn << 3 | access``.
+    """
+
+    __slots__ = ("access", "direct", "gfn", "has_4_byte_gpte", "hpfn", "level", "mmu_valid_gen",
+                 "parent_ptes", "quadrant", "role", "root_count", "shadowed", "smm", "spt",
+                 "sptv", "unsync", "unsync_child_bitmap", "unsync_children",
+                 "write_flooding_count")
+
+    def __init__(self, gfn: int, role: int, hpfn: int, valid_gen: int) -> None:
+        self.gfn = gfn
+        self.role = role
+        self.level = role_level(role)
+        self.direct = bool(role & DIRECT)
+        self.has_4_byte_gpte = bool(role & HAS_4_BYTE_GPTE)
+        self.quadrant = role_quadrant(role)
+        self.access = role_access(role)
+        self.smm = role_smm(role)
+        self.hpfn = hpfn
+        self.mmu_valid_gen = valid_gen
+        self.spt = np.zeros(SPTES_PER_PAGE, dtype=np.uint64)
+        self.sptv = memoryview(self.spt)
+        self.shadowed: list[int] | None = None if self.direct else [0] * SPTES_PER_PAGE
+        self.parent_ptes: set[tuple[ShadowPage, int]] = set()
+        self.root_count = 0
+        self.unsync = False
+        self.unsync_children = 0
+        self.unsync_child_bitmap = 0
+        self.write_flooding_count = 0
+
+    @property
+    def invalid(self) -> bool:
+        return bool(self.role & INVALID)
+
+    def has_gptes(self) -> bool:
+        """sp_has_gptes(): indirect pages shadow a guest table."""
+        return not self.direct
+
+    def get_gfn(self, index: int) -> int:
+        """kvm_mmu_page_get_gfn()."""
+        if self.shadowed is not None:
+            return self.shadowed[index] >> 3
+        return self.gfn + (index << (9 * (self.level - 1)))
+
+    def get_access(self, index: int) -> int:
+        """kvm_mmu_page_get_access()."""
+        if self.shadowed is not None:
+            return self.shadowed[index] & 7
+        return self.access
+
+    def set_translation(self, index: int, gfn: int, access: int) -> None:
+        if self.shadowed is not None:
+            self.shadowed[index] = (gfn << 3) | access
+
+    def __repr__(self) -> str:
+        return f"<sp gfn={self.gfn:#x} {role_str(self.role)} hpfn={self.hpfn:#x}>"
+
+    def __hash__(self) -> int:
+        return self.hpfn
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
