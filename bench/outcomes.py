@@ -67,6 +67,8 @@ def main() -> int:
     b.add_argument("inputs")
     b.add_argument("-o", required=True)
     b.add_argument("--bugs", default="", help="'all': one mutant per input, in turn")
+    b.add_argument("--mutants", default="", help="with --bugs all: the mutants to take turns "
+                   "(default: every available one; give the same list to both checkouts)")
     b.add_argument("--shuffle", type=int, default=None)
     c = sub.add_parser("compare")
     c.add_argument("old")
@@ -79,7 +81,8 @@ def main() -> int:
         return 0
     if args.cmd == "run":
         inputs = [bytes.fromhex(line) for line in Path(args.inputs).read_text().splitlines()]
-        mutants = [b.id for b in CATALOG if b.available]
+        mutants = ([m for m in args.mutants.split(",") if m] if args.mutants
+                   else [b.id for b in CATALOG if b.available])
         order = list(range(len(inputs)))
         if args.shuffle is not None:
             random.Random(args.shuffle).shuffle(order)

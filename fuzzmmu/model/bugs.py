@@ -181,6 +181,21 @@ CATALOG: tuple[Bug, ...] = (
         "open: vcpu_match_mmio_gpa() compares the gfn and address space 0's generation only, "
         "and kvm_smm_changed() -> kvm_mmu_unload() clears only the cached gva (found by "
         "fuzzmmu's Atheris harness)", "current", False, ("mmio", "smm")),
+    Bug("kvm.mmio-cache-smm-memslot-gen", "mmio_cache_smm_memslot_gen",
+        "the vCPU's MMIO cache is tagged with address space 0's memslot generation, so in SMM "
+        "a memslot change of the SMM address space leaves a cached MMIO translation valid: a "
+        "gfn that is RAM again still exits as MMIO",
+        "open: vcpu_cache_mmio_info() and vcpu_match_mmio_gen() use kvm_memslots() (address "
+        "space 0) whatever the vCPU's address space (found by hand, issue tracker)", "current",
+        False, ("mmio", "smm", "memslots")),
+    Bug("kvm.dirty-bit-before-retry", "dirty_bit_before_retry",
+        "the fault path's guest walk sets the leaf gpte's D bit for a write before the fault is "
+        "fixed; when the fault is retried because another vCPU changed the guest's tables "
+        "meanwhile, the re-executed write faults (or goes elsewhere) and D stays set though "
+        "nothing was written through that gpte",
+        "open: FNAME(walk_addr_generic) calls FNAME(update_accessed_dirty_bits) before "
+        "FNAME(fetch)'s gpte_changed() may retry (found by fuzzmmu's random engine)",
+        "current", False, ("walker", "interleaving")),
 )
 
 _BY_ID = {b.id: b for b in CATALOG}

@@ -110,8 +110,9 @@ class Vcpu:
     # ------------------------------------------------------------------ MMIO info cache
 
     def cache_mmio_info(self, gva: int, gfn: int, access: int) -> None:
-        """vcpu_cache_mmio_info(); tagged with address space 0's generation (kvm_memslots())."""
-        gen = self.kvm.memslots.generation[0]
+        """vcpu_cache_mmio_info(), tagged with the memslot generation of the vCPU's address
+        space."""
+        gen = self._mmio_generation()
         if gen & (1 << 63):
             return
         self.mmio_gva = gva & ~0xFFF
@@ -126,12 +127,22 @@ class Vcpu:
             return
         self.mmio_gva = 0
 
+    def _mmio_generation(self) -> int:
+        """The memslot generation the MMIO info is tagged with and checked against. KVM's
+        vcpu_cache_mmio_info() and vcpu_match_mmio_gen() use kvm_memslots(), address space
+        0's, even in SMM: a memslot change in the SMM address space then leaves the cached
+        translation valid (the kvm.mmio-cache-smm-memslot-gen mutant; the
+        kvm.mmio-cache-ignores-smm mutant, KVM's cache as a whole, includes it)."""
+        bugs = self.kvm.bugs
+        as0 = bugs.mmio_cache_smm_memslot_gen or bugs.mmio_cache_ignores_smm
+        return self.kvm.memslots.generation[0 if as0 else self.smm]
+
     def match_mmio_gen(self) -> bool:
-        """vcpu_match_mmio_gen(). KVM tags the info with address space 0's generation alone,
-        and vcpu_clear_mmio_info() keeps the gfn, so a gfn cached as MMIO outside SMM still
-        matches inside SMM, where it may be SMRAM; the model also asks for the address space
-        the info was cached in (KVM's behaviour is the kvm.mmio-cache-ignores-smm mutant)."""
-        return self.mmio_gen == self.kvm.memslots.generation[0] and (
+        """vcpu_match_mmio_gen(). vcpu_clear_mmio_info() keeps the gfn, so in KVM a gfn cached
+        as MMIO outside SMM still matches inside SMM, where it may be SMRAM; the model also
+        asks for the address space the info was cached in (KVM's behaviour is the
+        kvm.mmio-cache-ignores-smm mutant)."""
+        return self.mmio_gen == self._mmio_generation() and (
             self.mmio_smm == self.smm or self.kvm.bugs.mmio_cache_ignores_smm)
 
     def match_mmio_gva(self, gva: int) -> bool:

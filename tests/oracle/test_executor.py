@@ -95,8 +95,8 @@ def _no_fault(mp: pytest.MonkeyPatch) -> None:
 def _walk_fails(mp: pytest.MonkeyPatch) -> None:
     orig = fault.walk_addr
 
-    def walk_addr(kvm, vcpu, addr, pfec, eflags_ac=False, implicit=False):
-        w = orig(kvm, vcpu, addr, pfec, eflags_ac, implicit)
+    def walk_addr(kvm, vcpu, addr, pfec, eflags_ac=False, implicit=False, defer_dirty=False):
+        w = orig(kvm, vcpu, addr, pfec, eflags_ac, implicit, defer_dirty)
         if addr == 0x1000 and w.ok:
             w.ok, w.error_code = False, 1  # a protection fault on a good mapping
         return w

@@ -44,6 +44,7 @@ from fuzzmmu.model.mmu.walk import (
     GuestWalker,
     gpte_access,
     protect_clean_gpte,
+    set_pending_dirty,
     walk_addr,
 )
 
@@ -145,7 +146,12 @@ def shadow_page_table_clear_flood(kvm: KvmMmu, vcpu: Vcpu, addr: int) -> None:
 
 def paging_page_fault(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
     """FNAME(page_fault)."""
-    w = walk_addr(kvm, vcpu, fault.addr, fault.error_code, vcpu.eflags_ac)
+    # KVM's walker sets the leaf's D bit for a write fault as it walks; when the fault is then
+    # retried because the guest's tables changed meanwhile, the re-executed write may fault or
+    # go elsewhere, and D stays set without a write, which the SDM never allows (§4.8). The
+    # model sets D when the fault commits (the kvm.dirty-bit-before-retry mutant: KVM's way).
+    w = walk_addr(kvm, vcpu, fault.addr, fault.error_code, vcpu.eflags_ac,
+                  defer_dirty=not kvm.bugs.dirty_bit_before_retry)
     if not kvm.bugs.mmio_cache_outlives_walk:
         # The walk is the guest's translation now; an MMIO translation cached from older
         # tables must not outlive it (SDM §4.10.4.1: a #PF invalidates the address too). A
@@ -164,6 +170,12 @@ def paging_page_fault(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
         shadow_page_table_clear_flood(kvm, vcpu, fault.addr)
         return RET_PF_EMULATE
     r = kvm_faultin_pfn(kvm, vcpu, fault, w.pte_access)
+    if r == RET_PF_EMULATE and w.dirty_pending:
+        # No memslot: the emulator writes through the MMIO info cached from this walk without
+        # walking again, so the write is committed here.
+        assert vcpu.mmu.cpu_role is not None
+        if not set_pending_dirty(vcpu, w, 4 if vcpu.mmu.cpu_role.level == 2 else 8):
+            return RET_PF_RETRY
     if r != RET_PF_CONTINUE:
         return r
     kvm.point(Point.FAULTIN, vcpu)
@@ -341,6 +353,8 @@ def fetch(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault, w: GuestWalker) -> int:
 
     i = _index(fault.addr, 1)
     kvm.point(Point.PRE_LEAF, vcpu)
+    if w.dirty_pending and not set_pending_dirty(vcpu, w, 4 if role.level == 2 else 8):
+        return RET_PF_RETRY
     ret = mmu_set_spte(kvm, vcpu, fault.slot, sp, i, w.pte_access, fault.gfn, fault.pfn, fault)
     if ret == RET_PF_SPURIOUS:
         return ret

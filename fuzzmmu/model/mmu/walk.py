@@ -43,8 +43,8 @@ ALL_ONES = (1 << 64) - 1
 class GuestWalker:
     """struct guest_walker. Arrays are indexed by level - 1."""
 
-    __slots__ = ("error_code", "gfn", "level", "max_level", "ok", "prefetch_ptes",
-                 "pt_access", "pte_access", "pte_gpa", "ptes", "table_gfn")
+    __slots__ = ("dirty_pending", "error_code", "gfn", "level", "max_level", "ok",
+                 "prefetch_ptes", "pt_access", "pte_access", "pte_gpa", "ptes", "table_gfn")
 
     def __init__(self) -> None:
         self.ok = False
@@ -58,6 +58,7 @@ class GuestWalker:
         self.gfn = 0
         self.error_code = 0
         self.prefetch_ptes: list[int] = []
+        self.dirty_pending = False  # a write whose leaf D bit is set when the fault commits
 
 
 def gpte_access(gpte: int, is32: bool) -> int:
@@ -95,8 +96,10 @@ def permission_fault(mmu: MmuContext, pte_access: int, pfec: int, eflags_ac: boo
 
 
 def walk_addr(kvm: KvmMmu, vcpu: Vcpu, addr: int, pfec: int, eflags_ac: bool = False,
-              implicit: bool = False) -> GuestWalker:
-    """FNAME(walk_addr_generic) for ``vcpu``'s current paging mode."""
+              implicit: bool = False, defer_dirty: bool = False) -> GuestWalker:
+    """FNAME(walk_addr_generic) for ``vcpu``'s current paging mode. ``defer_dirty``: for a
+    write, set A bits only and leave the leaf's D to whoever performs the write
+    (``dirty_pending``), since the write may never happen through this translation."""
     mmu = vcpu.mmu
     role = mmu.cpu_role
     assert role is not None and role.pg
@@ -183,11 +186,15 @@ def walk_addr(kvm: KvmMmu, vcpu: Vcpu, addr: int, pfec: int, eflags_ac: bool = F
             gfn = ((pte & bits(51, low)) + (addr & ((1 << low) - 1))) >> PAGE_SHIFT
         w.gfn = gfn
 
+        set_dirty = bool(write_fault)
         if not write_fault:
             w.pte_access = protect_clean_gpte(w.pte_access, pte)
+        elif defer_dirty:
+            w.dirty_pending = not pte & PTE_D
+            set_dirty = False
         else:
             accessed_dirty &= pte >> 1  # fold D into the A position
-        if not accessed_dirty and update_accessed_dirty_bits(vcpu, w, bool(write_fault), esize):
+        if not accessed_dirty and update_accessed_dirty_bits(vcpu, w, set_dirty, esize):
             continue
         w.ok = True
         return w
@@ -229,6 +236,19 @@ def update_accessed_dirty_bits(vcpu: Vcpu, w: GuestWalker, write_fault: bool, es
         phys.write(vcpu.smm, gpa, esize, pte)
         w.ptes[level - 1] = pte
     return False
+
+
+def set_pending_dirty(vcpu: Vcpu, w: GuestWalker, esize: int) -> bool:
+    """The leaf's D bit for a write the walk deferred it for, by cmpxchg against the value
+    walked; False when the gpte changed meanwhile (the fault is retried)."""
+    gpa = w.pte_gpa[w.level - 1]
+    orig = w.ptes[w.level - 1]
+    if vcpu.phys.read(vcpu.smm, gpa, esize) != orig:
+        return False
+    vcpu.phys.write(vcpu.smm, gpa, esize, orig | PTE_D)
+    w.ptes[w.level - 1] = orig | PTE_D
+    w.dirty_pending = False
+    return True
 
 
 def gva_to_gpa(kvm: KvmMmu, vcpu: Vcpu, addr: int, pfec: int, eflags_ac: bool
