@@ -520,14 +520,21 @@ class Executor:
             raise _ModelCrash(step, exc) from exc
 
     def _op(self, i: int, op: Op) -> Divergence | None:
+        outcome = self.outcome
         for step in lower(op, self.ref):
-            mode = self._mode_at(step.vcpu)
+            # The mode a divergence is signed with is the one before the step; an access
+            # never changes it, so for accesses (most steps) it is read only on a divergence.
+            access = type(step) is AccessStep
+            mode = None if access else self._mode_at(step.vcpu)
             got = self._model(step)
             ok, expected = step.on_ref(self.ref, got)
-            self._traced(i, step, got, expected, ok)
-            self.outcome.steps_run += 1
+            if self.tracing:
+                self._traced(i, step, got, expected, ok)
+            outcome.steps_run += 1
             if not ok:
-                self.outcome.div_step = self.outcome.steps_run - 1
+                outcome.div_step = outcome.steps_run - 1
+                if access:
+                    mode = self._mode_at(step.vcpu)
                 return self._step_divergence(i, op, step, expected, got, mode)
         return None
 
@@ -622,8 +629,7 @@ class Executor:
 
     def _traced(self, i: int, step: Step, got: Observation, expected: Observation, ok: bool
                 ) -> None:
-        if self.tracing:
-            self.outcome.trace.append(TraceEntry(i, step.text, str(got), str(expected), ok))
+        self.outcome.trace.append(TraceEntry(i, step.text, str(got), str(expected), ok))
 
     def _mode_at(self, v: int | None) -> ModeAt:
         return None if v is None else self.ref.regs(v)
@@ -668,11 +674,16 @@ class Executor:
                           ) -> Divergence | None:
         """Registers, then the frames either side wrote since the last comparison."""
         m = self.model
-        for v in range(len(r.cpus)):
-            if m.vcpus[v].dead and r.cpus[v].dead:
+        for v, rc in enumerate(r.cpus):
+            mc = m.vcpus[v]
+            if mc.dead and rc.dead:
                 continue  # a shut-down vCPU's registers are not observable
-            got = (*m.regs(v), tuple(m.vcpus[v].mmu.pdptrs), m.vcpus[v].dead)
-            want = (*r.regs(v), tuple(r.cpus[v].pdptrs), r.cpus[v].dead)
+            if (mc.cr0 == rc.cr0 and mc.cr3 == rc.cr3 and mc.cr4 == rc.cr4
+                    and mc.efer == rc.efer and mc.smm == rc.smm and mc.dead == rc.dead
+                    and tuple(mc.mmu.pdptrs) == tuple(rc.pdptrs)):
+                continue  # the common case, without building the tuples below
+            got = (*m.regs(v), tuple(mc.mmu.pdptrs), mc.dead)
+            want = (*r.regs(v), tuple(rc.pdptrs), rc.dead)
             if got != want:
                 return Divergence(DivergenceKind.STATE_MISMATCH, i, format_op(op), f"cpu{v}",
                                   _regs_str(want), _regs_str(got),

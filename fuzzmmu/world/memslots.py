@@ -73,16 +73,17 @@ class Memslots:
     update (the shadow MMU's VM) moves the generation.
     """
 
-    __slots__ = ("_by_gfn", "generation", "host_pages", "hva_table", "spaces")
+    __slots__ = ("by_gfn", "generation", "host_pages", "hva_table", "spaces")
 
     def __init__(self, host_pages: int) -> None:
         self.host_pages = host_pages
         self.spaces: list[dict[int, Memslot]] = [{} for _ in range(NUM_ADDRESS_SPACES)]
         self.generation = list(range(NUM_ADDRESS_SPACES))
         # Per address space, every gfn of every memslot (slots map existing host pages, so
-        # these stay small): its slot, and its host-virtual page, which PhysMemory reads on
-        # every guest-physical access. A gfn that is not a key is MMIO.
-        self._by_gfn: list[dict[int, Memslot]] = [{} for _ in range(NUM_ADDRESS_SPACES)]
+        # these stay small): its slot (``by_gfn``, which the shadow MMU's hot paths read
+        # directly), and its host-virtual page, which PhysMemory reads on every
+        # guest-physical access. A gfn that is not a key is MMIO.
+        self.by_gfn: list[dict[int, Memslot]] = [{} for _ in range(NUM_ADDRESS_SPACES)]
         self.hva_table: list[dict[int, int]] = [{} for _ in range(NUM_ADDRESS_SPACES)]
 
     def copy(self) -> Memslots:
@@ -90,12 +91,12 @@ class Memslots:
         other.host_pages = self.host_pages
         other.spaces = [dict(s) for s in self.spaces]
         other.generation = list(self.generation)
-        other._by_gfn = [dict(m) for m in self._by_gfn]
+        other.by_gfn = [dict(m) for m in self.by_gfn]
         other.hva_table = [dict(t) for t in self.hva_table]
         return other
 
     def lookup(self, as_id: int, gfn: int) -> Memslot | None:
-        return self._by_gfn[as_id].get(gfn)
+        return self.by_gfn[as_id].get(gfn)
 
     def slots(self, as_id: int) -> list[Memslot]:
         return sorted(self.spaces[as_id].values(), key=lambda s: s.base_gfn)
@@ -140,7 +141,7 @@ class Memslots:
         slot = new or old
         assert slot is not None
         space = self.spaces[slot.as_id]
-        by_gfn = self._by_gfn[slot.as_id]
+        by_gfn = self.by_gfn[slot.as_id]
         hvas = self.hva_table[slot.as_id]
         if old is not None:
             del space[old.slot_id]

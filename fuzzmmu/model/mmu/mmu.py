@@ -121,11 +121,15 @@ class KvmMmu:
     # ------------------------------------------------------------------ write tracking
 
     def kvm_gfn_is_write_tracked(self, as_id: int, gfn: int) -> bool:
-        """kvm_gfn_is_write_tracked(): since 0f38453cdb2e every address space is consulted."""
-        spaces = (as_id,) if self.bugs.wp_one_address_space else range(len(self.memslots.spaces))
-        for a in spaces:
-            slot = self.memslots.lookup(a, gfn)
-            if slot is not None and self.slot_arch[slot].write_track.get(gfn, 0):
+        """kvm_gfn_is_write_tracked(): since 0f38453cdb2e every address space is consulted.
+        (Called for every writable spte made: the memslot lookups are inlined.)"""
+        arch = self.slot_arch
+        if self.bugs.wp_one_address_space:
+            slot = self.memslots.by_gfn[as_id].get(gfn)
+            return slot is not None and gfn in arch[slot].write_track
+        for space in self.memslots.by_gfn:
+            slot = space.get(gfn)
+            if slot is not None and gfn in arch[slot].write_track:  # counts are never 0
                 return True
         return False
 
@@ -187,15 +191,21 @@ class KvmMmu:
     # ------------------------------------------------------------------ rmap
 
     def rmap_add(self, sp: ShadowPage, i: int, gfn: int, access: int) -> None:
-        sp.set_translation(i, gfn, access)
-        slot = self.memslots.lookup(sp.smm, gfn)
+        if sp.shadowed is not None:
+            sp.shadowed[i] = (gfn << 3) | access  # set_translation(), inline
+        slot = self.memslots.by_gfn[sp.smm].get(gfn)
         if slot is None:
             raise ModelError(f"rmap_add for gfn {gfn:#x} outside every memslot")
-        self.slot_arch[slot].rmap.setdefault(gfn, set()).add((sp, i))
+        rmaps = self.slot_arch[slot].rmap
+        rmap = rmaps.get(gfn)
+        if rmap is None:
+            rmaps[gfn] = {(sp, i)}
+        else:
+            rmap.add((sp, i))
 
     def rmap_remove(self, sp: ShadowPage, i: int) -> None:
         gfn = sp.get_gfn(i)
-        slot = self.memslots.lookup(sp.smm, gfn)
+        slot = self.memslots.by_gfn[sp.smm].get(gfn)
         rmap = self.slot_arch[slot].rmap.get(gfn) if slot is not None else None
         if rmap is None or (sp, i) not in rmap:
             raise ModelError(f"rmap_remove: spte {sp!r}[{i}] for gfn {gfn:#x} not in rmap")
@@ -261,7 +271,7 @@ class KvmMmu:
         self.n_used_mmu_pages += 1
         self.page_hash.setdefault(gfn, []).append(sp)
         self.emit("create_sp", sp)
-        if sp.has_gptes():
+        if not sp.direct:  # sp_has_gptes()
             self.account_shadowed(sp)
         return sp
 

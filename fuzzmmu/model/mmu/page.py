@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from fuzzmmu.model.mmu.role import (
+    ACCESS_MASK,
+    ACCESS_SHIFT,
     DIRECT,
     HAS_4_BYTE_GPTE,
     INVALID,
-    role_access,
-    role_level,
-    role_quadrant,
-    role_smm,
+    LEVEL_MASK,
+    QUADRANT_MASK,
+    QUADRANT_SHIFT,
+    SMM_SHIFT,
     role_str,
 )
 
@@ -34,12 +36,13 @@ class ShadowPage:
     def __init__(self, gfn: int, role: int, hpfn: int, valid_gen: int) -> None:
         self.gfn = gfn
         self.role = role
-        self.level = role_level(role)
+        # role_level() and friends, inline: ~17 pages are made per program
+        self.level = role & LEVEL_MASK
         self.direct = bool(role & DIRECT)
         self.has_4_byte_gpte = bool(role & HAS_4_BYTE_GPTE)
-        self.quadrant = role_quadrant(role)
-        self.access = role_access(role)
-        self.smm = role_smm(role)
+        self.quadrant = (role & QUADRANT_MASK) >> QUADRANT_SHIFT
+        self.access = (role & ACCESS_MASK) >> ACCESS_SHIFT
+        self.smm = role >> SMM_SHIFT
         self.hpfn = hpfn
         self.mmu_valid_gen = valid_gen
         self.spt = np.zeros(SPTES_PER_PAGE, dtype=np.uint64)
