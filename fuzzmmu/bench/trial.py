@@ -22,6 +22,7 @@ from typing import Any
 
 from fuzzmmu.bench.engines import Engine
 from fuzzmmu.campaign.fuzz import CampaignConfig, prepare, target_command, target_environment
+from fuzzmmu.campaign.processes import parent_death_signal
 from fuzzmmu.campaign.triage import is_crash_file, load_crash
 from fuzzmmu.program.text import format_program
 
@@ -80,8 +81,12 @@ class TrialResult:
 
 
 def _worker(task: dict[str, Any], timeout: float) -> dict[str, Any]:
+    # Trial processes stay in the benchmark's process group (Ctrl-C reaches them as before);
+    # should the benchmark die without stopping them (SIGTERM, SIGKILL), the kernel stops them.
+    # This thread waits for the process, so it outlives it, as the parent-death signal needs.
     proc = subprocess.run([sys.executable, "-m", "fuzzmmu.bench.worker", json.dumps(task)],
-                          capture_output=True, text=True, timeout=timeout, check=False)
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          preexec_fn=parent_death_signal())
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise TrialError(f"worker {task['task']} exited {proc.returncode}: "
@@ -97,8 +102,10 @@ def _atheris(spec: TrialSpec, workdir: Path) -> TrialResult:
                          byte_share=1.0 if spec.engine is Engine.ATHERIS_BYTES else 0.2)
     prepare(cfg)
     launched = time.monotonic()
+    # Not fork mode (one job): libFuzzer has no children, the parent-death signal covers it.
     proc = subprocess.Popen(target_command(cfg), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env=target_environment(cfg))
+                            stderr=subprocess.PIPE, env=target_environment(cfg),
+                            preexec_fn=parent_death_signal())
     marks: dict[str, float] = {}
     stats: dict[str, int] = {}
     tail: list[str] = []

@@ -52,6 +52,8 @@ def demo(console: Console, workdir: Path, bug: str = DEFAULT_BUG, max_time: int 
     console.rule(f"1. fuzz with the historical bug {bug} in the model")
     result = Campaign(cfg, console).run()
     summary(console, result)
+    if result.interrupted:  # a stop signal stops the demo, not only its campaign
+        return 1
     divergent = result.divergences
     if not divergent:
         console.print("[yellow]no divergence within the time limit; try --max-time longer")

@@ -4,12 +4,16 @@ libFuzzer (through the Atheris target in harnesses/) owns scheduling, corpus man
 forking: ``--jobs N`` (or ``--keep-going``) runs it in fork mode. This driver prepares the
 corpus (seeded from corpus/ when empty, resumed otherwise), starts the target, reads its status
 lines, replays each new crash file to sign and classify it (writing ``.txt``/``.json`` beside
-it), shows the dashboard, appends a JSON line of statistics every second, and stops cleanly on
-Ctrl-C, at ``--max-time``, or at the first divergence unless ``--keep-going``.
+it), shows the dashboard, appends a JSON line of statistics every second (with the resident
+memory of libFuzzer's whole process tree), and stops at ``--max-time``, at the first divergence
+unless ``--keep-going``, or on SIGINT (Ctrl-C), SIGTERM or SIGHUP sent to it alone: libFuzzer
+runs in a process group of its own (fuzzmmu.campaign.processes), which is stopped as a whole
+before the last crash files are signed, so every crash file gets its sidecars.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,6 +24,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +35,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from fuzzmmu.campaign.corpus import HARNESS, SEEDS, binary_seeds, corpus_stats
+from fuzzmmu.campaign.processes import ProcessTree
 from fuzzmmu.campaign.settings import TargetSettings
 from fuzzmmu.campaign.triage import Crash, is_crash_file, load_crash, write_sidecar
 from fuzzmmu.program.codec import HEADER_SIZE, MAX_OPS, RECORD_SIZE
@@ -42,6 +48,11 @@ _STATUS = re.compile(
     r"#(?P<execs>\d+):?\s+(?:\w+\s+)?cov: (?P<cov>\d+) ft: (?P<ft>\d+) corp: (?P<corp>\d+)"
     r"(?:/\S+)?(?: lim: \d+)? exec/s:? (?P<rate>\d+)(?: rss: (?P<rss>\d+)Mb)?"
     r"(?: oom/timeout/crash: (?P<oom>\d+)/(?P<timeout>\d+)/(?P<crash>\d+))?")
+
+# What stops a campaign started from a terminal (SIGINT, SIGHUP), by `timeout`, systemd, a batch
+# scheduler or CI (SIGTERM).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, n))
 
 
 @dataclass
@@ -69,7 +80,9 @@ class Stats:
     ft: int = 0
     corpus: int = 0
     rate: int = 0
-    rss: int = 0
+    rss: int = 0  # libFuzzer's own figure: its peak, of its process alone (none in fork mode)
+    tree_rss: float | None = None  # MB resident in libFuzzer's process tree, when last measured
+    processes: int = 0  # in that tree
     first_divergence: float | None = None
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=6))
 
@@ -94,6 +107,7 @@ class CampaignResult:
     crashes: list[Crash]
     returncode: int
     interrupted: bool
+    stopped_by: str | None = None  # the signal's name
 
     @property
     def divergences(self) -> list[Crash]:
@@ -149,6 +163,8 @@ class Campaign:
         self.modes: Counter[str] = Counter()
         self.corpus_files = 0
         self._next_corpus_scan = 0.0
+        self.stop_signal: signal.Signals | None = None
+        self._target: ProcessTree | None = None
 
     # -- what happens
 
@@ -159,8 +175,10 @@ class Campaign:
             if line:
                 self.stats.lines.append(line)
 
-    def _scan_crashes(self) -> None:
+    def _scan_crashes(self, final: bool = False) -> None:
         for path in sorted(self.cfg.crashes.iterdir()):
+            if self.stop_signal is not None and not final:
+                return  # stop the process tree first; the final scan signs the rest
             if path.name in self.known or not is_crash_file(path):
                 continue
             self.known.add(path.name)
@@ -183,11 +201,17 @@ class Campaign:
         st = corpus_stats(self.cfg.corpus, limit=400)
         self.ops, self.modes, self.corpus_files = st.ops, st.modes, st.files
 
+    def _measure_memory(self) -> None:
+        mem = self._target.memory() if self._target is not None else None
+        if mem is not None:  # keep the last reading once the tree is gone
+            self.stats.tree_rss, self.stats.processes = mem.rss_mb, mem.processes
+
     def _record(self, out: object) -> None:
         s = self.stats
         sigs = Counter(c.signature for c in self.crashes.values())
         line = {"t": round(s.elapsed, 2), "execs": s.execs, "exec_per_s": s.rate, "cov": s.cov,
-                "ft": s.ft, "corpus": s.corpus, "rss_mb": s.rss,
+                "ft": s.ft, "corpus": s.corpus, "rss_mb": s.rss, "tree_rss_mb": s.tree_rss,
+                "processes": s.processes,
                 "divergences": sum(1 for c in self.crashes.values() if c.divergence),
                 "signatures": dict(sigs), "first_divergence_s": s.first_divergence}
         out.write(json.dumps(line) + "\n")  # type: ignore[attr-defined]
@@ -204,8 +228,10 @@ class Campaign:
         head.add_row("elapsed", f"{s.elapsed:6.0f}s{limit}", "programs", f"{s.execs:,}")
         head.add_row("programs/s", f"{s.rate:,}", "coverage", f"{s.cov:,} edges, {s.ft:,} "
                      "features")
+        memory = "-" if s.tree_rss is None else f"{s.tree_rss:,.0f} MB in {s.processes} " \
+                                                 f"process{'es' if s.processes != 1 else ''}"
         head.add_row("corpus", f"{max(s.corpus, self.corpus_files):,} programs", "memory",
-                     f"{s.rss} MB")
+                     memory)
         first = "-" if s.first_divergence is None else f"{s.first_divergence:.1f}s"
         head.add_row("jobs", str(cfg.jobs), "first divergence", first)
         bugs = ", ".join(cfg.bugs) or "none (the clean model)"
@@ -243,9 +269,16 @@ class Campaign:
                 self.known.add(p.name)
         if copied:
             self.console.print(f"seeded {cfg.corpus} with {copied} programs from {cfg.seeds}")
-        proc = subprocess.Popen(target_command(cfg), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, env=target_environment(cfg))
-        reader = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        with _handling(STOP_SIGNALS, self._on_signal):
+            return self._run(cfg)
+
+    def _run(self, cfg: CampaignConfig) -> CampaignResult:
+        target = ProcessTree(target_command(cfg), env=target_environment(cfg),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._target = target
+        if self.stop_signal is not None:  # it came while libFuzzer was being started
+            target.send(signal.SIGTERM)
+        reader = threading.Thread(target=self._read, args=(target.proc.stderr,), daemon=True)
         reader.start()
         interrupted = False
         next_record = 0.0
@@ -258,10 +291,15 @@ class Campaign:
                 if live is not None:
                     live.start()
                 while True:
-                    done = proc.poll() is not None
+                    if self.stop_signal is not None:
+                        interrupted = True
+                        break
+                    done = target.proc.poll() is not None
                     self._scan_crashes()
                     self._scan_corpus()
                     if time.monotonic() >= next_record or done:
+                        if not done:
+                            self._measure_memory()
                         self._record(out)
                         next_record = time.monotonic() + 1
                         if live is None:
@@ -271,21 +309,38 @@ class Campaign:
                     if done:
                         break
                     time.sleep(0.25)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # where no handler could be installed (not the main thread)
                 interrupted = True
-                self._stop(proc)
-            except BaseException:
-                self._stop(proc)  # an error here must not leave libFuzzer running unwatched
-                raise
             finally:
+                # Whatever ended the loop (a signal, libFuzzer exiting, an error here), nothing
+                # of the tree may outlive the campaign, and no crash file may appear after the
+                # last scan: stop it all first, then sign what is there.
+                target.stop()
+                target.close()
                 reader.join(timeout=5)
-                self._scan_crashes()
+                self._scan_crashes(final=True)
                 self._record(out)
                 if live is not None:
                     live.update(self.render(), refresh=True)
                     live.stop()
-        return CampaignResult(self.stats, list(self.crashes.values()), proc.returncode or 0,
-                              interrupted)
+        return CampaignResult(self.stats, list(self.crashes.values()),
+                              target.proc.returncode or 0, interrupted,
+                              self.stop_signal.name if self.stop_signal is not None else None)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        """A stop signal becomes an orderly stop, not an exception raised wherever the main
+        thread happens to be (half-way through signing a crash file, say). libFuzzer's group is
+        told at once, so that it stops even while this process is busy; the loop then waits
+        for it. A second signal means: do not wait."""
+        if self.stop_signal is None:
+            self.stop_signal = signal.Signals(signum)
+            if self._target is not None:
+                # SIGTERM whatever came: every libFuzzer process handles it (SIGHUP would leave
+                # fork mode's temporary directory behind; SIGINT is ignored by fork mode's
+                # parent while it waits for a job).
+                self._target.send(signal.SIGTERM)
+        elif self._target is not None:
+            self._target.send(signal.SIGKILL)
 
     def _progress(self) -> None:
         s = self.stats
@@ -294,20 +349,31 @@ class Campaign:
                            f"{sum(1 for c in self.crashes.values() if c.divergence)}",
                            highlight=False)
 
-    def _stop(self, proc: subprocess.Popen[bytes]) -> None:
-        """Ctrl-C reached our process group; make sure libFuzzer stops and writes its stats."""
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+
+@contextlib.contextmanager
+def _handling(signals: tuple[signal.Signals, ...],
+              handler: Callable[[int, object], None]) -> Iterator[None]:
+    """``handler`` for ``signals`` inside the block, the previous handlers after it. Only the
+    main thread may install handlers: elsewhere (a campaign run from a worker thread) the
+    caller's own handling stays, as Ctrl-C's KeyboardInterrupt does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            # None: a handler not installed from Python; the default is the closest to it.
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 def summary(console: Console, result: CampaignResult) -> None:
     s = result.stats
-    console.print(f"{'stopped' if result.interrupted else 'finished'} after {s.elapsed:.0f}s: "
+    how = "finished"
+    if result.interrupted:
+        how = f"stopped by {result.stopped_by}" if result.stopped_by else "stopped"
+    console.print(f"{how} after {s.elapsed:.0f}s: "
                   f"{s.execs:,} programs ({s.rate}/s at the end), coverage {s.cov} edges, "
                   f"corpus {s.corpus}", highlight=False)
     divs = result.divergences

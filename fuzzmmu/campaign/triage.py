@@ -8,7 +8,10 @@ executed; a missing or unreadable sidecar only means the bugs must be given.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,12 +83,32 @@ def load_crash(path: Path, bugs: tuple[str, ...] | None = None) -> Crash:
                  float(found) if isinstance(found, (int, float)) else None)
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a process stopped half-way (a campaign killed, a
+    signal) leaves the old file or none, never a truncated one. The temporary file is in the
+    same directory (``os.replace`` is atomic only within a file system) and its name, starting
+    with a dot, is never taken for a crash file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def write_sidecar(crash: Crash, found_after: float | None) -> None:
+    """Write ``<crash>.txt`` then ``<crash>.json``, each atomically: a ``.json`` present means
+    both are complete."""
     d = crash.divergence
     doc = {"bugs": list(crash.bugs), "found_after_s": found_after, "ops": crash.ops,
            "divergence": None if d is None else d.to_json()}
-    crash.path.with_name(crash.path.name + ".json").write_text(json.dumps(doc, indent=1) + "\n")
-    crash.path.with_name(crash.path.name + ".txt").write_text(format_program(crash.program))
+    write_atomically(crash.path.with_name(crash.path.name + ".txt"),
+                     format_program(crash.program))
+    write_atomically(crash.path.with_name(crash.path.name + ".json"),
+                     json.dumps(doc, indent=1) + "\n")
 
 
 @dataclass
