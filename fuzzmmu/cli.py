@@ -328,6 +328,18 @@ def _cmd_bench(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_soak(args: argparse.Namespace, console: Console) -> int:
+    from fuzzmmu.bench.soak import SoakConfig, SoakError, parse_engines, run_soak
+
+    try:
+        cfg = SoakConfig(programs=args.programs, max_time=args.max_time, jobs=args.jobs,
+                         engines=parse_engines(args.engines), audit_every=args.audit_every,
+                         seed=args.seed, out=Path(args.out), minimize_runs=args.minimize_runs)
+        return run_soak(cfg, console).exit_code  # always the clean model
+    except SoakError as exc:
+        return _fail(str(exc))
+
+
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from fuzzmmu.campaign.demo import demo
 
@@ -474,6 +486,29 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--markdown", action="store_true",
                     help="with --report: print it as Markdown tables (for the README)")
     bn.set_defaults(func=_cmd_bench)
+
+    sk = sub.add_parser("soak", help="clean programs from every engine on all cores; every "
+                                     "divergence minimized and grouped",
+                        description="Run clean programs (no mutants) from the random, "
+                                    "generator, hypothesis and atheris engines in parallel, "
+                                    "with the structural audit on a sample, for N programs "
+                                    "and/or S seconds; minimize and group every divergence; "
+                                    "write OUT/soak.json and OUT/divergences/. Exit 0 when "
+                                    "clean, 1 on any divergence, 2 on bad flags.")
+    sk.add_argument("--programs", type=int, metavar="N", help="programs in all engines")
+    sk.add_argument("--max-time", type=float, metavar="S", help="stop after S seconds")
+    sk.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="J",
+                    help="worker processes (default: one per core)")
+    sk.add_argument("--engines", default="random,generator,hypothesis,atheris", metavar="E,E",
+                    help="comma-separated: random, generator, hypothesis, atheris (default: "
+                         "all)")
+    sk.add_argument("--audit-every", type=int, default=100, metavar="K",
+                    help="the structural audit on one program in K (0: never)")
+    sk.add_argument("--seed", type=int, default=1, help="worker k uses seed + k")
+    sk.add_argument("--out", default="soak-results", metavar="DIR")
+    sk.add_argument("--minimize-runs", type=int, default=3000, metavar="N",
+                    help="oracle-run budget to minimize each signature (0: do not minimize)")
+    sk.set_defaults(func=_cmd_soak)
 
     b = sub.add_parser("bugs", help="list the switchable historical KVM bugs (mutants)")
     b.add_argument("--json", action="store_true", help="machine-readable list")
