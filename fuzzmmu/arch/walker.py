@@ -204,6 +204,7 @@ def _params(mode: PagingMode, nxe: bool, pse: bool, maxphy: int, pse36: int, pke
     above_m = bits(51, maxphy)
     nx_rsvd = 0 if nxe else PTE_NX
     none = (0, 0)
+    rsvd: tuple[tuple[int, int], ...]  # [level][ps]
     if mode is PagingMode.BIT32:
         # SDM §4.3 Table 4-4: a 4 MiB PDE holds PA bits (M'-1):32 in bits (M'-20):13, with
         # M' = min(MAXPHYADDR, PSE-36 width); bit 21 and the bits above M'-20 are reserved.
@@ -223,14 +224,11 @@ def _params(mode: PagingMode, nxe: bool, pse: bool, maxphy: int, pse36: int, pke
         # SDM §4.5: bits 51:M everywhere, 63 unless NXE; PS reserved in PML4E/PML5E; 1 GiB
         # leaf 29:13, 2 MiB leaf 20:13 (PAT is bit 12).
         base = above_m | nx_rsvd
-        rsvd = [none, (base, base), (base, base | bits(20, 13)), (base, base | bits(29, 13)),
-                (base | PTE_PS, base | PTE_PS)]
-        levels = 4
-        if mode is PagingMode.LONG5:
-            rsvd.append((base | PTE_PS, base | PTE_PS))
-            levels = 5
+        levels = 5 if mode is PagingMode.LONG5 else 4
+        rsvd = (none, (base, base), (base, base | bits(20, 13)), (base, base | bits(29, 13)),
+                *[(base | PTE_PS, base | PTE_PS)] * (levels - 3))
         ps_ok = (False, False, True, True, False, False)
-        return _Params(mode, levels, 8, nxe, pke, 9 * levels + 12, tuple(rsvd), ps_ok,
+        return _Params(mode, levels, 8, nxe, pke, 9 * levels + 12, rsvd, ps_ok,
                        bits(maxphy - 1, 12), 0)
     return _Params(mode, 0, 0, False, False, 32, (), (), 0, 0)
 

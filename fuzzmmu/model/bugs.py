@@ -207,9 +207,41 @@ class UnknownBugError(ValueError):
 
 
 class BugSet:
-    """Which mutants are on. Attribute tests keep the switches cheap on hot paths."""
+    """Which mutants are on. Attribute tests keep the switches cheap on hot paths; each switch
+    is declared, so that a misspelt one in the model is a type error (and the import below
+    fails if the declarations and the catalog part)."""
 
     __slots__ = (*_SWITCHES, "ids")
+    pte_write_no_misaligned_check: bool
+    nonpae_pde_single_spte: bool
+    walk_sets_accessed_early: bool
+    walk_error_code_from_hardware: bool
+    walk_checks_leaf_only: bool
+    mmio_zapped_spte_is_error: bool
+    wp_one_address_space: bool
+    inherited_access_leaf_level: bool
+    pte_update_ignores_role_access: bool
+    no_validate_direct_spte: bool
+    efer_nx_not_in_role: bool
+    cr0_wp_not_in_role: bool
+    smap_andnot_wp_not_in_role: bool
+    no_quadrant_filter: bool
+    cr3_outside_memslots_trusted: bool
+    local_flush_only: bool
+    gpte_recheck_only_new: bool
+    mmio_gen_published_before_zap: bool
+    fetch_errcode_32bit_nxe: bool
+    pte_write_widen_misaligned: bool
+    cr4_pse_not_in_role: bool
+    pae_shares_long_mode_pages: bool
+    pae_root_entry_stays_invalid: bool
+    smap_ac_wp0_conversion: bool
+    pae_root_needs_pdpt_memslot: bool
+    mmio_cache_outlives_walk: bool
+    mmio_cache_write_skips_dirty: bool
+    mmio_cache_ignores_smm: bool
+    mmio_cache_smm_memslot_gen: bool
+    dirty_bit_before_retry: bool
 
     def __init__(self, ids: Iterable[str] = ()) -> None:
         for attr in _SWITCHES:
@@ -234,5 +266,10 @@ def lookup(bug_id: str) -> Bug:
         raise UnknownBugError(f"unknown bug id {bug_id!r}; known ids: {known}")
     return bug
 
+
+_declared = {name for name, kind in BugSet.__annotations__.items() if kind == "bool"}
+if _declared != set(_SWITCHES):
+    raise ImportError("BugSet's switches and the catalog differ: "
+                      f"{sorted(_declared ^ set(_SWITCHES))}")
 
 NO_BUGS = BugSet()

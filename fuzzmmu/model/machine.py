@@ -249,7 +249,10 @@ class Machine:
 
     def zap_all(self) -> Observation:
         """kvm_mmu_zap_all_fast(), as a host-side toggle (e.g. of nx_huge_pages) triggers."""
-        return self._host_op(lambda: (self.kvm.kvm_mmu_zap_all_fast(), DONE)[1])
+        def op() -> Observation:
+            self.kvm.kvm_mmu_zap_all_fast()
+            return DONE
+        return self._host_op(op)
 
     def shrink(self, nr_to_scan: int) -> Observation:
         """The MMU shrinker: zap up to ``nr_to_scan`` of the oldest shadow pages."""
@@ -259,4 +262,7 @@ class Machine:
         """KVM_SET_NR_MMU_PAGES."""
         if goal < 16:
             return Observation(ObsKind.REJECTED, detail="fewer than 16 shadow pages")
-        return self._host_op(lambda: (self.kvm.kvm_mmu_change_mmu_pages(goal), DONE)[1])
+        def op() -> Observation:
+            self.kvm.kvm_mmu_change_mmu_pages(goal)
+            return DONE
+        return self._host_op(op)

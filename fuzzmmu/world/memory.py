@@ -29,7 +29,7 @@ class GuestMemory:
         self.num_pages = num_pages
         self.size = num_pages << PAGE_SHIFT
         self.array = np.zeros(self.size, dtype=np.uint8) if _array is None else _array
-        self._bytes = memoryview(self.array)
+        self._bytes = self.array.data  # a memoryview sharing the array's memory
         self._qwords = self._bytes.cast("Q")
         self._dwords = self._bytes.cast("I")
         self.dirty: set[int] = set()  # frames written since the owner last cleared the set

@@ -206,12 +206,13 @@ class KvmMmu:
     def rmap_remove(self, sp: ShadowPage, i: int) -> None:
         gfn = sp.get_gfn(i)
         slot = self.memslots.by_gfn[sp.smm].get(gfn)
-        rmap = self.slot_arch[slot].rmap.get(gfn) if slot is not None else None
-        if rmap is None or (sp, i) not in rmap:
+        rmaps = self.slot_arch[slot].rmap if slot is not None else None
+        rmap = rmaps.get(gfn) if rmaps is not None else None
+        if rmaps is None or rmap is None or (sp, i) not in rmap:
             raise ModelError(f"rmap_remove: spte {sp!r}[{i}] for gfn {gfn:#x} not in rmap")
         rmap.discard((sp, i))
         if not rmap:
-            del self.slot_arch[slot].rmap[gfn]
+            del rmaps[gfn]
 
     def drop_spte(self, sp: ShadowPage, i: int) -> None:
         """drop_spte(): clear a leaf spte and remove it from its rmap."""

@@ -1,0 +1,28 @@
+"""The mutant switches are typed: the model reads them as declared attributes of BugSet, so a
+misspelt switch is a type error, not an AttributeError that the executor would report as a
+model crash (a false finding)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mypy import api
+
+from fuzzmmu.model.bugs import CATALOG, BugSet
+
+
+def test_every_available_mutant_has_a_declared_switch() -> None:
+    declared = {n for n, t in BugSet.__annotations__.items() if t == "bool"}
+    assert declared == {b.attr for b in CATALOG if b.available}
+
+
+def test_a_misspelt_switch_is_a_type_error(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("from fuzzmmu.model.bugs import BugSet\n\n\n"
+                     "def f(bugs: BugSet) -> bool:\n"
+                     "    return (bugs.pte_write_no_misaligned_check\n"
+                     "            or bugs.pte_write_no_misalign)\n")
+    out, _, status = api.run([str(probe), "--no-incremental", "--cache-dir", str(tmp_path / "c")])
+    assert status == 1
+    assert 'has no attribute "pte_write_no_misalign"' in out
+    assert "Found 1 error" in out  # the real switch type-checks
