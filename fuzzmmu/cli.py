@@ -460,14 +460,16 @@ def build_parser() -> argparse.ArgumentParser:
     bn = sub.add_parser("bench", help="time-to-find per mutant and engine, throughput, "
                                       "minimization",
                         description="Run independent trials of each engine (atheris, "
-                                    "atheris-bytes, random, hypothesis) against each mutant "
+                                    "atheris-bytes, atheris-state, atheris-both, random, "
+                                    "hypothesis) against each mutant "
                                     "until its first divergence or the budget; print a table, "
                                     "write OUT/bench.json (every trial) and OUT/survival.png.")
     bn.add_argument("--bugs", nargs="+", metavar="ID",
                     help="mutants to find (default: every available one in the catalog)")
     bn.add_argument("--seed-mutants", action="store_true", help="only the seed mutants")
     bn.add_argument("--engines", nargs="+", metavar="E",
-                    help="atheris atheris-bytes random hypothesis (default: all)")
+                    help="atheris atheris-bytes atheris-state atheris-both random hypothesis "
+                         "(default: all)")
     bn.add_argument("--trials", type=int, default=5, help="trials per mutant and engine")
     bn.add_argument("--budget", type=float, default=30.0, metavar="S",
                     help="seconds per trial before it counts as a miss")

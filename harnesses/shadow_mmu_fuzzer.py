@@ -8,6 +8,9 @@ to libFuzzer:
   FUZZMMU_CONFIG=file       or a file with one bug id per line (# comments)
   FUZZMMU_AUDIT=1           also check the model's structural invariants after every op
   FUZZMMU_BYTE_SHARE=0.2    share of mutations left to libFuzzer's byte mutator (1: bytes only)
+  FUZZMMU_FEEDBACK=lines    what the coverage counters see: lines (Atheris's instrumentation of
+                            the model and the walker), state (the model's state features, the
+                            code uninstrumented) or both
 """
 
 import importlib.util
@@ -37,15 +40,28 @@ def uninstrumented_modules() -> list[str]:
     return names
 
 
-with atheris.instrument_imports(include=["fuzzmmu"], exclude=uninstrumented_modules()):
-    from fuzzmmu.campaign.harness import crossover, mutate, test_one_input
-    from fuzzmmu.campaign.settings import settings_from_environment
+# The settings decide what to instrument, so they are read first (the settings module and the
+# bug catalog it imports stay uninstrumented: neither is the system under test).
+from fuzzmmu.campaign.settings import settings_from_environment  # noqa: E402
 
 SETTINGS = settings_from_environment(os.environ)
 
+if SETTINGS.feedback.lines:
+    with atheris.instrument_imports(include=["fuzzmmu"], exclude=uninstrumented_modules()):
+        from fuzzmmu.campaign.harness import crossover, mutate, test_one_input
+else:
+    from fuzzmmu.campaign.harness import crossover, mutate, test_one_input
+
+if SETTINGS.feedback.state:
+    from fuzzmmu.campaign.feedback import CounterMap
+
+    COUNTERS = CounterMap(atheris)
+else:
+    COUNTERS = None
+
 
 def TestOneInput(data: bytes) -> None:
-    test_one_input(data, SETTINGS.bugs, SETTINGS.audit)
+    test_one_input(data, SETTINGS.bugs, SETTINGS.audit, COUNTERS)
 
 
 def CustomMutator(data: bytes, max_size: int, seed: int) -> bytes:

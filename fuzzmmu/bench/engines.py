@@ -3,6 +3,9 @@
 - ``atheris``: the campaign's harness (harnesses/shadow_mmu_fuzzer.py) under libFuzzer, with
   the op-level mutator, from the shipped corpus (fuzzmmu.bench.atheris_engine);
 - ``atheris-bytes``: the same with libFuzzer's byte mutator only;
+- ``atheris-state``: the same with the model's state features as coverage instead of the
+  lines of the model (fuzzmmu.campaign.feedback; the code runs uninstrumented);
+- ``atheris-both``: both kinds of coverage;
 - ``random``: the same decoder fed uniformly random bytes, no feedback;
 - ``hypothesis``: the stateful test of fuzzmmu.bench.stateful.
 
@@ -34,6 +37,8 @@ MAX_LEN = HEADER_SIZE + RECORD_SIZE * MAX_OPS
 class Engine(enum.Enum):
     ATHERIS = "atheris"
     ATHERIS_BYTES = "atheris-bytes"
+    ATHERIS_STATE = "atheris-state"
+    ATHERIS_BOTH = "atheris-both"
     RANDOM = "random"
     HYPOTHESIS = "hypothesis"
 

@@ -23,6 +23,7 @@ from typing import Any
 from fuzzmmu.bench.engines import Engine
 from fuzzmmu.campaign.fuzz import CampaignConfig, prepare, target_command, target_environment
 from fuzzmmu.campaign.processes import parent_death_signal
+from fuzzmmu.campaign.settings import Feedback
 from fuzzmmu.campaign.triage import is_crash_file, load_crash
 from fuzzmmu.program.text import format_program
 
@@ -94,12 +95,19 @@ def _worker(task: dict[str, Any], timeout: float) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+# The engines that run the campaign's harness under libFuzzer, and what their coverage sees.
+LIBFUZZER_ENGINES = (Engine.ATHERIS, Engine.ATHERIS_BYTES, Engine.ATHERIS_STATE,
+                     Engine.ATHERIS_BOTH)
+_FEEDBACK = {Engine.ATHERIS_STATE: Feedback.STATE, Engine.ATHERIS_BOTH: Feedback.BOTH}
+
+
 def _atheris(spec: TrialSpec, workdir: Path) -> TrialResult:
     bugs = (spec.bug,) if spec.bug else ()
     cfg = CampaignConfig(bugs=bugs, max_time=max(1, math.ceil(spec.budget)), seed=spec.seed,
                          corpus=workdir / "corpus", crashes=workdir / "crashes",
                          stats=workdir / "stats.jsonl", dashboard=False,
-                         byte_share=1.0 if spec.engine is Engine.ATHERIS_BYTES else 0.2)
+                         byte_share=1.0 if spec.engine is Engine.ATHERIS_BYTES else 0.2,
+                         feedback=_FEEDBACK.get(spec.engine, Feedback.LINES))
     prepare(cfg)
     launched = time.monotonic()
     # Not fork mode (one job): libFuzzer has no children, the parent-death signal covers it.
@@ -159,7 +167,7 @@ def _atheris(spec: TrialSpec, workdir: Path) -> TrialResult:
 def run_trial(spec: TrialSpec, workdir: Path, *, minimize_runs: int = 3000) -> TrialResult:
     """Run one trial; a divergence found is minimized (``minimize_runs`` 0: not minimized)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    if spec.engine in (Engine.ATHERIS, Engine.ATHERIS_BYTES):
+    if spec.engine in LIBFUZZER_ENGINES:
         result = _atheris(spec, workdir)
     else:
         task = {"task": "search", "engine": spec.engine.value,

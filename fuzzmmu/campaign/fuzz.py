@@ -36,7 +36,7 @@ from rich.table import Table
 
 from fuzzmmu.campaign.corpus import HARNESS, SEEDS, binary_seeds, corpus_stats
 from fuzzmmu.campaign.processes import ProcessTree
-from fuzzmmu.campaign.settings import TargetSettings
+from fuzzmmu.campaign.settings import Feedback, TargetSettings
 from fuzzmmu.campaign.triage import Crash, is_crash_file, load_crash, write_sidecar
 from fuzzmmu.program.codec import HEADER_SIZE, MAX_OPS, RECORD_SIZE
 
@@ -67,6 +67,7 @@ class CampaignConfig:
     libfuzzer_args: tuple[str, ...] = ()
     audit: bool = False
     byte_share: float = 0.2
+    feedback: Feedback = Feedback.LINES
     stats: Path = Path(".fuzzmmu/stats.jsonl")
     seeds: Path = SEEDS
     dashboard: bool = True
@@ -132,7 +133,7 @@ def target_command(cfg: CampaignConfig) -> list[str]:
 
 def target_environment(cfg: CampaignConfig) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(TargetSettings(cfg.bugs, cfg.audit, cfg.byte_share).environment())
+    env.update(TargetSettings(cfg.bugs, cfg.audit, cfg.byte_share, cfg.feedback).environment())
     # Fork mode re-executes the target by its path: its shebang must find this Python.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"

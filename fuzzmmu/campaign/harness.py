@@ -17,6 +17,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from fuzzmmu.campaign.feedback import CounterMap, StateFeedback
 from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
 from fuzzmmu.oracle.executor import run
 from fuzzmmu.program import world as W
@@ -139,9 +140,16 @@ RAISERS: dict[DivergenceKind, Callable[[Divergence], None]] = {
 }
 
 
-def test_one_input(data: bytes, bugs: Sequence[str] = (), audit: bool = False) -> None:
-    """Deterministic: the same bytes always give the same program and outcome."""
-    outcome = run(decode(data), bugs, audit=audit)
+def test_one_input(data: bytes, bugs: Sequence[str] = (), audit: bool = False,
+                   counters: CounterMap | None = None) -> None:
+    """Deterministic: the same bytes always give the same program and outcome. With
+    ``counters``, the run's state features are reported to libFuzzer through them."""
+    if counters is None:
+        outcome = run(decode(data), bugs, audit=audit)
+    else:
+        feedback = StateFeedback()
+        outcome = run(decode(data), bugs, audit=audit, observe=feedback)
+        counters.report(feedback.features)
     if outcome.divergence is not None:
         RAISERS[outcome.divergence.kind](outcome.divergence)
 

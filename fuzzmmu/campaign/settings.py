@@ -3,6 +3,7 @@ argv)."""
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,25 @@ ENV_BUGS = "FUZZMMU_BUGS"
 ENV_CONFIG = "FUZZMMU_CONFIG"
 ENV_AUDIT = "FUZZMMU_AUDIT"
 ENV_BYTE_SHARE = "FUZZMMU_BYTE_SHARE"
+ENV_FEEDBACK = "FUZZMMU_FEEDBACK"
+
+
+class Feedback(enum.Enum):
+    """What libFuzzer's coverage counters see: the lines of the model and the reference walker
+    (Atheris's instrumentation), the model's state features (fuzzmmu.campaign.feedback; the
+    code runs uninstrumented, about twice as fast), or both."""
+
+    LINES = "lines"
+    STATE = "state"
+    BOTH = "both"
+
+    @property
+    def lines(self) -> bool:
+        return self is not Feedback.STATE
+
+    @property
+    def state(self) -> bool:
+        return self is not Feedback.LINES
 
 
 class SettingsError(ValueError):
@@ -24,10 +44,11 @@ class TargetSettings:
     bugs: tuple[str, ...] = ()
     audit: bool = False
     byte_share: float = 0.2
+    feedback: Feedback = Feedback.LINES
 
     def environment(self) -> dict[str, str]:
         return {ENV_BUGS: ",".join(self.bugs), ENV_AUDIT: "1" if self.audit else "0",
-                ENV_BYTE_SHARE: str(self.byte_share)}
+                ENV_BYTE_SHARE: str(self.byte_share), ENV_FEEDBACK: self.feedback.value}
 
 
 def settings_from_environment(env: Mapping[str, str]) -> TargetSettings:
@@ -49,4 +70,9 @@ def settings_from_environment(env: Mapping[str, str]) -> TargetSettings:
         raise SettingsError(f"{ENV_BYTE_SHARE} must be a number between 0 and 1") from exc
     if not 0.0 <= share <= 1.0:
         raise SettingsError(f"{ENV_BYTE_SHARE} must be between 0 and 1, not {share}")
-    return TargetSettings(tuple(bugs), env.get(ENV_AUDIT, "0") not in ("", "0"), share)
+    try:
+        feedback = Feedback(env.get(ENV_FEEDBACK, Feedback.LINES.value))
+    except ValueError as exc:
+        raise SettingsError(f"{ENV_FEEDBACK} must be one of "
+                            f"{', '.join(f.value for f in Feedback)}") from exc
+    return TargetSettings(tuple(bugs), env.get(ENV_AUDIT, "0") not in ("", "0"), share, feedback)

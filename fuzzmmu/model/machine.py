@@ -85,6 +85,7 @@ class Machine:
                     return Observation(ObsKind.PF, cr2, 0, error_code)
                 if r == RET_PF_EMULATE:
                     kvm.point(Point.EMULATE, vcpu)
+                    kvm.stat.insn_emulation += 1
                     obs = emulate_access(kvm, vcpu, gva, write, fetch, width, value)
                     vcpu.pending_pf = None  # a fault of the emulated access is ``obs``
                     return obs

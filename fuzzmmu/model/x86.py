@@ -106,6 +106,7 @@ class Vcpu:
         if error_code & PFERR_P and not error_code & PFERR_RSVD:
             ctx.kvm_mmu_invalidate_addr(self.kvm, self, addr)
         self.pending_pf = (addr, error_code)
+        self.kvm.stat.pf_guest += 1
 
     # ------------------------------------------------------------------ MMIO info cache
 
@@ -175,6 +176,7 @@ class Vcpu:
                 reqs.discard("tlb_flush_current")
                 reqs.discard("tlb_flush_guest")
                 self.tlb.clear()
+                kvm.stat.tlb_flush += 1
         ctx.kvm_mmu_reload(kvm, self)
 
     # ------------------------------------------------------------------ CR writes
@@ -272,6 +274,7 @@ class Vcpu:
         return True
 
     def invlpg(self, gva: int) -> None:
+        self.kvm.stat.invlpg += 1
         ctx.kvm_mmu_invalidate_addr(self.kvm, self, gva)
 
     # ------------------------------------------------------------------ SMM

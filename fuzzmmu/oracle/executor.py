@@ -14,6 +14,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fuzzmmu.arch.bits import (
     CR0_PE,
@@ -414,6 +415,13 @@ class Outcome:
 
 
 Explainer = Callable[[Machine, ReferenceMachine, Step], object]
+class Observer(Protocol):
+    """Looks at both machines after every op they agree on, and once more when a program
+    ran to its end without a divergence (campaign feedback, fuzzmmu.campaign.feedback)."""
+
+    def __call__(self, op: Op, model: Machine, ref: ReferenceMachine) -> None: ...
+
+    def end(self, model: Machine, ref: ReferenceMachine) -> None: ...
 
 # A divergence signature names the mode the vCPU was in. It is captured before each step or op
 # as the vCPU's (cr0, cr3, cr4, efer, smm), which is cheap, and named only for a divergence;
@@ -452,7 +460,8 @@ class Executor:
     """Drives one program; ``run`` returns its Outcome. Nothing is shared with other runs."""
 
     def __init__(self, program: Program, bugs: Iterable[str] = (), *, audit: bool = False,
-                 trace: bool = False, explain: tuple[int, Explainer] | None = None) -> None:
+                 trace: bool = False, explain: tuple[int, Explainer] | None = None,
+                 observe: Observer | None = None) -> None:
         h = program.header
         self.program = program
         self.bugset = BugSet(bugs)
@@ -460,6 +469,7 @@ class Executor:
         self.outcome = Outcome(program, self.bugset.ids)
         self.tracing = trace
         self.explain = explain  # (step index, callback): look at both machines before it
+        self.observe = observe  # called after every op both machines agree on
         self.model = Machine(MmuConfig(h.policy, h.mmio_gen_bits, h.maxphyaddr,
                                            h.mmu_pages), self.bugset)
         self.ref = ReferenceMachine(h.maxphyaddr)
@@ -487,6 +497,9 @@ class Executor:
         for i, op in enumerate(self.program.ops):
             if self.step(i, op) is not None:
                 break
+        else:
+            if self.observe is not None:
+                self.observe.end(self.model, self.ref)
         return self.outcome
 
     def step(self, i: int, op: Op) -> Divergence | None:
@@ -502,6 +515,8 @@ class Executor:
             div = self._compare_state(i, op, mode)
         if div is not None:
             self.outcome.divergence = div
+        elif self.observe is not None:
+            self.observe(op, self.model, self.ref)
         return div
 
     # -- one op
@@ -723,10 +738,13 @@ def _regs_str(regs: tuple) -> str:
 
 
 def run(program: Program, bugs: Iterable[str] = (), *, audit: bool = False,
-        trace: bool = False, explain: tuple[int, Explainer] | None = None) -> Outcome:
+        trace: bool = False, explain: tuple[int, Explainer] | None = None,
+        observe: Observer | None = None) -> Outcome:
     """Run ``program`` on model and reference; the Outcome holds the first divergence.
-    ``explain=(k, f)`` calls ``f(model, reference, step)`` just before the k-th step runs."""
-    executor = Executor(program, bugs, audit=audit, trace=trace, explain=explain)
+    ``explain=(k, f)`` calls ``f(model, reference, step)`` just before the k-th step runs;
+    ``observe`` looks at both machines after every op they agree on (an Observer)."""
+    executor = Executor(program, bugs, audit=audit, trace=trace, explain=explain,
+                        observe=observe)
     try:
         return executor.run()
     finally:

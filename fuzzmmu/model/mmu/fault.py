@@ -84,13 +84,21 @@ def kvm_mmu_page_fault(kvm: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> i
         r = handle_mmio_page_fault(kvm, vcpu, addr)
         if r == RET_PF_EMULATE:
             return r
-    if r == RET_PF_INVALID:
+    if r == RET_PF_INVALID:  # kvm_mmu_do_page_fault()
         fault = PageFault(addr, error_code & ~PFERR_RSVD)
         assert vcpu.mmu.cpu_role is not None
+        stat = kvm.stat
+        stat.pf_taken += 1
         if vcpu.mmu.cpu_role.pg:
             r = paging_page_fault(kvm, vcpu, fault)
         else:
             r = direct_page_fault(kvm, vcpu, fault)
+        if r == RET_PF_FIXED:
+            stat.pf_fixed += 1
+        elif r == RET_PF_EMULATE:
+            stat.pf_emulate += 1
+        elif r == RET_PF_SPURIOUS:
+            stat.pf_spurious += 1
     return r
 
 

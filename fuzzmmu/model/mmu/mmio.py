@@ -34,6 +34,7 @@ def mark_mmio_spte(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, i: int, gfn: int, ac
     else:
         spte = S.make_mmio_spte(gfn, access, gen, kvm.config.mmio_gen_bits)
     sp.sptv[i] = spte
+    kvm.stat.pf_mmio_spte_created += 1
     if kvm.trace is not None:  # the detail only for a trace
         kvm.emit("mark_mmio_spte", sp, f"[{i}] gfn={gfn:#x} gen={gen & mmio_gen_mask(kvm)}")
 

@@ -18,6 +18,7 @@ from fuzzmmu.model.mmu import spte as S
 from fuzzmmu.model.mmu.internal import MmuConfig, ModelError, Point
 from fuzzmmu.model.mmu.page import ShadowPage
 from fuzzmmu.model.mmu.role import INVALID, with_access, with_direct, with_level, with_quadrant
+from fuzzmmu.model.mmu.stats import MmuStats
 from fuzzmmu.model.mmu.trace import Event
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class KvmMmu:
         self.bugs = bugs
         self.trace = trace
         self.vcpus: list[Vcpu] = []
+        self.stat = MmuStats()
         self.page_hash: dict[int, list[ShadowPage]] = {}
         self.active_mmu_pages: dict[ShadowPage, None] = {}  # insertion order: oldest first
         self.sp_by_hpfn: dict[int, ShadowPage] = {}
@@ -105,6 +107,7 @@ class KvmMmu:
         sequential model the flush is immediate. Before kvm-28 only the vCPU that reduced
         the permissions flushed."""
         self.emit("flush_remote_tlbs")
+        self.stat.remote_tlb_flush += 1
         if self.bugs.local_flush_only and self.current_vcpu is not None:
             self.current_vcpu.tlb.clear()
             return
@@ -280,6 +283,7 @@ class KvmMmu:
         sp = self.kvm_mmu_find_shadow_page(gfn, role)
         self.created_last = sp is None
         if sp is None:
+            self.stat.mmu_cache_miss += 1
             sp = self.kvm_mmu_alloc_shadow_page(gfn, role)
         return sp
 
@@ -298,6 +302,7 @@ class KvmMmu:
     def kvm_mmu_prepare_zap_page(self, sp: ShadowPage, invalid_list: list[ShadowPage]) -> bool:
         """__kvm_mmu_prepare_zap_page(); returns whether the active list changed beyond sp."""
         self.emit("zap_sp", sp)
+        self.stat.mmu_shadow_zapped += 1
         zapped_children = False
         for i in np.flatnonzero(sp.spt).tolist():
             zapped_children |= self.mmu_page_zap_pte(sp, i)
@@ -353,6 +358,7 @@ class KvmMmu:
                     restart = True
                     break
         self.kvm_mmu_commit_zap_page(invalid)
+        self.stat.mmu_recycled += total
         return total
 
     def kvm_mmu_available_pages(self) -> int:

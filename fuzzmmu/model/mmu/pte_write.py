@@ -100,6 +100,7 @@ def kvm_mmu_track_write(kvm: KvmMmu, vcpu: Vcpu, gpa: int, nbytes: int) -> None:
     """Called after the emulator wrote ``nbytes`` at ``gpa`` (kvm_page_track_write)."""
     if not kvm.indirect_shadow_pages:
         return
+    kvm.stat.mmu_pte_write += 1
     gfn = gpa >> PAGE_SHIFT
     gpa, nbytes, gentry = mmu_pte_write_fetch_gpte(vcpu, gpa, nbytes,
                                                    kvm.bugs.pte_write_widen_misaligned)
@@ -117,6 +118,7 @@ def kvm_mmu_track_write(kvm: KvmMmu, vcpu: Vcpu, gpa: int, nbytes: int) -> None:
                       and detect_write_misaligned(sp, gpa, nbytes))
         if misaligned or detect_write_flooding(sp):
             kvm.kvm_mmu_prepare_zap_page(sp, invalid)
+            kvm.stat.mmu_flooded += 1
             continue
         written = get_written_sptes(kvm, sp, gpa)
         if written is None:
@@ -126,6 +128,8 @@ def kvm_mmu_track_write(kvm: KvmMmu, vcpu: Vcpu, gpa: int, nbytes: int) -> None:
         for i in range(first, first + npte):
             old = sp.sptv[i]
             kvm.mmu_page_zap_pte(sp, i)
+            if gentry and sp.level != 1:
+                kvm.stat.mmu_pde_zapped += 1
             if (update and gentry and not (sp.role ^ base_role) & BASE_ROLE_MASK
                     and sp.level == 1):
                 mmu_pte_write_new_pte(kvm, vcpu, sp, i, gentry)
