@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fuzzmmu import __version__
+from fuzzmmu.campaign.settings import Feedback
 
 # A 4-level example: a user read-only page, a user no-execute page and a supervisor 2 MiB page.
 DEMO_SPEC = """\
@@ -167,7 +168,7 @@ def _cmd_fuzz(args: argparse.Namespace, console: Console) -> int:
                          corpus=Path(args.corpus), crashes=Path(args.crashes), seed=args.seed,
                          keep_going=args.keep_going, libfuzzer_args=tuple(extra),
                          audit=args.audit, byte_share=args.byte_share, stats=Path(args.stats),
-                         dashboard=not args.no_dashboard)
+                         dashboard=not args.no_dashboard, feedback=Feedback(args.feedback))
     result = Campaign(cfg, console).run()
     summary(console, result)
     return 1 if result.divergences else 0
@@ -413,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check the model's structural invariants after every op")
     f.add_argument("--byte-share", type=float, default=0.2, metavar="F",
                    help="share of mutations left to libFuzzer's byte mutator (1: bytes only)")
+    f.add_argument("--feedback", choices=[x.value for x in Feedback],
+                   default=Feedback.LINES.value,
+                   help="what libFuzzer's coverage sees: the lines of the model and walker "
+                        "(instrumented), the model's state features (uninstrumented, faster), "
+                        "or both")
     f.add_argument("--stats", default=".fuzzmmu/stats.jsonl", metavar="FILE",
                    help="JSON lines of statistics, one per second")
     f.add_argument("--no-dashboard", action="store_true",
