@@ -49,7 +49,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fuzzmmu import __version__
+from fuzzmmu.campaign.processes import STOP_SIGNALS, handling
 from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
 from fuzzmmu.oracle.executor import run
 from fuzzmmu.program.codec import HEADER_SIZE, MAX_OPS, RECORD_SIZE, decode, encode
@@ -93,8 +94,6 @@ ATHERIS_OVERRUN_S = 15.0
 OVERRUN_S = 60.0
 # Programs of one signature written to OUT/programs/<id>/: all are counted, the first few kept.
 KEEP_PER_SIGNATURE = 20
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
-                     if hasattr(signal, n))
 
 
 class SoakError(ValueError):
@@ -607,21 +606,6 @@ def git_commit(where: Path | None = None) -> str | None:
     return sha if proc.returncode == 0 and sha else None
 
 
-@contextlib.contextmanager
-def _handling(handler: Callable[[int, object], None]) -> Iterator[None]:
-    """``handler`` for the stop signals inside the block. Only the main thread may install
-    handlers; elsewhere Ctrl-C stays a KeyboardInterrupt, which the soak also handles."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-
-
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -747,7 +731,7 @@ class _Soak:
                            f"{' or '.join(until)}; audit {audit}; seed {cfg.seed}; "
                            f"bugs {', '.join(self.result.bugs) or 'none (the clean model)'}; "
                            f"out {cfg.out}", highlight=False)
-        with _handling(self.on_signal):
+        with handling(STOP_SIGNALS, self.on_signal):
             try:
                 self._workers(plans, deadline)
             except KeyboardInterrupt:  # not the main thread: no handler was installed

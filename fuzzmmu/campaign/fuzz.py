@@ -13,7 +13,6 @@ before the last crash files are signed, so every crash file gets its sidecars.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -24,7 +23,6 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from fuzzmmu.campaign.corpus import HARNESS, SEEDS, binary_seeds, corpus_stats
-from fuzzmmu.campaign.processes import ProcessTree
+from fuzzmmu.campaign.processes import STOP_SIGNALS, ProcessTree, handling
 from fuzzmmu.campaign.settings import Feedback, TargetSettings
 from fuzzmmu.campaign.triage import Crash, is_crash_file, load_crash, write_sidecar
 from fuzzmmu.program.codec import HEADER_SIZE, MAX_OPS, RECORD_SIZE
@@ -48,12 +46,6 @@ _STATUS = re.compile(
     r"#(?P<execs>\d+):?\s+(?:\w+\s+)?cov: (?P<cov>\d+) ft: (?P<ft>\d+) corp: (?P<corp>\d+)"
     r"(?:/\S+)?(?: lim: \d+)? exec/s:? (?P<rate>\d+)(?: rss: (?P<rss>\d+)Mb)?"
     r"(?: oom/timeout/crash: (?P<oom>\d+)/(?P<timeout>\d+)/(?P<crash>\d+))?")
-
-# What stops a campaign started from a terminal (SIGINT, SIGHUP), by `timeout`, systemd, a batch
-# scheduler or CI (SIGTERM).
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
-                     if hasattr(signal, n))
-
 
 @dataclass
 class CampaignConfig:
@@ -270,7 +262,7 @@ class Campaign:
                 self.known.add(p.name)
         if copied:
             self.console.print(f"seeded {cfg.corpus} with {copied} programs from {cfg.seeds}")
-        with _handling(STOP_SIGNALS, self._on_signal):
+        with handling(STOP_SIGNALS, self._on_signal):
             return self._run(cfg)
 
     def _run(self, cfg: CampaignConfig) -> CampaignResult:
@@ -349,24 +341,6 @@ class Campaign:
                            f"ft {s.ft} corpus {s.corpus} divergences "
                            f"{sum(1 for c in self.crashes.values() if c.divergence)}",
                            highlight=False)
-
-
-@contextlib.contextmanager
-def _handling(signals: tuple[signal.Signals, ...],
-              handler: Callable[[int, object], None]) -> Iterator[None]:
-    """``handler`` for ``signals`` inside the block, the previous handlers after it. Only the
-    main thread may install handlers: elsewhere (a campaign run from a worker thread) the
-    caller's own handling stays, as Ctrl-C's KeyboardInterrupt does."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {sig: signal.signal(sig, handler) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, previous in old.items():
-            # None: a handler not installed from Python; the default is the closest to it.
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 def summary(console: Console, result: CampaignResult) -> None:

@@ -27,13 +27,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 PROC = Path("/proc")
+# What stops a campaign started from a terminal (SIGINT, SIGHUP), by `timeout`, systemd, a batch
+# scheduler or CI (SIGTERM).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, n))
 # How long a stopped group gets to exit on SIGTERM before SIGKILL. libFuzzer exits within a
 # fraction of a second (its handler calls _Exit); this only bounds a process that is stuck.
 GRACE_S = 5.0
@@ -303,3 +308,21 @@ class ProcessTree:
                 self._sentinel.kill()
                 self._sentinel.wait()
             self._sentinel = None
+
+
+@contextlib.contextmanager
+def handling(signals: tuple[signal.Signals, ...],
+             handler: Callable[[int, object], None]) -> Iterator[None]:
+    """``handler`` for ``signals`` inside the block, the previous handlers after it. Only the
+    main thread may install handlers: elsewhere (a campaign run from a worker thread) the
+    caller's own handling stays, as Ctrl-C's KeyboardInterrupt does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            # None: a handler not installed from Python; the default is the closest to it.
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
