@@ -36,8 +36,9 @@ class MinimizeResult:
 
 class _Oracle:
     def __init__(self, bugs: Sequence[str], signature: str, budget: int,
-                 progress: Callable[[int, int], None] | None) -> None:
+                 progress: Callable[[int, int], None] | None, audit: bool) -> None:
         self.bugs = tuple(bugs)
+        self.audit = audit
         self.signature = signature
         self.budget = budget
         self.runs = 0
@@ -52,7 +53,7 @@ class _Oracle:
         if self.runs >= self.budget:
             return False
         self.runs += 1
-        d = run(p, self.bugs).divergence
+        d = run(p, self.bugs, audit=self.audit).divergence
         ok = d is not None and d.signature == self.signature
         self.cache[p] = ok
         if self.progress is not None:
@@ -124,11 +125,14 @@ def _field_variants(op: Op) -> list[Op]:
 
 
 def minimize(program: Program, bugs: Sequence[str] = (), *, max_runs: int = 3000,
-             progress: Callable[[int, int], None] | None = None) -> MinimizeResult:
-    first = run(program, bugs).divergence
+             progress: Callable[[int, int], None] | None = None,
+             audit: bool = False) -> MinimizeResult:
+    """``audit``: candidates run with the structural audit, so that an audit violation (which
+    only the audit sees) can be minimized too."""
+    first = run(program, bugs, audit=audit).divergence
     if first is None:
         raise NotDivergent("the program does not diverge (with these bugs)")
-    oracle = _Oracle(bugs, first.signature, max_runs, progress)
+    oracle = _Oracle(bugs, first.signature, max_runs, progress, audit)
     header = program.header
     ops = list(program.ops)
 

@@ -196,6 +196,15 @@ CATALOG: tuple[Bug, ...] = (
         "open: FNAME(walk_addr_generic) calls FNAME(update_accessed_dirty_bits) before "
         "FNAME(fetch)'s gpte_changed() may retry (found by fuzzmmu's random engine)",
         "current", False, ("walker", "interleaving")),
+    Bug("kvm.mmio-spte-counts-as-writable", "mmio_spte_counts_as_writable",
+        "a stale MMIO spte whose cached access has W is replaced by a RAM spte (the gfn is RAM "
+        "again) without the write-protection check, because make_spte() takes it for an "
+        "already writable spte: a guest page table reached there is written without KVM "
+        "seeing it, and the shadow of it goes stale",
+        "open: make_spte() skips mmu_try_to_unsync_pages() when is_writable_pte(old_spte), "
+        "and mmu_set_spte() passes a non-present (MMIO) old spte too (found by fuzzmmu's "
+        "clean-model soak with the audit; as read in v6.10 sources, not checked on a KVM with "
+        "MMIO caching)", "current", False, ("mmio", "memslots", "smm")),
 )
 
 _BY_ID = {b.id: b for b in CATALOG}
@@ -241,6 +250,7 @@ class BugSet:
     mmio_cache_write_skips_dirty: bool
     mmio_cache_ignores_smm: bool
     mmio_cache_smm_memslot_gen: bool
+    mmio_spte_counts_as_writable: bool
     dirty_bit_before_retry: bool
 
     def __init__(self, ids: Iterable[str] = ()) -> None:

@@ -411,8 +411,13 @@ def make_spte(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, pte_access: int, pfn: int
     writable = False
     wrprot = False
     if pte_access & ACC_W:
-        if old & S.SPTE_W:
-            # Already writable: write protection is kvm_mmu_get_page()'s responsibility.
+        # Already writable: write protection is kvm_mmu_create_sp()'s responsibility. Only a
+        # present spte can be: an MMIO spte keeps the cached access, W included, in the same
+        # bit, and a stale one being replaced says nothing about write protection (KVM asks
+        # is_writable_pte() alone: the kvm.mmio-spte-counts-as-writable mutant).
+        was_writable = old & S.SPTE_W and (old & S.SPTE_MMU_PRESENT
+                                           or kvm.bugs.mmio_spte_counts_as_writable)
+        if was_writable:
             writable = True
         elif mmu_try_to_unsync_pages(kvm, sp.smm, gfn):
             wrprot = True
