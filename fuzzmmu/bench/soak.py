@@ -610,14 +610,15 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _minimize_task(task: tuple[str, str, tuple[str, ...], int]) -> dict[str, Any]:
-    """In a pool process: minimize one signature's program."""
+def _minimize_task(task: tuple[str, str, tuple[str, ...], int, bool]) -> dict[str, Any]:
+    """In a pool process: minimize one signature's program (with the structural audit when
+    only the audit saw it)."""
     from fuzzmmu.campaign.minimize import NotDivergent, minimize
 
-    signature, text, bugs, max_runs = task
+    signature, text, bugs, max_runs, audit = task
     start = time.monotonic()
     try:
-        result = minimize(parse_program(text), bugs, max_runs=max_runs)
+        result = minimize(parse_program(text), bugs, max_runs=max_runs, audit=audit)
     except NotDivergent:
         return {"signature": signature, "note": "does not diverge when replayed"}
     out: dict[str, Any] = {"signature": signature, "text": format_program(result.program),
@@ -814,9 +815,6 @@ class _Soak:
         for g in groups:
             if self.cfg.minimize_runs == 0:
                 g.minimize_note = "not minimized (--minimize-runs 0)"
-            elif g.kind == DivergenceKind.AUDIT_VIOLATION.value:
-                g.minimize_note = ("not minimized: the minimizer replays without the "
-                                   "structural audit")
             else:
                 todo.append(g)
         if not todo or self.signals > 1:
@@ -824,8 +822,8 @@ class _Soak:
         self.console.print(f"minimizing {len(todo)} signature(s) on "
                            f"{min(self.cfg.jobs, len(todo))} process(es)", highlight=False)
         ctx = multiprocessing.get_context("spawn")
-        tasks = [(g.signature, g.program, self.result.bugs, self.cfg.minimize_runs)
-                 for g in todo]
+        tasks = [(g.signature, g.program, self.result.bugs, self.cfg.minimize_runs,
+                  g.kind == DivergenceKind.AUDIT_VIOLATION.value) for g in todo]
         seen = self.signals
         with ctx.Pool(min(self.cfg.jobs, len(todo)), initializer=_ignore_sigint) as pool:
             results = pool.imap_unordered(_minimize_task, tasks)
