@@ -66,4 +66,8 @@ def test_all_mutants_at_once_never_break_the_harness() -> None:
     for seed in range(12):
         program = random_program(random.Random(seed), 40)
         outcome = run(program, everything, audit=True)
-        assert outcome.ops_run >= 0
+        d = outcome.divergence
+        if d is None:
+            assert outcome.ops_run == len(program.ops)
+        else:  # an outcome: the op it names is the last one run (-1: the boot)
+            assert -1 <= d.op_index < len(program.ops) and outcome.ops_run == d.op_index + 1

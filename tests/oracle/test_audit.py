@@ -934,6 +934,9 @@ def test_gpte_recheck_mutant_runs() -> None:
     enter_long4(d, 0)
     d.acc(0, user_va(9), R)  # links the PT; prefetch stops at the MMIO gpte 8
     d.acc(0, user_va(10), R)  # the PT is linked already: prefetch reads gptes 8-15
+    # (acc() asserts each read reached RAM); nothing was changed under the walk, so skipping
+    # the re-check leaves the shadow state sound
+    assert audit(d.m) == []
 
 
 def test_audit_sees_direct_sp_reused_after_dirty() -> None:
