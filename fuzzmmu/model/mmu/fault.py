@@ -58,8 +58,8 @@ KVM_PFN_NOSLOT = -1
 class PageFault:
     """struct kvm_page_fault."""
 
-    __slots__ = ("addr", "error_code", "gfn", "hva", "mmu_seq", "pfn", "prefetch",
-                 "present", "slot", "user", "write")
+    __slots__ = ("addr", "error_code", "gfn", "gpte_size", "hva", "mmu_seq", "pfn", "prefetch",
+                 "present", "slot", "user", "walker", "write")
 
     def __init__(self, addr: int, error_code: int) -> None:
         self.addr = addr
@@ -73,6 +73,9 @@ class PageFault:
         self.pfn = KVM_PFN_NOSLOT
         self.hva = -1
         self.mmu_seq = 0
+        # A write whose leaf gpte's D bit the walk left to set (GuestWalker.dirty_pending).
+        self.walker: GuestWalker | None = None
+        self.gpte_size = 8
 
 
 def kvm_mmu_page_fault(kvm: KvmMmu, vcpu: Vcpu, addr: int, error_code: int) -> int:
@@ -160,6 +163,10 @@ def paging_page_fault(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
     # model sets D when the fault commits (the kvm.dirty-bit-before-retry mutant: KVM's way).
     w = walk_addr(kvm, vcpu, fault.addr, fault.error_code, vcpu.eflags_ac,
                   defer_dirty=not kvm.bugs.dirty_bit_before_retry)
+    if w.dirty_pending:
+        assert vcpu.mmu.cpu_role is not None
+        fault.walker = w
+        fault.gpte_size = 4 if vcpu.mmu.cpu_role.level == 2 else 8
     if not kvm.bugs.mmio_cache_outlives_walk:
         # The walk is the guest's translation now; an MMIO translation cached from older
         # tables must not outlive it (SDM §4.10.4.1: a #PF invalidates the address too). A
@@ -178,12 +185,11 @@ def paging_page_fault(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
         shadow_page_table_clear_flood(kvm, vcpu, fault.addr)
         return RET_PF_EMULATE
     r = kvm_faultin_pfn(kvm, vcpu, fault, w.pte_access)
-    if r == RET_PF_EMULATE and w.dirty_pending:
-        # No memslot: the emulator writes through the MMIO info cached from this walk without
-        # walking again, so the write is committed here.
-        assert vcpu.mmu.cpu_role is not None
-        if not set_pending_dirty(vcpu, w, 4 if vcpu.mmu.cpu_role.level == 2 else 8):
-            return RET_PF_RETRY
+    # No memslot: the emulator writes through the MMIO info cached from this walk without
+    # walking again, so the write is committed here.
+    if (r == RET_PF_EMULATE and w.dirty_pending
+            and not set_pending_dirty(vcpu, w, fault.gpte_size)):
+        return RET_PF_RETRY
     if r != RET_PF_CONTINUE:
         return r
     kvm.point(Point.FAULTIN, vcpu)
@@ -361,8 +367,6 @@ def fetch(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault, w: GuestWalker) -> int:
 
     i = _index(fault.addr, 1)
     kvm.point(Point.PRE_LEAF, vcpu)
-    if w.dirty_pending and not set_pending_dirty(vcpu, w, 4 if role.level == 2 else 8):
-        return RET_PF_RETRY
     ret = mmu_set_spte(kvm, vcpu, fault.slot, sp, i, w.pte_access, fault.gfn, fault.pfn, fault)
     if ret == RET_PF_SPURIOUS:
         return ret
@@ -448,6 +452,13 @@ def mmu_set_spte(kvm: KvmMmu, vcpu: Vcpu, slot: Memslot | None, sp: ShadowPage, 
         else:
             was_rmapped = True
     spte, wrprot = make_spte(kvm, vcpu, sp, pte_access, pfn, old, prefetch, gfn)
+    # The faulting write goes through this spte: only now is its gpte dirty (SDM §4.8). A
+    # write that is emulated instead (a write-protected gfn) walks and sets D itself.
+    if (fault is not None and fault.walker is not None and spte & S.SPTE_W
+            and not set_pending_dirty(vcpu, fault.walker, fault.gpte_size)):
+        if flush:
+            kvm.kvm_flush_remote_tlbs_gfn(gfn)
+        return RET_PF_RETRY
     ret = RET_PF_FIXED
     if old == spte:
         ret = RET_PF_SPURIOUS
