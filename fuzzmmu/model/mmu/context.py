@@ -417,22 +417,26 @@ def kvm_mmu_invalidate_addr(kvm: KvmMmu, vcpu: Vcpu, gva: int) -> None:
     vcpu.clear_mmio_info(gva)
 
 
-def shadow_walk(kvm: KvmMmu, vcpu: Vcpu, addr: int) -> list[tuple[ShadowPage, int, int]]:
-    """for_each_shadow_entry(): (sp, index, level) from the root down while sptes are present
-    non-leaf; the last element is the first non-present or leaf entry."""
+def shadow_walk_init(kvm: KvmMmu, vcpu: Vcpu, addr: int) -> tuple[ShadowPage | None, int]:
+    """shadow_walk_init(): the shadow page the walk for ``addr`` starts at, and its level;
+    (None, 0) without a root (or with an invalid PAE root entry)."""
     mmu = vcpu.mmu
-    out: list[tuple[ShadowPage, int, int]] = []
     if mmu.root_hpa == PAE_ROOT:
         entry = mmu.pae_root[(addr >> 30) & 3]
         if not entry:
-            return out
-        sp: ShadowPage | None = kvm.root_to_sp(entry & S.SPTE_BASE_ADDR_MASK)
-        level = 2
-    elif mmu.root_hpa >= 0:
+            return None, 0
+        return kvm.root_to_sp(entry & S.SPTE_BASE_ADDR_MASK), 2
+    if mmu.root_hpa >= 0:
         sp = kvm.root_to_sp(mmu.root_hpa)
-        level = sp.level if sp is not None else 0
-    else:
-        return out
+        return sp, sp.level if sp is not None else 0
+    return None, 0
+
+
+def shadow_walk(kvm: KvmMmu, vcpu: Vcpu, addr: int) -> list[tuple[ShadowPage, int, int]]:
+    """for_each_shadow_entry(): (sp, index, level) from the root down while sptes are present
+    non-leaf; the last element is the first non-present or leaf entry."""
+    out: list[tuple[ShadowPage, int, int]] = []
+    sp, level = shadow_walk_init(kvm, vcpu, addr)
     while sp is not None:
         index = (addr >> (PAGE_SHIFT + 9 * (level - 1))) & 511
         out.append((sp, index, level))

@@ -25,7 +25,7 @@ from fuzzmmu.arch.bits import (
     PTE_P,
 )
 from fuzzmmu.model.mmu import spte as S
-from fuzzmmu.model.mmu.context import DUMMY_ROOT, PAE_ROOT
+from fuzzmmu.model.mmu.context import DUMMY_ROOT, PAE_ROOT, shadow_walk, shadow_walk_init
 from fuzzmmu.model.mmu.internal import (
     RET_PF_CONTINUE,
     RET_PF_EMULATE,
@@ -148,7 +148,7 @@ def page_fault_handle_page_track(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> b
 
 
 def shadow_page_table_clear_flood(kvm: KvmMmu, vcpu: Vcpu, addr: int) -> None:
-    for sp, _index, _level in _walk_path(kvm, vcpu, addr):
+    for sp, _i, _level in shadow_walk(kvm, vcpu, addr):
         sp.write_flooding_count = 0
 
 
@@ -187,8 +187,7 @@ def paging_page_fault(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
     r = kvm_faultin_pfn(kvm, vcpu, fault, w.pte_access)
     # No memslot: the emulator writes through the MMIO info cached from this walk without
     # walking again, so the write is committed here.
-    if (r == RET_PF_EMULATE and w.dirty_pending
-            and not set_pending_dirty(vcpu, w, fault.gpte_size)):
+    if r == RET_PF_EMULATE and not _commit_dirty(vcpu, fault):
         return RET_PF_RETRY
     if r != RET_PF_CONTINUE:
         return r
@@ -235,36 +234,8 @@ def direct_page_fault(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
 # ---------------------------------------------------------------------- shadow walks
 
 
-def _root_start(kvm: KvmMmu, vcpu: Vcpu, addr: int) -> tuple[ShadowPage | None, int]:
-    """shadow_walk_init(): the first shadow page and its level; (None, 0) if none."""
-    mmu = vcpu.mmu
-    if mmu.root_hpa == PAE_ROOT:
-        entry = mmu.pae_root[(addr >> 30) & 3]
-        if not entry:
-            return None, 0
-        return kvm.root_to_sp(entry & S.SPTE_BASE_ADDR_MASK), 2
-    if mmu.root_hpa >= 0:
-        sp = kvm.root_to_sp(mmu.root_hpa)
-        return sp, sp.level if sp is not None else 0
-    return None, 0
-
-
 def _index(addr: int, level: int) -> int:
     return (addr >> (PAGE_SHIFT + 9 * (level - 1))) & 511
-
-
-def _walk_path(kvm: KvmMmu, vcpu: Vcpu, addr: int) -> list[tuple[ShadowPage, int, int]]:
-    sp, level = _root_start(kvm, vcpu, addr)
-    out = []
-    while sp is not None:
-        i = _index(addr, level)
-        out.append((sp, i, level))
-        spte = sp.sptv[i]
-        if not spte & S.SPTE_MMU_PRESENT or S.is_last_spte(spte, level):
-            break
-        sp = kvm.spte_to_child_sp(spte)
-        level -= 1
-    return out
 
 
 def gpte_changed(vcpu: Vcpu, w: GuestWalker, level: int) -> bool:
@@ -317,7 +288,7 @@ def fetch(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault, w: GuestWalker) -> int:
         vcpu.requests.add("free_obsolete_roots")
         return RET_PF_RETRY
 
-    sp, level = _root_start(kvm, vcpu, fault.addr)
+    sp, level = shadow_walk_init(kvm, vcpu, fault.addr)
     if sp is None and mmu.root_hpa == PAE_ROOT and not kvm.bugs.pae_root_entry_stays_invalid:
         # The guest walk went through a PDPTE whose PAE root entry was left invalid because
         # its gfn was outside every memslot when the root was loaded; a memslot created since
@@ -375,7 +346,7 @@ def fetch(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault, w: GuestWalker) -> int:
 
 
 def direct_map(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
-    sp, level = _root_start(kvm, vcpu, fault.addr)
+    sp, level = shadow_walk_init(kvm, vcpu, fault.addr)
     if sp is None:
         raise VmError("KVM_RUN: -EFAULT (direct_map found no shadow root)")
     while level > 1:
@@ -432,6 +403,15 @@ def make_spte(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, pte_access: int, pfn: int
     return spte, wrprot
 
 
+def _commit_dirty(vcpu: Vcpu, fault: PageFault | None) -> bool:
+    """The write of ``fault`` is about to happen through the translation its walk found: set
+    the leaf's D bit the walk left clear (set_pending_dirty()); False when the gpte changed
+    meanwhile (retry). Nothing to do for prefetches, direct faults and reads."""
+    if fault is None or fault.walker is None or not fault.walker.dirty_pending:
+        return True
+    return set_pending_dirty(vcpu, fault.walker, fault.gpte_size)
+
+
 def mmu_set_spte(kvm: KvmMmu, vcpu: Vcpu, slot: Memslot | None, sp: ShadowPage, i: int,
                  pte_access: int, gfn: int, pfn: int, fault: PageFault | None) -> int:
     """mmu_set_spte(): MMIO spte for no-slot pfns; replace a stale spte (flushing); make the
@@ -439,6 +419,9 @@ def mmu_set_spte(kvm: KvmMmu, vcpu: Vcpu, slot: Memslot | None, sp: ShadowPage, 
     prefetch = fault is None or fault.prefetch
     write_fault = fault is not None and fault.write
     if pfn == KVM_PFN_NOSLOT:
+        # The emulator writes through the MMIO info this fault cached, without a walk.
+        if not _commit_dirty(vcpu, fault):
+            return RET_PF_RETRY
         mark_mmio_spte(kvm, vcpu, sp, i, gfn, pte_access)
         return RET_PF_EMULATE
     old = sp.sptv[i]
@@ -454,8 +437,7 @@ def mmu_set_spte(kvm: KvmMmu, vcpu: Vcpu, slot: Memslot | None, sp: ShadowPage, 
     spte, wrprot = make_spte(kvm, vcpu, sp, pte_access, pfn, old, prefetch, gfn)
     # The faulting write goes through this spte: only now is its gpte dirty (SDM §4.8). A
     # write that is emulated instead (a write-protected gfn) walks and sets D itself.
-    if (fault is not None and fault.walker is not None and spte & S.SPTE_W
-            and not set_pending_dirty(vcpu, fault.walker, fault.gpte_size)):
+    if spte & S.SPTE_W and not _commit_dirty(vcpu, fault):
         if flush:
             kvm.kvm_flush_remote_tlbs_gfn(gfn)
         return RET_PF_RETRY
