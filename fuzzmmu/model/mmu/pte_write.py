@@ -40,11 +40,13 @@ BASE_ROLE_MASK = CR0_WP | HAS_4_BYTE_GPTE | EFER_NX | SMEP_ANDNOT_WP | SMAP_ANDN
 
 def mmu_pte_write_fetch_gpte(vcpu: Vcpu, gpa: int, nbytes: int, widen_any: bool
                              ) -> tuple[int, int, int]:
-    """A PAE/long-mode vCPU writing 4 bytes is taken to write half of an 8-byte gpte: the write
-    is widened to the aligned 8 bytes. KVM widens every 4-byte write, which hides a write
-    straddling two gptes from detect_write_misaligned(); the model widens aligned halves only
-    (``widen_any`` is KVM's behaviour). Returns (gpa, bytes, new gpte or 0)."""
-    if vcpu.cr4 & CR4_PAE and nbytes == 4 and (widen_any or not gpa & 3):  # is_pae(vcpu)
+    """A PAE/long-mode vCPU writing 4 bytes is taken to write part of an 8-byte gpte: the write
+    is widened to the aligned 8 bytes, whose new value is the gpte. KVM widens every 4-byte
+    write, which hides a write straddling two gptes from detect_write_misaligned(); the model
+    widens the writes that stay inside one gpte (``widen_any`` is KVM's behaviour). A write
+    left as it is has no gpte to read: it only zaps. Returns (gpa, bytes, new gpte or 0)."""
+    if (vcpu.cr4 & CR4_PAE and nbytes == 4  # is_pae(vcpu)
+            and (widen_any or (gpa & 7) + nbytes <= 8)):
         gpa &= ~7
         nbytes = 8
     gentry = 0
