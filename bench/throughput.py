@@ -7,7 +7,8 @@ uninstrumented executor, each pair run at the same time on the same machine.
 
 For the harness: each checkout's harnesses/shadow_mmu_fuzzer.py under libFuzzer for
 ``--seconds`` from a copy of the same seed corpus (NEW_CHECKOUT/corpus) with the same seed,
-``-print_final_stats=1``; programs/s is libFuzzer's executed units over its wall time. For a
+``-print_final_stats=1``; programs/s is libFuzzer's average (over the time it ran: a run that
+stops at a divergence says so and keeps its directory). For a
 NEW feedback other than ``lines`` (FUZZMMU_FEEDBACK), the new harness runs once more beside
 the old one. Uninstrumented: the same ``--programs`` programs (campaign-like mutants of the
 seed corpus, bench/outcomes.py's sample) through ``run()``, in CPU seconds, with steps/s.
@@ -25,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+_RATE = re.compile(r"stat::average_exec_per_sec:\s+(\d+)")
 _UNITS = re.compile(r"stat::number_of_executed_units:\s+(\d+)")
 _LOOP = """
 import sys, time
@@ -59,17 +61,24 @@ def harness_pair(old: Path, new: Path, seconds: int, feedback: str, seeds: list[
                str(work / "corpus"), f"-max_total_time={seconds}", "-print_final_stats=1",
                "-seed=7", "-max_len=516", f"-artifact_prefix={work}/"]
         fb = feedback if checkout == new else "lines"
-        procs.append((subprocess.Popen(cmd, cwd=work, env=_env(checkout, fb),
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                       text=True), work))
+        # stderr to a file: a pipe read only after the other run ends would fill and stall it
+        with (work / "stderr").open("w") as log:
+            procs.append((subprocess.Popen(cmd, cwd=work, env=_env(checkout, fb),
+                                           stdout=subprocess.DEVNULL, stderr=log), work))
     rates = []
     for proc, work in procs:
-        _, err = proc.communicate(timeout=seconds + 300)
-        units = _UNITS.search(err)
-        if units is None:
+        proc.wait(timeout=seconds + 300)
+        err = (work / "stderr").read_text()
+        rate, units = _RATE.search(err), _UNITS.search(err)
+        if rate is None or units is None:
             raise SystemExit(f"no final stats from {work}:\n{err[-2000:]}")
-        rates.append(int(units.group(1)) / seconds)
-        shutil.rmtree(work, ignore_errors=True)
+        crashes = [p.name for p in work.iterdir() if p.name.startswith("crash-")]
+        if crashes:  # libFuzzer stops at the first divergence: its rate covers less time
+            print(f"  ({work}: stopped at a divergence after {units.group(1)} programs: "
+                  f"{crashes[0]})")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        rates.append(float(rate.group(1)))
     return rates[0], rates[1]
 
 
