@@ -236,7 +236,8 @@ def _cmd_minimize(args: argparse.Namespace, console: Console) -> int:
             console.print(f"  {runs} oracle runs, trying {ops} ops", highlight=False)
 
     try:
-        result = minimize(crash.program, crash.bugs, max_runs=args.max_runs, progress=progress)
+        result = minimize(crash.program, crash.bugs, max_runs=args.max_runs, progress=progress,
+                          audit=args.audit)
     except NotDivergent as exc:
         return _fail(f"{args.crash}: {exc}")
     write_program(args.output, result.program)
@@ -439,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bugs to replay with (default: the file's .json sidecar)")
     m.add_argument("-o", "--output", required=True, help="where to write (binary + .txt)")
     m.add_argument("--max-runs", type=int, default=3000, help="oracle run budget")
+    m.add_argument("--audit", action="store_true",
+                   help="replay with the structural audit (for what only the audit sees)")
     m.set_defaults(func=_cmd_minimize)
 
     e = sub.add_parser("export", help="write a divergent program as a pytest regression test")

@@ -155,3 +155,18 @@ def test_cli_pipeline_triage_minimize_export(tmp_path: Path) -> None:
     assert run_exported(out, ("misaligned-pt-write-two-sptes",)).startswith("FAILED")
     assert main(["export", str(shutil.copy(REPRO / "cr0wp-not-in-role.txt", tmp_path)),
                  "-o", str(tmp_path / "t.py")]) == 2  # no bugs: nothing diverges
+
+
+def test_minimize_with_the_audit_shrinks_what_only_the_audit_sees(tmp_path: Path) -> None:
+    """An audit violation (here a writable spte for a gfn shadowed in the other address space,
+    with the mutant that allows it) replays only with the audit: `minimize --audit` keeps it."""
+    from fuzzmmu.cli import main
+
+    program = Path("tests/oracle/clean/writable-spte-over-stale-mmio-spte.txt")
+    bug = ["--bug", "kvm.mmio-spte-counts-as-writable"]
+    assert main(["minimize", str(program), *bug, "-o", str(tmp_path / "a")]) == 2
+    assert main(["minimize", str(program), *bug, "-o", str(tmp_path / "b"), "--audit"]) == 0
+    small = read_program(tmp_path / "b.txt")
+    d = run(small, ["kvm.mmio-spte-counts-as-writable"], audit=True).divergence
+    assert d is not None and d.signature.startswith("audit-violation:")
+    assert len(small.ops) <= len(read_program(program).ops)
