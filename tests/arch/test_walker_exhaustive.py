@@ -1,5 +1,5 @@
 """Exhaustive check of the walker against a permission / error-code formula written here from
-/work/shared/docs/x86-paging.md (§6 access rights, §7 error code, §8 A/D), not from the walker.
+the architecture (SDM Vol. 3A §4.6 access rights, §4.7 error code, §4.8 A/D), not the walker.
 
 Enumerated: PDE x PTE flag combinations (P, W, U, NX for 8-byte entries, PS, one reserved bit)
 x CR0.WP x EFER.NXE x CR4.SMEP x CR4.SMAP x EFLAGS.AC x access kind (read / write / fetch, by

@@ -1,6 +1,7 @@
 """Table tests of the architectural walker, mode by mode and rule by rule.
 
-Every expectation comes from /work/shared/docs/x86-paging.md (section numbers in the comments)
+Every expectation comes from the architecture, Intel SDM Vol. 3A ch. 4 (section numbers in the
+comments are of a digest of it: §2-§5 the paging modes, §6 rights, §7 the error code, §8 A/D)
 and from the project conventions documented with the walker's public API.
 """
 
