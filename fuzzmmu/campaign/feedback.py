@@ -36,17 +36,13 @@ from fuzzmmu.program.ops import SIMPLE_OPS, Interleave, Op, SetMode
 
 # Feature families: the first element of every feature tuple.
 PATH, STAT, EDGE, GFN, PAGE, SHARED, TRACKED, MMIO_CACHE, ROOT = range(1, 10)
-FAMILY_NAMES = {PATH: "kvm path", STAT: "kvm counter", EDGE: "path pair", GFN: "gfn shape",
-                PAGE: "shadow page", SHARED: "shared table", TRACKED: "write tracking",
-                MMIO_CACHE: "mmio cache", ROOT: "root"}
 
 # Counters that mean the shape of the shadow state changed: pages made or zapped, shadowed
 # tables written, MMIO sptes made. (A fixed fault alone only adds a leaf spte; looking at the
 # whole state after each of those would cost a quarter of the run.)
-_STATE_MOVING = 0
-for _name in ("pf_mmio_spte_created", "mmu_shadow_zapped", "mmu_pte_write", "mmu_recycled",
-              "mmu_cache_miss"):
-    _STATE_MOVING |= 1 << STAT_NAMES.index(_name)
+_STATE_MOVING = sum(1 << STAT_NAMES.index(name) for name in (
+    "pf_mmio_spte_created", "mmu_shadow_zapped", "mmu_pte_write", "mmu_recycled",
+    "mmu_cache_miss"))
 
 # Op kinds as small ints; an interleave counts as a kind per concurrency point.
 _OP_KIND = {cls: k for k, cls in enumerate(SIMPLE_OPS, 1)}
