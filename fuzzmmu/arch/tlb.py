@@ -42,10 +42,19 @@ class Tlb:
     def cached(self, page: int) -> list[TlbEntry]:
         return self.entries.get(page, [])
 
-    def fill(self, page: int, entry: TlbEntry) -> None:
+    def fill(self, page: int, entry: TlbEntry) -> bool:
+        """Cache ``entry``; whether it was not cached already."""
         es = self.entries.setdefault(page, [])
-        if entry not in es:
-            es.append(entry)
+        if entry in es:
+            return False
+        es.append(entry)
+        return True
+
+    def discard(self, page: int, entry: TlbEntry) -> None:
+        """Forget one translation (one that, as it turned out, was never made)."""
+        es = self.entries.get(page)
+        if es is not None and entry in es:
+            es.remove(entry)
 
     def invalidate(self, page: int) -> None:
         """INVLPG, or a #PF, for one linear page."""

@@ -290,11 +290,13 @@ def walk_trace(mem: Memory, cpu: CpuState, gva: int, acc: Access = Access(), set
     return _walk(mem, cpu, gva, acc, set_ad, steps, [])[0], steps
 
 
-def set_accessed_dirty(mem: Memory, cpu: CpuState, walked: Walked, write: bool) -> bool:
+def set_accessed_dirty(mem: Memory, cpu: CpuState, walked: Walked, write: bool,
+                       log: list[tuple[int, int, int, int]] | None = None) -> bool:
     """SDM §4.8: A in every entry of a successful walk, D in the leaf for a write, once the
     access is known to succeed (KVM's update_accessed_dirty_bits after walk_addr).
     Read-modify-write the current value: an entry may be walked twice when tables alias.
-    Returns whether an entry changed."""
+    Returns whether an entry changed; each write is appended to ``log`` as (entry gpa, entry
+    size, old value, new value) when one is given."""
     esize = cpu._p.esize
     last = len(walked) - 1
     changed = False
@@ -306,6 +308,8 @@ def set_accessed_dirty(mem: Memory, cpu: CpuState, walked: Walked, write: bool) 
         if cur & want != want:
             mem.write(egpa, esize, cur | want)
             changed = True
+            if log is not None:
+                log.append((egpa, esize, cur, cur | want))
     return changed
 
 

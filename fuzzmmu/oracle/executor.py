@@ -707,7 +707,10 @@ class Executor:
         mm, rm = m.phys.backing, r.phys.backing
         for pfn in sorted(mm.dirty | rm.dirty):
             if not mm.same_frame(rm, pfn):
+                if r.forgo_optional_walk():  # the access may have used a cached translation
+                    return self._state_divergence(r, i, op, mode)
                 return self._memory_divergence(r, i, op, mode, pfn)
+        r.optional = None  # what the comparison accepted is final
         return None
 
     def _memory_divergence(self, r: ReferenceMachine, i: int, op: Op, mode: ModeAt, pfn: int

@@ -12,6 +12,9 @@ outcome, adopts the allowed outcome that matches it and returns whether one did.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import NamedTuple
+
 from fuzzmmu.arch.bits import (
     CR0_CD,
     CR0_NW,
@@ -34,6 +37,7 @@ from fuzzmmu.arch.tlb import Tlb, TlbEntry
 from fuzzmmu.arch.walker import (
     Access,
     CpuState,
+    Memory,
     PdpteLoadError,
     access_fault,
     fault_error_code,
@@ -94,6 +98,8 @@ class ReferenceMachine:
             self.phys = PhysMemory(backing, slots, host)
             self.cpus = [RefCpu(), RefCpu()]
         self.views = (self.phys.view(0), self.phys.view(1))  # per address space (SMM: 1)
+        # The last access's walk, when a cached translation explained it too.
+        self.optional: OptionalWalk | None = _copy_of.optional if _copy_of else None
 
     def copy(self) -> ReferenceMachine:
         return ReferenceMachine(self.maxphyaddr, _copy_of=self)
@@ -150,6 +156,7 @@ class ReferenceMachine:
         walk are set and the translation may be cached (SDM §4.8, §4.10.2.3); nothing is
         accessed, and a walk that faults leaves no trace."""
         c = self.cpus[v]
+        self.optional = None
         if c.dead:
             return
         acc = _ACCESSES[kind, cpl == 3]
@@ -187,18 +194,36 @@ class ReferenceMachine:
             fresh = self._outcome(v, res.gpa, write, width, value)
         else:
             fresh = Observation(ObsKind.PF, gva, 0, res.error_code)
+        self.optional = None
         if _same_target(fresh, model):
             # The current tables: A/D bits first (the data read may be a paging entry), then
             # the access; the translation may now be cached.
             if res.ok:
                 assert res.gpa is not None
-                if set_accessed_dirty(view, cpu, walked, write):  # the data may be an entry
-                    fresh = self._outcome(v, res.gpa, write, width, value)
+                log: list[tuple[int, int, int, int]] = []
+                cached = None
+                if set_accessed_dirty(view, cpu, walked, write, log):
+                    if page in c.tlb.entries:
+                        # Could a cached translation have served the access with no A/D
+                        # write at all (SDM §4.10.2.3)? Asked of the memory before the writes.
+                        _undo(view, log)
+                        cached = self._cached_match(v, cpu, acc, page, gva, write, width, value,
+                                                    model)
+                        _redo(view, log)
+                    fresh = self._outcome(v, res.gpa, write, width, value)  # data may be an entry
+                if cached is not None and fresh != model:
+                    _undo(view, log)
+                    self._perform(cached, write, width)
+                    return True, cached
                 self._perform(fresh, write, width)
+                filled = None
                 if cpu.mode.value:
-                    c.tlb.fill(page, TlbEntry(res.gpa >> PAGE_SHIFT, res.rights,
-                                              write or bool(leaf & PTE_D),
-                                              (leaf >> PTE_PKEY_SHIFT) & 0xF))
+                    made = TlbEntry(res.gpa >> PAGE_SHIFT, res.rights,
+                                    write or bool(leaf & PTE_D), (leaf >> PTE_PKEY_SHIFT) & 0xF)
+                    if c.tlb.fill(page, made):
+                        filled = made
+                if cached is not None:
+                    self.optional = OptionalWalk(c.smm, tuple(log), v, page, filled)
             else:
                 c.tlb.invalidate(page)
             return fresh == model, fresh
@@ -218,6 +243,37 @@ class ReferenceMachine:
                     self._perform(stale, write, width)
                 return True, stale
         return False, fresh
+
+    def _cached_match(self, v: int, cpu: CpuState, acc: Access, page: int, gva: int,
+                      write: bool, width: int, value: int, model: Observation
+                      ) -> Observation | None:
+        """The outcome equal to ``model`` that a cached translation gives without a walk."""
+        for entry in self.cpus[v].tlb.cached(page):
+            if access_fault(cpu, acc, entry.rights, entry.pkey) or (write and not entry.dirty):
+                continue
+            stale = self._outcome(v, (entry.gpa_page << PAGE_SHIFT) | (gva & 0xFFF), write,
+                                  width, value)
+            if stale == model:
+                return stale
+        return None
+
+    def forgo_optional_walk(self) -> bool:
+        """Take back the last access's walk when a cached translation explained the access
+        just as well: its A/D writes and the translation it cached. Whether there was one.
+
+        When both the current tables and a cached translation give the model's outcome the
+        reference follows the tables (the one outcome every processor may show) and keeps this
+        record; the executor takes the walk back only if the state comparison needs it, e.g. a
+        write through a translation cached while the leaf was dirty, after the guest rewrote
+        the leaf clean without an invalidation: no D is due then (SDM §4.8, §4.10.2.3)."""
+        opt = self.optional
+        if opt is None:
+            return False
+        self.optional = None
+        _undo(self.views[opt.as_id], opt.writes)
+        if opt.filled is not None:
+            self.cpus[opt.vcpu].tlb.discard(opt.page, opt.filled)
+        return True
 
     # ------------------------------------------------------------------ control registers
 
@@ -354,6 +410,27 @@ class ReferenceMachine:
             return Observation(ObsKind.REJECTED, detail=f"gfn {gfn:#x} is not RAM")
         self.phys.migrate(slot.gfn_to_hva(gfn))
         return DONE
+
+
+class OptionalWalk(NamedTuple):
+    """A walk an access did that a cached translation made unnecessary."""
+
+    as_id: int
+    writes: tuple[tuple[int, int, int, int], ...]  # the A/D writes: (gpa, size, old, new)
+    vcpu: int
+    page: int
+    filled: TlbEntry | None  # the translation it cached, if that one was new
+
+
+def _undo(mem: Memory, writes: Iterable[tuple[int, int, int, int]]) -> None:
+    for gpa, size, old, new in reversed(tuple(writes)):
+        if mem.read(gpa, size) == new:  # an entry rewritten since keeps its new value
+            mem.write(gpa, size, old)
+
+
+def _redo(mem: Memory, writes: Iterable[tuple[int, int, int, int]]) -> None:
+    for gpa, size, _old, new in writes:
+        mem.write(gpa, size, new)
 
 
 def _same_target(a: Observation, b: Observation) -> bool:

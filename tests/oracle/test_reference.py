@@ -1,0 +1,76 @@
+"""The reference's choice between the current tables and a cached translation when both give
+the model's outcome (SDM §4.10.2.3): it follows the tables and keeps the walk revocable, and
+takes it back only when the state comparison needs it."""
+
+from __future__ import annotations
+
+from fuzzmmu.oracle.executor import Executor
+from fuzzmmu.oracle.reference import ReferenceMachine
+from fuzzmmu.program.text import parse_program
+from fuzzmmu.world.observe import AccessKind
+
+# A 1-GiB leaf written with D clear; cpu1 writes through it (D set, a dirty translation
+# cached); the leaf is rewritten with D clear again, and nothing invalidates cpu1's TLB.
+PROGRAM = """\
+# fuzzmmu program v1
+config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot=4level
+map cpu0 root=current current 0x40000000 -> 0x0 P|W level=3 upper=W pool=0x8
+write cpu1 0x40201000+0x0 width=1 cpl=0 seed=0x0
+map cpu0 root=current current 0x40000000 -> 0x0 P|W level=3 upper=NX pool=0x8
+"""
+GVA = 0x40201000
+LEAF = (0x8 << 12) + 8  # the PDPTE of 0x40000000 in pool frame 8
+PTE_D = 1 << 6
+
+
+def _booted() -> ReferenceMachine:
+    ex = Executor(parse_program(PROGRAM))
+    assert ex.run().divergence is None
+    return ex.ref
+
+
+def _leaf(ref: ReferenceMachine) -> int:
+    return ref.phys.backing.read(LEAF, 8)
+
+
+def _write(ref: ReferenceMachine) -> bool:
+    model = ref.expected(1, GVA, AccessKind.WRITE, width=1)  # the model agrees with the tables
+    ok, _ = ref.access(1, GVA, AccessKind.WRITE, model, width=1)
+    return ok
+
+
+def test_write_with_a_dirty_cached_translation_may_skip_the_d_bit() -> None:
+    ref = _booted()
+    assert not _leaf(ref) & PTE_D
+    assert _write(ref)
+    assert _leaf(ref) & PTE_D  # the tables' outcome first
+    assert ref.forgo_optional_walk()
+    assert not _leaf(ref) & PTE_D  # taken back: the cached dirty translation served the write
+    assert not ref.forgo_optional_walk()  # once only
+
+
+def test_without_a_cached_translation_the_d_bit_is_due() -> None:
+    ref = _booted()
+    ref.invlpg(1, GVA)
+    assert _write(ref)
+    assert _leaf(ref) & PTE_D
+    assert not ref.forgo_optional_walk()
+    assert _leaf(ref) & PTE_D
+
+
+def test_a_later_access_makes_the_walk_final() -> None:
+    ref = _booted()
+    assert _write(ref)
+    model = ref.expected(0, GVA, AccessKind.READ, width=1)
+    assert ref.access(0, GVA, AccessKind.READ, model, width=1)[0]
+    assert not ref.forgo_optional_walk()
+    assert _leaf(ref) & PTE_D
+
+
+def test_copy_keeps_the_record() -> None:
+    ref = _booted()
+    assert _write(ref)
+    other = ref.copy()
+    assert other.forgo_optional_walk()
+    assert not _leaf(other) & PTE_D
+    assert _leaf(ref) & PTE_D
