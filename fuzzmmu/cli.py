@@ -9,12 +9,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 
 from fuzzmmu import __version__
 from fuzzmmu.campaign.settings import Feedback
+
+if TYPE_CHECKING:  # imported where used: a subcommand loads only what it needs
+    from fuzzmmu.campaign.triage import Crash
 
 # A 4-level example: a user read-only page, a user no-execute page and a supervisor 2 MiB page.
 DEMO_SPEC = """\
@@ -130,8 +134,11 @@ def _cmd_replay(args: argparse.Namespace, console: Console) -> int:
 def _cmd_bugs(args: argparse.Namespace, console: Console) -> int:
     from rich.table import Table
 
-    from fuzzmmu.model.bugs import CATALOG
+    from fuzzmmu.model.bugs import CATALOG, catalog_markdown
 
+    if args.markdown:
+        print(catalog_markdown(), end="")
+        return 0
     if args.json:
         print(json.dumps([{"id": b.id, "summary": b.summary, "fix": b.fix, "year": b.year,
                            "seed": b.seed, "needs": list(b.needs), "available": b.available,
@@ -174,7 +181,7 @@ def _cmd_fuzz(args: argparse.Namespace, console: Console) -> int:
     return 1 if result.divergences else 0
 
 
-def _load_crash(path: str, bugs: list[str]) -> object | None:
+def _load_crash(path: str, bugs: list[str]) -> Crash | None:
     """A replayed crash file, or None after printing why it cannot be used."""
     from fuzzmmu.campaign.triage import CrashFileError, load_crash
 
@@ -268,11 +275,22 @@ def _cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_corpus(args: argparse.Namespace, console: Console) -> int:
-    from fuzzmmu.campaign.corpus import SEED_ZIP, SEEDS, build_seeds, seed_zip, stale_seeds
+    from fuzzmmu.campaign.corpus import (
+        SEED_ZIP,
+        SEEDS,
+        build_seeds,
+        seed_zip,
+        stale_seeds,
+        write_configuration_seeds,
+    )
 
     directory = Path(args.dir) if args.dir else SEEDS
     try:
-        if args.action == "build":
+        if args.action == "configs":
+            written = write_configuration_seeds(directory)
+            console.print(f"wrote {len(written)} configuration seeds in {directory}; "
+                          "`fuzzmmu corpus build` writes their binary form")
+        elif args.action == "build":
             built = build_seeds(directory)
             console.print(f"wrote {len(built)} binary seeds in {directory}")
         elif args.action == "zip":
@@ -451,8 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True, help="tests/regressions/test_NAME.py")
     e.set_defaults(func=_cmd_export)
 
-    c = sub.add_parser("corpus", help="seed corpus: build binaries from text, zip, check")
-    c.add_argument("action", choices=("build", "zip", "check"))
+    c = sub.add_parser("corpus", help="seed corpus: generate the per-configuration seeds, "
+                                      "build binaries from text, zip, check")
+    c.add_argument("action", choices=("configs", "build", "zip", "check"))
     c.add_argument("--dir", help="seed directory (default: corpus/)")
     c.add_argument("-o", "--output", help="zip file (default: harnesses/"
                                           "shadow_mmu_fuzzer_seed_corpus.zip)")
@@ -523,8 +542,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bugs", help="list the switchable historical KVM bugs (mutants)")
     b.add_argument("--json", action="store_true", help="machine-readable list")
+    b.add_argument("--markdown", action="store_true",
+                   help="the catalog as docs/bugs.md (fuzzmmu bugs --markdown > docs/bugs.md)")
     b.set_defaults(func=_cmd_bugs)
+
+    pl = sub.add_parser("plot", help="plot a campaign's statistics over time (PNG or HTML)",
+                        description="Plot one campaign of a stats file (`fuzzmmu fuzz --stats`, "
+                                    "default .fuzzmmu/stats.jsonl): programs/s, edges and "
+                                    "features, corpus size, divergences and memory over time. "
+                                    "Needs matplotlib (pip install -e '.[bench]'). Exit 2 when "
+                                    "it is missing or the file cannot be plotted.")
+    pl.add_argument("stats", metavar="STATS", help="the JSON-lines statistics of `fuzzmmu fuzz`")
+    pl.add_argument("-o", "--output", metavar="FILE",
+                    help="FILE.png (or .svg, .pdf), or FILE.html: a page that reloads every "
+                         "minute (default: the stats file's name with .png)")
+    pl.add_argument("--campaign", type=int, metavar="N",
+                    help="which campaign of the file (1: the first, -1: the last; default: "
+                         "the last)")
+    pl.set_defaults(func=_cmd_plot)
     return parser
+
+
+def _cmd_plot(args: argparse.Namespace, console: Console) -> int:
+    from fuzzmmu.campaign.plot import (
+        PlotUnavailable,
+        StatsFileError,
+        default_output,
+        plot_stats_file,
+    )
+
+    stats = Path(args.stats)
+    out = Path(args.output) if args.output else default_output(stats)
+    try:
+        out, chosen, count = plot_stats_file(stats, out, args.campaign)
+    except StatsFileError as exc:
+        for problem in exc.problems[:20]:
+            _fail(problem)
+        if len(exc.problems) > 20:
+            _fail(f"... and {len(exc.problems) - 20} more")
+        return _fail(str(exc))
+    except PlotUnavailable as exc:
+        return _fail(str(exc))
+    except (OSError, ValueError) as exc:  # an unwritable path, a format matplotlib lacks
+        return _fail(f"cannot write {out}: {exc}")
+    last = chosen.samples[-1]
+    console.print(f"wrote {out}: {last.t:,.0f} s, {last.execs:,} programs, {last.divergences:,} "
+                  f"divergences (campaign at line {chosen.first_line}, one of {count})",
+                  highlight=False)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

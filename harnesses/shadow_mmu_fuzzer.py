@@ -11,6 +11,8 @@ to libFuzzer:
   FUZZMMU_FEEDBACK=lines    what the coverage counters see: lines (Atheris's instrumentation of
                             the model and the walker), state (the model's state features, the
                             code uninstrumented) or both
+  FUZZMMU_CENSUS=dir        with state feedback: write the counters hit per feature family
+                            there about once a second (features-PID.json)
 """
 
 import importlib.util
@@ -55,7 +57,7 @@ else:
 if SETTINGS.feedback.state:
     from fuzzmmu.campaign.feedback import CounterMap
 
-    COUNTERS = CounterMap(atheris)
+    COUNTERS = CounterMap(atheris, census=SETTINGS.census)
 else:
     COUNTERS = None
 

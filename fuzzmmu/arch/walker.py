@@ -2,7 +2,8 @@
 
 One walker for every paging mode; the modes differ only in parameters (entry size, levels,
 index shifts, reserved-bit masks, where page sizes are allowed), as in KVM's paging_tmpl.h.
-Rules and their sources are in docs/x86-paging.md terms: SDM Vol. 3A §4.3-4.8, APM Vol. 2 §5.
+The rules it implements, each with its source (SDM Vol. 3A §4.1-4.8, APM Vol. 2 §5), are
+docs/x86-paging.md §1-§8; §10 there is the walk step by step.
 
 This is the ground truth of the differential oracle. It knows nothing about KVM.
 """

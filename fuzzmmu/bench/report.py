@@ -253,8 +253,8 @@ def show(console: Console, trials: Sequence[TrialResult], engines: Sequence[str]
                       f"{c.trial}, seed {c.seed}) after {c.programs:,} programs: {c.kind} "
                       f"{c.signature}; its program is in bench.json", highlight=False)
     errors = [t for t in trials if t.error]
-    for e in errors:
-        console.print(f"[red]error[/] {e.engine} {e.bug} trial {e.trial}: {e.error}",
+    for err in errors:
+        console.print(f"[red]error[/] {err.engine} {err.bug} trial {err.trial}: {err.error}",
                       highlight=False)
 
 

@@ -4,18 +4,73 @@ seed-corpus zip OSS-Fuzz/ClusterFuzzLite picks up, and what a corpus exercises."
 from __future__ import annotations
 
 import collections
+import random
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fuzzmmu.program.codec import decode, encode
 from fuzzmmu.program.files import read_program
-from fuzzmmu.program.ops import Interleave, Map, Op, Program, SetMode
+from fuzzmmu.program.generate import Generator
+from fuzzmmu.program.ops import (
+    GuestMode,
+    Header,
+    Interleave,
+    Map,
+    Op,
+    Program,
+    Rsm,
+    SetMode,
+    Smi,
+)
+from fuzzmmu.program.text import format_program
+from fuzzmmu.program.world import BOOT_ROOT
 
 REPO = Path(__file__).resolve().parents[2]
 SEEDS = REPO / "corpus"
 HARNESS = REPO / "harnesses" / "shadow_mmu_fuzzer.py"
 SEED_ZIP = REPO / "harnesses" / "shadow_mmu_fuzzer_seed_corpus.zip"
+
+
+POLICIES = ("zap", "update")
+SPACES = ("normal", "smm")  # the address space the program's ops run in: KVM's as_id 0 or 1
+
+
+def configuration_seeds(n_ops: int = 16) -> dict[str, Program]:
+    """A generated seed per boot mode x emulated-PT-write policy x address space x unsync
+    pages, named config-MODE-POLICY-SPACE[-unsync], so that a campaign starts from every
+    configuration KVM keeps apart (roles differ by paging mode, the policy picks
+    kvm_mmu_pte_write's path, SMM has its own memslots and roots, unsync pages change what a
+    guest store to a table does) rather than from the few the hand-written seeds use. In an SMM
+    seed vCPU 0 enters SMM, turns paging on there and leaves at the end; vCPU 1 stays
+    outside, so the two address spaces meet. Deterministic: each seed's generator is seeded
+    by its name."""
+    seeds = {}
+    for mode in GuestMode:
+        for policy in POLICIES:
+            for space in SPACES:
+                for unsync in (False, True):
+                    name = f"config-{mode.value}-{policy}-{space}" + ("-unsync" if unsync
+                                                                       else "")
+                    gen = Generator(random.Random(name),
+                                    Header(policy=policy, boot=mode, unsync=unsync))
+                    body = gen.program(n_ops).ops
+                    if space == "smm":
+                        body = (*body[:2], Smi(0), SetMode(0, mode, BOOT_ROOT), *body[2:],
+                                Rsm(0))
+                    seeds[name] = Program(gen.header, body)
+    return seeds
+
+
+def write_configuration_seeds(directory: Path = SEEDS) -> list[Path]:
+    """Write :func:`configuration_seeds` as text seeds (``build_seeds`` adds their binary
+    form)."""
+    out = []
+    for name, program in configuration_seeds().items():
+        path = directory / f"{name}.txt"
+        path.write_text(format_program(program))
+        out.append(path)
+    return out
 
 
 def text_seeds(directory: Path = SEEDS) -> list[Path]:

@@ -17,6 +17,7 @@ from rich.console import Console
 from fuzzmmu.campaign.export import export
 from fuzzmmu.campaign.fuzz import Campaign, CampaignConfig, summary
 from fuzzmmu.campaign.minimize import minimize
+from fuzzmmu.campaign.plot import plot_note
 from fuzzmmu.oracle.executor import run
 from fuzzmmu.program.files import write_program
 from fuzzmmu.program.text import format_program
@@ -35,7 +36,7 @@ def _load(path: Path) -> ModuleType:
 def run_exported(path: Path, bugs: tuple[str, ...]) -> str:
     """Run the exported test function with the model's bugs set to ``bugs``."""
     module = _load(path)
-    module.BUGS = bugs
+    vars(module)["BUGS"] = bugs  # the global the exported test reads (see export.py)
     test = next(getattr(module, n) for n in dir(module) if n.startswith("test_"))
     try:
         test()
@@ -52,6 +53,7 @@ def demo(console: Console, workdir: Path, bug: str = DEFAULT_BUG, max_time: int 
     console.rule(f"1. fuzz with the historical bug {bug} in the model")
     result = Campaign(cfg, console).run()
     summary(console, result)
+    console.print(plot_note(cfg.stats), highlight=False)  # when matplotlib is installed
     if result.interrupted:  # a stop signal stops the demo, not only its campaign
         return 1
     divergent = result.divergences

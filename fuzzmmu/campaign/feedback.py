@@ -11,7 +11,8 @@ from KVM's structure, never from the bug catalog:
 - after an op that made or zapped shadow pages (and once at the end of the program), the
   shape of the shadow state: per gfn, how many live shadow pages, of which levels, direct or
   indirect, in which address spaces, under how many roles, write-tracked or not; per shadow
-  page its role bits and how many parents link it (a table shared by parents with different
+  page its role bits, whether it is unsync or leads to unsync pages, and how many parents
+  link it (a table shared by parents with different
   rights counts those rights); a gfn write-tracked in one address space and mapped by leaf
   sptes in the other, writable or not; the vCPUs' MMIO caches (valid, generation current,
   cached in this address space); roots that went obsolete.
@@ -23,7 +24,11 @@ processes: no strings) onto a block of libFuzzer counters.
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Protocol
 
 from fuzzmmu.arch.bits import CR0_PG, CR4_PAE, EFER_LMA
@@ -36,13 +41,17 @@ from fuzzmmu.program.ops import SIMPLE_OPS, Interleave, Op, SetMode
 
 # Feature families: the first element of every feature tuple.
 PATH, STAT, EDGE, GFN, PAGE, SHARED, TRACKED, MMIO_CACHE, ROOT = range(1, 10)
+# Their names on the dashboard and in the campaign's statistics.
+FAMILIES = {PATH: "path", STAT: "stat", EDGE: "edge", GFN: "gfn", PAGE: "page",
+            SHARED: "shared", TRACKED: "tracked", MMIO_CACHE: "mmio-cache", ROOT: "root"}
 
 # Counters that mean the shape of the shadow state changed: pages made or zapped, shadowed
-# tables written, MMIO sptes made. (A fixed fault alone only adds a leaf spte; looking at the
-# whole state after each of those would cost a quarter of the run.)
+# tables written, MMIO sptes made, pages gone unsync or synced. (A fixed fault alone only adds
+# a leaf spte; looking at the whole state after each of those would cost a quarter of the
+# run.)
 _STATE_MOVING = sum(1 << STAT_NAMES.index(name) for name in (
     "pf_mmio_spte_created", "mmu_shadow_zapped", "mmu_pte_write", "mmu_recycled",
-    "mmu_cache_miss"))
+    "mmu_cache_miss", "mmu_unsync"))
 
 # Op kinds as small ints; an interleave counts as a kind per concurrency point.
 _OP_KIND = {cls: k for k, cls in enumerate(SIMPLE_OPS, 1)}
@@ -126,7 +135,8 @@ class StateFeedback:
                 roles.add(sp.role)
                 parents = sp.parent_ptes
                 add((PAGE, sp.level, sp.direct, sp.access, sp.quadrant, sp.has_4_byte_gpte,
-                          sp.smm, bucket(len(parents)), sp.root_count > 0))
+                     sp.smm, bucket(len(parents)), sp.root_count > 0, sp.unsync,
+                     bucket(sp.unsync_children)))
                 if len(parents) > 1:
                     rights = {psp.sptv[i] & (S.SPTE_W | S.SPTE_U | S.SPTE_NX)
                               for psp, i in parents}
@@ -173,14 +183,64 @@ class CounterMap:
     counters are only pending and a hit goes nowhere), so ``_trace_branch`` is looked up at
     each report, never kept."""
 
-    def __init__(self, hooks: CounterHooks, size: int = 1 << 15) -> None:
+    def __init__(self, hooks: CounterHooks, size: int = 1 << 15,
+                 census: Path | None = None) -> None:
+        """With ``census`` (a directory), how many counters each family has hit so far is
+        written there about once a second, as features-PID.json, for the campaign's dashboard
+        and statistics (the counters themselves live in this process)."""
         if size & (size - 1):
             raise ValueError("the counter block's size must be a power of two")
         self.hooks = hooks
         self.counters = [hooks._reserve_counter() for _ in range(size)]
         self.mask = size - 1
+        self.hit_once = bytearray(size)
+        self.per_family = [0] * (max(FAMILIES) + 1)
+        self.census = census / f"features-{os.getpid()}.json" if census is not None else None
+        self._next_census = 0.0
 
     def report(self, features: Iterable[Feature]) -> None:
         counters, mask, hit = self.counters, self.mask, self.hooks._trace_branch
+        hit_once = self.hit_once
         for f in features:
-            hit(counters[hash(f) & mask])
+            i = hash(f) & mask
+            hit(counters[i])
+            if not hit_once[i]:  # a counter's first hit: count it for its family
+                hit_once[i] = 1
+                self.per_family[f[0]] += 1
+        if self.census is not None and time.monotonic() >= self._next_census:
+            self._next_census = time.monotonic() + 1
+            self.write_census(self.census)
+
+    def families(self) -> dict[str, int]:
+        """Counters hit so far, per feature family (features that fold onto one counter count
+        once, as libFuzzer sees them)."""
+        return {name: self.per_family[fam] for fam, name in FAMILIES.items()}
+
+    def write_census(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(self.families()))
+            os.replace(tmp, path)  # a reader never sees half a file
+        except OSError:
+            pass  # the census is for people watching; the campaign goes on without it
+
+
+def read_census(directory: Path) -> dict[str, int]:
+    """The campaign's state features per family: the largest count any target process wrote
+    (in fork mode each child counts from the corpus it was started with)."""
+    out: dict[str, int] = {}
+    try:
+        paths = list(directory.glob("features-*.json"))
+    except OSError:
+        return out
+    for path in paths:
+        try:
+            counts = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # gone, or not one of ours
+        if not isinstance(counts, dict):
+            continue
+        for name, n in counts.items():
+            if isinstance(name, str) and isinstance(n, int):
+                out[name] = max(out.get(name, 0), n)
+    return out

@@ -33,6 +33,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from fuzzmmu.campaign.corpus import HARNESS, SEEDS, binary_seeds, corpus_stats
+from fuzzmmu.campaign.feedback import read_census
 from fuzzmmu.campaign.processes import STOP_SIGNALS, ProcessTree, handling
 from fuzzmmu.campaign.settings import Feedback, TargetSettings
 from fuzzmmu.campaign.triage import Crash, is_crash_file, load_crash, write_sidecar
@@ -125,11 +126,18 @@ def target_command(cfg: CampaignConfig) -> list[str]:
 
 def target_environment(cfg: CampaignConfig) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(TargetSettings(cfg.bugs, cfg.audit, cfg.byte_share, cfg.feedback).environment())
+    census = census_dir(cfg) if cfg.feedback.state else None
+    env.update(TargetSettings(cfg.bugs, cfg.audit, cfg.byte_share, cfg.feedback,
+                              census).environment())
     # Fork mode re-executes the target by its path: its shebang must find this Python.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def census_dir(cfg: CampaignConfig) -> Path:
+    """Where the target processes count their state features (fuzzmmu.campaign.feedback)."""
+    return cfg.stats.parent / "census"
 
 
 def prepare(cfg: CampaignConfig) -> int:
@@ -137,6 +145,10 @@ def prepare(cfg: CampaignConfig) -> int:
     cfg.corpus.mkdir(parents=True, exist_ok=True)
     cfg.crashes.mkdir(parents=True, exist_ok=True)
     cfg.stats.parent.mkdir(parents=True, exist_ok=True)
+    census = census_dir(cfg)
+    census.mkdir(exist_ok=True)
+    for old in census.glob("features-*.json"):  # an earlier campaign's counts
+        old.unlink(missing_ok=True)
     if any(cfg.corpus.iterdir()):
         return 0
     seeds = binary_seeds(cfg.seeds) if cfg.seeds.is_dir() else []
@@ -155,6 +167,7 @@ class Campaign:
         self.ops: Counter[str] = Counter()
         self.modes: Counter[str] = Counter()
         self.corpus_files = 0
+        self.state_features: dict[str, int] = {}
         self._next_corpus_scan = 0.0
         self.stop_signal: signal.Signals | None = None
         self._target: ProcessTree | None = None
@@ -193,6 +206,8 @@ class Campaign:
         self._next_corpus_scan = time.monotonic() + 5
         st = corpus_stats(self.cfg.corpus, limit=400)
         self.ops, self.modes, self.corpus_files = st.ops, st.modes, st.files
+        if self.cfg.feedback.state:
+            self.state_features = read_census(census_dir(self.cfg))
 
     def _measure_memory(self) -> None:
         mem = self._target.memory() if self._target is not None else None
@@ -207,6 +222,8 @@ class Campaign:
                 "processes": s.processes,
                 "divergences": sum(1 for c in self.crashes.values() if c.divergence),
                 "signatures": dict(sigs), "first_divergence_s": s.first_divergence}
+        if self.state_features:
+            line["state_features"] = dict(self.state_features)
         out.write(json.dumps(line) + "\n")  # type: ignore[attr-defined]
         out.flush()  # type: ignore[attr-defined]
 
@@ -227,6 +244,11 @@ class Campaign:
                      memory)
         first = "-" if s.first_divergence is None else f"{s.first_divergence:.1f}s"
         head.add_row("jobs", str(cfg.jobs), "first divergence", first)
+        if cfg.feedback.state:
+            fams = self.state_features
+            head.add_row("state features", f"{sum(fams.values()):,}" if fams else "-",
+                         "by family", ", ".join(f"{k} {n:,}" for k, n in fams.items() if n)
+                         or "-")
         bugs = ", ".join(cfg.bugs) or "none (the clean model)"
         top = Panel(head, title=f"fuzzmmu campaign - bugs: {escape(bugs)}", title_align="left")
         div = Table(title="divergences", title_justify="left", expand=True)
@@ -339,8 +361,9 @@ class Campaign:
         s = self.stats
         self.console.print(f"[{s.elapsed:5.0f}s] programs {s.execs} ({s.rate}/s) cov {s.cov} "
                            f"ft {s.ft} corpus {s.corpus} divergences "
-                           f"{sum(1 for c in self.crashes.values() if c.divergence)}",
-                           highlight=False)
+                           f"{sum(1 for c in self.crashes.values() if c.divergence)}"
+                           + (f" state features {sum(self.state_features.values())}"
+                              if self.state_features else ""), highlight=False)
 
 
 def summary(console: Console, result: CampaignResult) -> None:

@@ -22,7 +22,6 @@ from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
 from fuzzmmu.oracle.executor import run
 from fuzzmmu.program import world as W
 from fuzzmmu.program.codec import (
-    BOOT_MODES,
     HEADER_SIZE,
     MAX_OPS,
     RECORD_SIZE,
@@ -33,8 +32,18 @@ from fuzzmmu.program.codec import (
     record_digits,
     record_from_digits,
 )
-from fuzzmmu.program.generate import Generator
-from fuzzmmu.program.ops import Header, Interleave, Program
+from fuzzmmu.program.generate import OP_KINDS, Generator, kinds_of
+from fuzzmmu.program.ops import BOOT_MODES, Header, Interleave, Op, Program
+
+# How often an inserted op keeps to the kinds its program already has (swarm testing: a
+# lineage explores deep in a few kinds rather than thinly in all).
+SWARM_KEEP = 0.8
+
+
+def random_swarm(rng: random.Random) -> frozenset[str]:
+    """A random subset of the generator's op kinds, each kept with probability 1/2; accesses
+    and maps always (without them nothing is translated)."""
+    return frozenset(k for k, _ in OP_KINDS if k in ("access", "map") or rng.random() < 0.5)
 
 
 class DivergenceFound(Exception):
@@ -171,12 +180,18 @@ def _join(header: bytes, records: list[bytes], max_size: int) -> bytes:
 
 def _new_records(rng: random.Random, program: Program) -> list[bytes]:
     """Mostly an op aimed at what the program already uses (an interleave is several
-    records); sometimes any op of the world, uniformly (what the generator rarely writes)."""
+    records), of a kind the program already has: its lineage's swarm, which it leaves now and
+    then; sometimes any op of the world, uniformly (what the generator rarely writes)."""
     if rng.random() < 0.25:
         return [op_record(decode_record(rng.randbytes(RECORD_SIZE)))]
-    op = Generator(rng, program.header, program).op()
+    swarm = kinds_of(program) if rng.random() < SWARM_KEEP else None
+    op = Generator(rng, program.header, program, swarm or None).op()
+    return _op_records(program.header, op)
+
+
+def _op_records(header: Header, op: Op) -> list[bytes]:
     if isinstance(op, Interleave):
-        body = encode(Program(program.header, (op,)))[HEADER_SIZE:]
+        body = encode(Program(header, (op,)))[HEADER_SIZE:]
         return [body[i:i + RECORD_SIZE] for i in range(0, len(body), RECORD_SIZE)]
     return [op_record(op)]
 
@@ -192,13 +207,14 @@ def _change_field(rng: random.Random, rec: bytes) -> bytes:
 
 
 def _mutate_header(rng: random.Random, h: Header) -> Header:
-    field = rng.randrange(5)
+    field = rng.randrange(6)
     return Header(
         rng.choice(("zap", "update")) if field == 0 else h.policy,
         rng.choice(W.MMIO_GEN_BITS) if field == 1 else h.mmio_gen_bits,
         rng.choice(W.MAXPHYADDRS) if field == 2 else h.maxphyaddr,
         rng.choice(W.MMU_PAGES) if field == 3 else h.mmu_pages,
-        rng.choice(BOOT_MODES) if field == 4 else h.boot)
+        rng.choice(BOOT_MODES) if field == 4 else h.boot,
+        not h.unsync if field == 5 else h.unsync)
 
 
 @dataclass
@@ -250,8 +266,18 @@ def _random_tail(rng: random.Random, d: _Draft) -> None:
     d.recs += [rng.randbytes(RECORD_SIZE) for _ in range(rng.randint(1, 8))]
 
 
+def _fresh(rng: random.Random, d: _Draft) -> None:
+    """A freshly generated program on a random machine, from a random swarm of op kinds: the
+    breadth of a random tester, kept among the mutations so that a campaign never explores
+    less than one (a mutant of a dozen seeds stays near their configurations)."""
+    gen = Generator(rng, kinds=random_swarm(rng))
+    program = gen.program(rng.randint(2, 24))
+    d.header = encode(Program(program.header, ()))
+    d.recs = [r for op in program.ops for r in _op_records(program.header, op)]
+
+
 _MUTATIONS = ((_insert, 25), (_delete, 12), (_duplicate, 7), (_swap, 7), (_change, 36),
-              (_reconfigure, 8), (_random_tail, 5))
+              (_reconfigure, 8), (_random_tail, 5), (_fresh, 5))
 _KINDS = [m for m, _ in _MUTATIONS]
 _WEIGHTS = [w for _, w in _MUTATIONS]
 

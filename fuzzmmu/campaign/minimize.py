@@ -13,7 +13,7 @@ Every candidate is a Program (never raw bytes), run on model and reference; resu
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from fuzzmmu.oracle.executor import run
 from fuzzmmu.program.codec import decode_record, op_record, record_digits, record_from_digits
@@ -156,8 +156,8 @@ def minimize(program: Program, bugs: Sequence[str] = (), *, max_runs: int = 3000
                         break
         i = 0
         while i < len(ops):
-            for variant in _field_variants(ops[i]):
-                candidate = [*ops[:i], variant, *ops[i + 1:]]
+            for field_variant in _field_variants(ops[i]):
+                candidate = [*ops[:i], field_variant, *ops[i + 1:]]
                 if still(candidate):
                     ops, changed = candidate, True
                     break
@@ -181,8 +181,7 @@ def minimize(program: Program, bugs: Sequence[str] = (), *, max_runs: int = 3000
 
 
 def _header_steps(h: Header) -> list[Header]:
+    """The header with one setting back at its default (the boot mode stays)."""
     d = Header()
-    return [Header(d.policy, h.mmio_gen_bits, h.maxphyaddr, h.mmu_pages, h.boot),
-            Header(h.policy, d.mmio_gen_bits, h.maxphyaddr, h.mmu_pages, h.boot),
-            Header(h.policy, h.mmio_gen_bits, d.maxphyaddr, h.mmu_pages, h.boot),
-            Header(h.policy, h.mmio_gen_bits, h.maxphyaddr, d.mmu_pages, h.boot)]
+    return [replace(h, **{f.name: getattr(d, f.name)}) for f in fields(Header)
+            if f.name != "boot"]

@@ -15,6 +15,7 @@ ENV_CONFIG = "FUZZMMU_CONFIG"
 ENV_AUDIT = "FUZZMMU_AUDIT"
 ENV_BYTE_SHARE = "FUZZMMU_BYTE_SHARE"
 ENV_FEEDBACK = "FUZZMMU_FEEDBACK"
+ENV_CENSUS = "FUZZMMU_CENSUS"
 
 
 class Feedback(enum.Enum):
@@ -45,10 +46,14 @@ class TargetSettings:
     audit: bool = False
     byte_share: float = 0.2
     feedback: Feedback = Feedback.LINES
+    census: Path | None = None  # where the target writes its state-feature counts
 
     def environment(self) -> dict[str, str]:
-        return {ENV_BUGS: ",".join(self.bugs), ENV_AUDIT: "1" if self.audit else "0",
-                ENV_BYTE_SHARE: str(self.byte_share), ENV_FEEDBACK: self.feedback.value}
+        env = {ENV_BUGS: ",".join(self.bugs), ENV_AUDIT: "1" if self.audit else "0",
+               ENV_BYTE_SHARE: str(self.byte_share), ENV_FEEDBACK: self.feedback.value}
+        if self.census is not None:
+            env[ENV_CENSUS] = str(self.census)
+        return env
 
 
 def settings_from_environment(env: Mapping[str, str]) -> TargetSettings:
@@ -75,4 +80,6 @@ def settings_from_environment(env: Mapping[str, str]) -> TargetSettings:
     except ValueError as exc:
         raise SettingsError(f"{ENV_FEEDBACK} must be one of "
                             f"{', '.join(f.value for f in Feedback)}") from exc
-    return TargetSettings(tuple(bugs), env.get(ENV_AUDIT, "0") not in ("", "0"), share, feedback)
+    census = env.get(ENV_CENSUS)
+    return TargetSettings(tuple(bugs), env.get(ENV_AUDIT, "0") not in ("", "0"), share, feedback,
+                          Path(census) if census else None)

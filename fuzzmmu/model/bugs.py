@@ -1,4 +1,5 @@
-"""The catalog of switchable historical KVM shadow-MMU bugs (docs/bugs.md).
+"""The catalog of switchable historical KVM shadow-MMU bugs; docs/bugs.md is generated from it
+(``fuzzmmu bugs --markdown > docs/bugs.md``, :func:`catalog_markdown`).
 
 Each mutant is the pre-fix code path at the place KVM had it; the model tests a BugSet
 attribute there. Enabling a mutant changes what the model does, never what the oracle expects.
@@ -105,7 +106,7 @@ CATALOG: tuple[Bug, ...] = (
     Bug("link-unsync-sp-without-sync", "link_unsync_without_sync",
         "an upper-level page with unsync children is linked without syncing them",
         "65855ed8b034 KVM: X86: Synchronize the shadow pagetable before link it", "2021", False,
-        ("unsync",), "needs unsync shadow pages, which the model does not have yet"),
+        ("unsync",)),
     Bug("no-remote-flush-on-permission-reduction", "local_flush_only",
         "reducing spte permissions (write protection, zaps) flushes only the local TLB",
         "kvm-28 KVM: Flush remote tlbs when reducing shadow pte permissions", "2007", False,
@@ -205,6 +206,28 @@ CATALOG: tuple[Bug, ...] = (
         "and mmu_set_spte() passes a non-present (MMIO) old spte too (found by fuzzmmu's "
         "clean-model soak with the audit; as read in v6.10 sources, not checked on a KVM with "
         "MMIO caching)", "current", False, ("mmio", "memslots", "smm")),
+    Bug("kvm.not-present-pf-keeps-unsync-spte", "pf_invalidates_present_only",
+        "a #PF KVM injects for a not-present or reserved-bit gpte leaves the address's spte as "
+        "it was: in an unsync page that spte may still map the page the guest has just taken "
+        "a #PF on, and the next access goes through it (the SDM has every #PF invalidate the "
+        "faulting address's translations)",
+        "open: kvm_inject_emulated_page_fault() calls kvm_mmu_invalidate_addr() only when the "
+        "error code has P and not RSVD (found by fuzzmmu's random engine with unsync pages)",
+        "current", False, ("unsync", "walker")),
+    Bug("mmio-spte-over-present-spte", "mmio_spte_over_present_spte",
+        "a fault that resolves to MMIO writes the MMIO spte over a present spte without "
+        "dropping it first: its rmap entry stays behind (with unsync pages a guest store can "
+        "get there: the gpte of a stale unsync spte now points outside every memslot)",
+        "KVM: x86/mmu: Drop/zap existing present SPTE even when creating an MMIO SPTE "
+        "(2026, fixes a54aa15c6bda3)", "2021", False, ("unsync", "mmio")),
+    Bug("kvm.resync-wp-one-address-space", "resync_wp_one_address_space",
+        "syncing an unsync page write-protects its gfn only in the syncing vCPU's address "
+        "space: a writable spte for the gfn in the other address space (SMM) survives, and "
+        "guest stores through it change a page KVM now believes in sync",
+        "open: mmu_sync_children() calls kvm_vcpu_write_protect_gfn(), which looks up the "
+        "vCPU's memslots, while account_shadowed() protects every address space since "
+        "0f38453cdb2e (found by fuzzmmu's structural audit with unsync pages)",
+        "current", False, ("unsync", "smm")),
 )
 
 _BY_ID = {b.id: b for b in CATALOG}
@@ -252,6 +275,10 @@ class BugSet:
     mmio_cache_smm_memslot_gen: bool
     mmio_spte_counts_as_writable: bool
     dirty_bit_before_retry: bool
+    link_unsync_without_sync: bool
+    pf_invalidates_present_only: bool
+    mmio_spte_over_present_spte: bool
+    resync_wp_one_address_space: bool
 
     def __init__(self, ids: Iterable[str] = ()) -> None:
         for attr in _SWITCHES:
@@ -283,3 +310,42 @@ if _declared != set(_SWITCHES):
                       f"{sorted(_declared ^ set(_SWITCHES))}")
 
 NO_BUGS = BugSet()
+
+_GROUPS = (
+    ("The seed bugs", "The five bugs the project started from (`seed` in the catalog; one of "
+     "them is three mutants, another two)."),
+    ("Later bugs of the same machinery", "Historical KVM bugs fixed after the seed ones, in "
+     "the same code paths."),
+    ("Where current KVM departs from the architecture", "KVM as read (v6.10) does this "
+     "today; the clean model follows the architecture instead (`docs/model.md §11`)."),
+)
+
+
+def catalog_markdown() -> str:
+    """docs/bugs.md: the catalog as a document (``fuzzmmu bugs --markdown``)."""
+    out = ["<!-- Generated from fuzzmmu/model/bugs.py by `fuzzmmu bugs --markdown > "
+           "docs/bugs.md`: edit the catalog, not this file. -->", "", "# The bug catalog", "",
+           "Every mutant the model can re-create: the pre-fix code path at the place KVM had "
+           "it, switched on by a `BugSet` attribute. `--bug ID` turns one on in `fuzzmmu replay`, "
+           "`fuzz`, `triage`, `minimize`, `export` and `demo` (`fuzzmmu bench --bugs ID ...`); "
+           "each available mutant has a reproducer, a program that diverges with it on and "
+           "runs clean with it off.", "",
+           "| mutant | year | group | available |", "|---|---|---|---|"]
+    groups: list[list[Bug]] = [[], [], []]
+    for bug in CATALOG:
+        groups[0 if bug.seed else 2 if bug.id.startswith("kvm.") else 1].append(bug)
+    for n, bugs in enumerate(groups, 1):
+        out += [f"| `{b.id}` | {b.year} | {n} | {'yes' if b.available else 'pending'} |"
+                for b in bugs]
+    for n, ((title, intro), bugs) in enumerate(zip(_GROUPS, groups, strict=True), 1):
+        out += ["", f"## {n}. {title}", "", intro]
+        for b in bugs:
+            out += ["", f"### `{b.id}` ({b.year})", "", b.summary[0].upper() + b.summary[1:]
+                    + ".", "", f"- fix: {b.fix}", f"- switch: `BugSet.{b.attr}`",
+                    f"- exercises: {', '.join(b.needs)}"]
+            if b.available:
+                path = f"tests/bugs/reproducers/{b.id}.txt"
+                out.append(f"- reproducer: [{path}](../{path})")
+            else:
+                out.append(f"- pending: {b.pending}")
+    return "\n".join(out) + "\n"

@@ -14,7 +14,7 @@ from fuzzmmu.arch.bits import EFER_LMA, PAGE_SHIFT
 from fuzzmmu.model.bugs import NO_BUGS, BugSet
 from fuzzmmu.model.emulator import emulate_access
 from fuzzmmu.model.hardware import completes_without_exit, translate
-from fuzzmmu.model.mmu.fault import kvm_mmu_page_fault
+from fuzzmmu.model.mmu.fault import kvm_mmu_page_fault, sync_spte
 from fuzzmmu.model.mmu.internal import RET_PF_EMULATE, MmuConfig, Point, VmError
 from fuzzmmu.model.mmu.mmio import kvm_mmu_invalidate_mmio_sptes
 from fuzzmmu.model.mmu.mmu import KvmMmu
@@ -44,6 +44,7 @@ class Machine:
         self.config = config
         self.phys = PhysMemory(backing, slots, host)
         self.kvm = KvmMmu(slots, config, bugs, trace)
+        self.kvm.sync_spte = sync_spte
         self.vcpus = [Vcpu(i, self.kvm, self.phys) for i in range(NUM_VCPUS)]
         self.kvm.vcpus = self.vcpus
         self.dead = ""  # why the VM stopped, once KVM_RUN failed

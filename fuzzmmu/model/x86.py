@@ -99,11 +99,16 @@ class Vcpu:
         return self.is_paging and bool(self.cr4 & CR4_PAE) and not self.is_long_mode
 
     def inject_page_fault(self, addr: int, error_code: int) -> None:
-        """kvm_inject_emulated_page_fault(): CR2 and the error code go to the guest. A present,
-        non-reserved fault first invalidates the address (kvm_mmu_invalidate_addr(): the TLB
-        entry and the MMIO gva cache), as the hardware's own #PF would, or a stale entry would
-        fault forever."""
-        if error_code & PFERR_P and not error_code & PFERR_RSVD:
+        """kvm_inject_emulated_page_fault(): CR2 and the error code go to the guest. The fault
+        first invalidates the address (kvm_mmu_invalidate_addr(): the TLB entry, the MMIO gva
+        cache, the spte in an unsync page), as the hardware's own #PF does (SDM §4.10.4.1).
+        KVM does so only for a present, non-reserved fault, assuming nothing is cached for
+        the others; an unsync page may still map the address
+        (kvm.not-present-pf-keeps-unsync-spte; kvm.mmio-cache-outlives-walk, KVM's behaviour
+        too, keeps its MMIO cache through such a fault the same way)."""
+        bugs = self.kvm.bugs
+        if (error_code & PFERR_P and not error_code & PFERR_RSVD) or not (
+                bugs.pf_invalidates_present_only or bugs.mmio_cache_outlives_walk):
             ctx.kvm_mmu_invalidate_addr(self.kvm, self, addr)
         self.pending_pf = (addr, error_code)
         self.kvm.stat.pf_guest += 1
@@ -167,12 +172,14 @@ class Vcpu:
                 ctx.kvm_mmu_free_obsolete_roots(kvm, self)
             if "mmu_sync" in reqs:
                 reqs.discard("mmu_sync")
-                ctx.kvm_mmu_sync_roots(self)
+                ctx.kvm_mmu_sync_roots(kvm, self)
             if "tlb_flush_current" in reqs or "tlb_flush_guest" in reqs:
-                # kvm_vcpu_flush_tlb_guest() syncs the roots first (as INVPCID(all) would);
+                # kvm_vcpu_flush_tlb_guest() syncs the roots first (as INVPCID(all) would) and
+                # frees the cached roots that lead to unsync pages;
                 # kvm_vcpu_flush_tlb_current() only flushes the hardware TLB.
                 if "tlb_flush_guest" in reqs:
-                    ctx.kvm_mmu_sync_roots(self)
+                    ctx.kvm_mmu_sync_roots(kvm, self)
+                    ctx.kvm_mmu_sync_prev_roots(kvm, self)
                 reqs.discard("tlb_flush_current")
                 reqs.discard("tlb_flush_guest")
                 self.tlb.clear()

@@ -2,7 +2,7 @@
 
 ``audit(machine)`` inspects the model's state from the outside, between two operations (when
 every zap has been committed and no vCPU is inside KVM), and returns the invariants of
-docs/kvm-shadow-mmu.md §12 that the state breaks. It reports and never repairs: nothing it
+docs/model.md §12 that the state breaks. It reports and never repairs: nothing it
 touches is written, and it is deterministic (shadow pages are visited by host frame, sptes by
 index, memslots by address space and base gfn, TLB entries by page).
 
@@ -10,9 +10,10 @@ Which parts of §12 apply to the model, and how:
 
 * **I1** (permission soundness against the guest's own walk) is not structural: it needs the
   guest page tables and an architectural walker, and is what the differential oracle checks.
-* **I2 write protection.** Unsync shadow pages are not modelled (every indirect page stays
-  write-protected), so: for every valid indirect page S, no MMU-present leaf spte in *any*
-  address space whose recorded gfn is S.gfn has W or MMU-writable set; and no page is unsync.
+* **I2 write protection.** For every valid indirect page S that is in sync, no MMU-present
+  leaf spte in *any* address space whose recorded gfn is S.gfn has W or MMU-writable set. An
+  unsync page exists only on a machine with unsync pages on, is an indirect level-1 page, and
+  its gfn is write-tracked in no address space.
   A leaf spte "is in address space a" when its page has ``role.smm == a``. Also the
   (host-writable, MMU-writable, W) triple of every leaf is one of KVM's valid states.
 * **I3 counters.** ``write_track`` of each memslot = number of valid (not zapped) upper-level
@@ -28,8 +29,9 @@ Which parts of §12 apply to the model, and how:
   MMU-present or an MMIO spte (anything else escapes the rmaps).
 * **I5 parent links.** ``parent_ptes`` is exactly the set of present non-leaf sptes pointing at
   the page; every non-leaf spte is ``make_nonleaf_spte`` of a page that is not freed, and not
-  obsolete unless its parent is. ``unsync_children``/``unsync_child_bitmap`` must be 0 (no unsync
-  pages).
+  obsolete unless its parent is. ``unsync_children`` is the number of bits in
+  ``unsync_child_bitmap``, and each parent of a page that is unsync or has unsync children has
+  the page's bit set (stale bits are allowed: KVM's walks clear them lazily).
 * **I6 keys.** The gfn hash holds exactly the pages not yet freed, in the bucket of their gfn;
   at most one non-obsolete page per (gfn, role); every child's role derives from each parent
   linking it (``kvm_mmu_child_role``): level one lower, the same base bits, the quadrant of a
@@ -213,9 +215,8 @@ class _Auditor:
         shadowed: dict[int, list[ShadowPage]] = defaultdict(list)
         for sp in self.sps:
             if sp.unsync:
-                self.report("I2", "unsync-sp", f"{sp!r} is unsync, but unsync shadow pages "
-                            "are not modelled: every indirect page must stay write-protected")
-            if not sp.direct and not kvm.is_obsolete_sp(sp) and not sp.unsync:
+                self.check_unsync_page(sp)
+            elif not sp.direct and not kvm.is_obsolete_sp(sp):
                 shadowed[sp.gfn].append(sp)
         for sp, i, spte in self.leaves:
             host_w = bool(spte & S.SPTE_HOST_WRITABLE)
@@ -264,11 +265,11 @@ class _Auditor:
                             f"{_slot_str(slot)} has no rmaps/write-track counters")
         for slot in sorted(kvm.slot_arch, key=_slot_key):
             if slot not in current:
-                arch = kvm.slot_arch[slot]
+                stale = kvm.slot_arch[slot]
                 self.report("I3", "slot-arch-stale",
                             f"{_slot_str(slot)} is not installed but keeps its arch data "
-                            f"({sum(map(len, arch.rmap.values()))} rmap entries, "
-                            f"{sum(arch.write_track.values())} write tracks)")
+                            f"({sum(map(len, stale.rmap.values()))} rmap entries, "
+                            f"{sum(stale.write_track.values())} write tracks)")
         for slot in slots:
             arch = kvm.slot_arch.get(slot)
             if arch is None:
@@ -401,10 +402,38 @@ class _Auditor:
                     why = f"is {psp.sptv[i]:#x}"
                 self.report("I5", "parent-extra",
                             f"parent_ptes of {sp!r} holds {_sptep_str(sptep)}, which {why}")
-            if sp.unsync_children or sp.unsync_child_bitmap:
-                self.report("I5", "unsync-children",
-                            f"{sp!r} has unsync_children={sp.unsync_children}, bitmap "
-                            f"{sp.unsync_child_bitmap:#x}, but unsync pages are not modelled")
+            self.check_unsync_bits(sp)
+
+    def check_unsync_page(self, sp: ShadowPage) -> None:
+        """An unsync page is an indirect leaf table of a gfn no address space write-tracks
+        (mmu_try_to_unsync_pages()), on a machine that lets pages go unsync."""
+        kvm = self.kvm
+        if not kvm.config.unsync:
+            self.report("I2", "unsync-sp", f"{sp!r} is unsync on a machine without unsync "
+                        "pages: every indirect page must stay write-protected")
+        if sp.direct or sp.level != 1:
+            self.report("I2", "unsync-not-leaf", f"{sp!r} is unsync but not an indirect "
+                        "level-1 page")
+        for as_id, space in enumerate(kvm.memslots.by_gfn):
+            slot = space.get(sp.gfn)
+            if slot is not None and sp.gfn in kvm.slot_arch[slot].write_track:
+                self.report("I2", "unsync-write-tracked",
+                            f"{sp!r} is unsync, but gfn {sp.gfn:#x} is write-tracked in "
+                            f"address space {as_id}")
+
+    def check_unsync_bits(self, sp: ShadowPage) -> None:
+        """unsync_children counts the bitmap's bits; every parent of a page that is unsync or
+        leads to one has the bit for it (a bit may outlive its reason: walks clear it)."""
+        if sp.unsync_children != sp.unsync_child_bitmap.bit_count():
+            self.report("I5", "unsync-children-count",
+                        f"{sp!r} has unsync_children={sp.unsync_children}, but bitmap "
+                        f"{sp.unsync_child_bitmap:#x}")
+        if sp.unsync or sp.unsync_children:
+            for psp, i in sorted(sp.parent_ptes, key=_sptep_key):
+                if not psp.unsync_child_bitmap >> i & 1:
+                    why = "is unsync" if sp.unsync else "leads to unsync pages"
+                    self.report("I5", "unsync-bit-missing",
+                                f"{sp!r} {why}, but bit {i} of its parent {psp!r} is clear")
 
     # ------------------------------------------------------------------ I6
 

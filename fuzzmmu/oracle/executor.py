@@ -106,6 +106,8 @@ _ACCESS_STEP_KIND = {k: f"access/{k.value}" for k in AccessKind}
 class AccessStep(Step):
     __slots__ = ("ac", "akind", "cpl", "gva", "value", "why", "width")
 
+    vcpu: int  # a guest instruction runs on a vCPU
+
     def __init__(self, vcpu: int, gva: int, akind: AccessKind, cpl: int, ac: bool, width: int,
                  value: int, why: str) -> None:
         self.kind = _ACCESS_STEP_KIND[akind]
@@ -162,6 +164,8 @@ class CrStep(Step):
     outcome must equal the reference's."""
 
     __slots__ = ("value",)
+
+    vcpu: int
 
     def __init__(self, vcpu: int, reg: str, value: int) -> None:
         self.kind = reg
@@ -382,11 +386,11 @@ def _lower_map(op: Map, r: ReferenceMachine) -> list[Step]:
             gpa >> PAGE_SHIFT == table_root and gpa & 0xFFF < 32 for gpa in written):
         # A new PDPTE takes effect at the next PDPTE load: reload CR3, as Linux does.
         steps.append(CrStep(v, "cr3", cr3))
-    entry = op.entry
+    leaf = op.entry
     if leaf_level > 1:
         pages = 1 << (ibits * (leaf_level - 1))
-        entry = Entry(entry.target & ~(pages - 1), entry.flags | PTE_PS, entry.extra)
-    store(gpa, entry.value(esize), "map: leaf")
+        leaf = Entry(leaf.target & ~(pages - 1), leaf.flags | PTE_PS, leaf.extra)
+    store(gpa, leaf.value(esize), "map: leaf")
     return steps
 
 
@@ -471,8 +475,10 @@ class Executor:
         self.explain = explain  # (step index, callback): look at both machines before it
         self.observe = observe  # called after every op both machines agree on
         self.model = Machine(MmuConfig(h.policy, h.mmio_gen_bits, h.maxphyaddr,
-                                           h.mmu_pages), self.bugset)
-        self.ref = ReferenceMachine(h.maxphyaddr)
+                                       h.mmu_pages, h.unsync), self.bugset)
+        # With unsync pages, KVM keeps only the SDM's promise about translations the guest
+        # never used (docs/x86-paging.md §9): the reference accepts speculative ones.
+        self.ref = ReferenceMachine(h.maxphyaddr, speculative=h.unsync)
 
     def boot(self) -> Divergence | None:
         """Both vCPUs enter the header's boot mode (as op index -1)."""
@@ -592,11 +598,12 @@ class Executor:
         if ran_at and 0 < ran_at[0] < len(a):
             k = ran_at[0]
             orders.insert(0, a[:k] + b + a[k:])
-        if ran_at and op.point in _AFTER_WALK and isinstance(first[ran_at[0]], AccessStep):
+        walked = first[ran_at[0]] if ran_at and op.point in _AFTER_WALK else None
+        if isinstance(walked, AccessStep):
             # The access had translated (and set A flags) before the second part ran, then
             # completed after it: through that translation or, retried, a new one.
             k = ran_at[0]
-            orders.append([*a[:k], (SpeculativeWalk(first[k]), DONE), *b, *a[k:]])
+            orders.append([*a[:k], (SpeculativeWalk(walked), DONE), *b, *a[k:]])
         mode = self._mode_at(first[0].vcpu if first else None)
         attempts: list[tuple[Divergence, list[TraceEntry]]] = []
         for order in orders:
@@ -725,7 +732,7 @@ class Executor:
                 diffs.append((off, b, a))
                 # Only a present entry's A/D bits are ever set by a walk (SDM 4.8): a word
                 # with P clear, or any other bit changed, is plain memory.
-                ad_only = ad_only and not (a ^ b) & ~0x60 and a & b & 1
+                ad_only = ad_only and not (a ^ b) & ~0x60 and bool(a & b & 1)
         kind = DivergenceKind.AD_MISMATCH if ad_only else DivergenceKind.MEMORY_MISMATCH
         off, want, got = diffs[0]
         where = f"frame {pfn:#x} offset {off:#x}"

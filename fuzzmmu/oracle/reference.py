@@ -13,6 +13,7 @@ outcome, adopts the allowed outcome that matches it and returns whether one did.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import NamedTuple
 
 from fuzzmmu.arch.bits import (
@@ -25,10 +26,12 @@ from fuzzmmu.arch.bits import (
     CR4_PAE,
     CR4_PGE,
     CR4_PSE,
+    CR4_SMAP,
     CR4_SMEP,
     EFER_LMA,
     EFER_LME,
     PAGE_SHIFT,
+    PTE_A,
     PTE_D,
     PTE_PKEY_SHIFT,
     bits,
@@ -47,7 +50,7 @@ from fuzzmmu.arch.walker import (
     walk_leaf,
 )
 from fuzzmmu.world.layout import new_world
-from fuzzmmu.world.memslots import MemslotError, MemslotUpdate, PhysMemory
+from fuzzmmu.world.memslots import MemslotChange, MemslotError, MemslotUpdate, PhysMemory
 from fuzzmmu.world.observe import DONE, GP, AccessKind, Observation, ObsKind, mmio_read_value
 
 CR0_PDPTR_BITS = CR0_CD | CR0_NW | CR0_PG  # SDM §4.4.1
@@ -60,7 +63,8 @@ _ACCESSES = {(kind, user): Access(write=kind is AccessKind.WRITE, user=user,
 
 
 class RefCpu:
-    __slots__ = ("cr0", "cr3", "cr4", "dead", "efer", "pdptrs", "saved", "smm", "states", "tlb")
+    __slots__ = ("cr0", "cr3", "cr4", "dead", "efer", "flushed_at", "invalidated_at", "pdptrs",
+                 "saved", "smm", "states", "tlb")
 
     def __init__(self) -> None:
         self.cr0 = CR0_PE | CR0_WP  # the world's reset state: protected mode, paging off
@@ -73,6 +77,10 @@ class RefCpu:
         self.dead = False
         self.tlb = Tlb()
         self.states: dict[bool, CpuState] = {}  # the walker's view per EFLAGS.AC
+        # Where in the machine's journal of memory writes the TLB was last flushed, and each
+        # linear page last invalidated (for speculative translations, ReferenceMachine).
+        self.flushed_at = 0
+        self.invalidated_at: dict[int, int] = {}
 
     def copy(self) -> RefCpu:
         other = RefCpu()
@@ -83,13 +91,25 @@ class RefCpu:
         other.dead = self.dead
         other.tlb = self.tlb.copy()
         other.states = dict(self.states)
+        other.flushed_at = self.flushed_at
+        other.invalidated_at = dict(self.invalidated_at)
         return other
 
 
 class ReferenceMachine:
-    def __init__(self, maxphyaddr: int = 40, *, _copy_of: ReferenceMachine | None = None
-                 ) -> None:
+    def __init__(self, maxphyaddr: int = 40, *, speculative: bool = False,
+                 _copy_of: ReferenceMachine | None = None) -> None:
+        """``speculative``: also accept translations the processor may have cached without
+        the guest using them (see ``_speculative_match``)."""
         self.maxphyaddr = maxphyaddr
+        self.speculative = speculative
+        # With ``speculative``: every write to guest memory as (host address, size, old
+        # value), and where the last memslot deletion or move happened (walks replayed over
+        # the journal use today's memslots, so none is searched from before it).
+        self.journal: list[tuple[int, int, int]] = list(_copy_of.journal) if _copy_of else []
+        self.barrier: int = _copy_of.barrier if _copy_of else 0
+        self.phys: PhysMemory
+        self.cpus: list[RefCpu]
         if _copy_of is not None:
             self.phys = _copy_of.phys.copy()
             self.cpus = [c.copy() for c in _copy_of.cpus]
@@ -102,7 +122,7 @@ class ReferenceMachine:
         self.optional: OptionalWalk | None = _copy_of.optional if _copy_of else None
 
     def copy(self) -> ReferenceMachine:
-        return ReferenceMachine(self.maxphyaddr, _copy_of=self)
+        return ReferenceMachine(self.maxphyaddr, speculative=self.speculative, _copy_of=self)
 
     def regs(self, v: int) -> tuple[int, int, int, int, int]:
         c = self.cpus[v]
@@ -133,7 +153,26 @@ class ReferenceMachine:
 
     def _perform(self, obs: Observation, write: bool, width: int) -> None:
         if write and obs.kind is ObsKind.RAM:
-            self.phys.backing.write(obs.addr, width, obs.value)
+            backing = self.phys.backing
+            if self.speculative:
+                self.journal.append((obs.addr, width, backing.read(obs.addr, width)))
+            backing.write(obs.addr, width, obs.value)
+
+    def _journal_ad(self, as_id: int, log: list[tuple[int, int, int, int]]) -> None:
+        """Journal the A/D writes of a walk (logged as guest-physical addresses)."""
+        phys = self.phys
+        for gpa, size, old, _new in log:
+            pfn = phys.gfn_to_pfn(as_id, gpa >> PAGE_SHIFT)
+            self.journal.append(((pfn << PAGE_SHIFT) | (gpa & 0xFFF), size, old))
+
+    def _flush_tlb(self, c: RefCpu) -> None:
+        c.tlb.flush()
+        c.flushed_at = len(self.journal)
+        c.invalidated_at.clear()
+
+    def _invalidate_page(self, c: RefCpu, page: int) -> None:
+        c.tlb.invalidate(page)
+        c.invalidated_at[page] = len(self.journal)
 
     def expected(self, v: int, gva: int, kind: AccessKind, *, cpl: int = 0, ac: bool = False,
                  width: int = 8, value: int = 0) -> Observation:
@@ -168,7 +207,10 @@ class ReferenceMachine:
         if not res.ok or not cpu.mode.value:
             return
         assert res.gpa is not None
-        set_accessed_dirty(view, cpu, walked, False)
+        log: list[tuple[int, int, int, int]] = []
+        set_accessed_dirty(view, cpu, walked, False, log)
+        if self.speculative:
+            self._journal_ad(c.smm, log)
         c.tlb.fill(gva >> PAGE_SHIFT, TlbEntry(res.gpa >> PAGE_SHIFT, res.rights,
                                                bool(leaf & PTE_D),
                                                (leaf >> PTE_PKEY_SHIFT) & 0xF))
@@ -215,6 +257,9 @@ class ReferenceMachine:
                     _undo(view, log)
                     self._perform(cached, write, width)
                     return True, cached
+                at = len(self.journal)
+                if self.speculative:
+                    self._journal_ad(c.smm, log)
                 self._perform(fresh, write, width)
                 filled = None
                 if cpu.mode.value:
@@ -223,9 +268,15 @@ class ReferenceMachine:
                     if c.tlb.fill(page, made):
                         filled = made
                 if cached is not None:
-                    self.optional = OptionalWalk(c.smm, tuple(log), v, page, filled)
+                    self.optional = OptionalWalk(c.smm, tuple(log), v, page, filled, at, None)
+                elif log and self.speculative:
+                    # A speculative translation may explain the access without the A/D
+                    # writes too; searching for one costs a walk per journalled write, so
+                    # only when the state comparison fails (forgo_optional_walk).
+                    self.optional = OptionalWalk(c.smm, tuple(log), v, page, filled, at,
+                                                 (cpu, acc, gva, write, width, value, model))
             else:
-                c.tlb.invalidate(page)
+                self._invalidate_page(c, page)
             return fresh == model, fresh
         for entry in c.tlb.cached(page):
             code = access_fault(cpu, acc, entry.rights, entry.pkey)
@@ -238,11 +289,63 @@ class ReferenceMachine:
                                       width, value)
             if stale == model:
                 if stale.kind is ObsKind.PF:
-                    c.tlb.invalidate(page)
+                    self._invalidate_page(c, page)
                 else:
                     self._perform(stale, write, width)
                 return True, stale
+        if self.speculative:
+            spec = self._speculative_match(v, cpu, acc, page, gva, write, width, value, model)
+            if spec is not None:
+                if spec.kind is ObsKind.PF:
+                    self._invalidate_page(c, page)
+                else:
+                    self._perform(spec, write, width)
+                return True, spec
         return False, fresh
+
+    def _speculative_match(self, v: int, cpu: CpuState, acc: Access, page: int, gva: int,
+                           write: bool, width: int, value: int, model: Observation,
+                           end: int | None = None) -> Observation | None:
+        """The outcome equal to ``model`` of a translation the processor may have cached
+        since the page was last invalidated without the guest using it: one the tables gave
+        at some moment since then, with every A flag already set (a speculative walk needs
+        none set: SDM §4.10.2.3 lets a processor cache translations for addresses it never
+        accesses). Found by taking the journal of memory writes back one write at a time and
+        walking after each; the memory is as it was afterwards."""
+        c = self.cpus[v]
+        start = max(c.flushed_at, c.invalidated_at.get(page, 0), self.barrier)
+        backing, journal = self.phys.backing, self.journal
+        if (len(journal) if end is None else end) <= start:
+            return None
+        view = self.views[c.smm]
+        # Rights are checked when a cached translation is used: walk for the translation only.
+        bare = replace(cpu, cr4=cpu.cr4 & ~(CR4_SMEP | CR4_SMAP), eflags_ac=True)
+        found: list[TlbEntry] = []
+        undone: list[tuple[int, int, int]] = []
+        for addr, size, old in reversed(journal[start:end]):
+            undone.append((addr, size, backing.read(addr, size)))
+            backing.write(addr, size, old)
+            res, leaf, walked = walk_leaf(view, bare, gva, _ACCESSES[AccessKind.READ, False])
+            if res.ok and all(e & PTE_A for _, e in walked):
+                assert res.gpa is not None
+                entry = TlbEntry(res.gpa >> PAGE_SHIFT, res.rights, bool(leaf & PTE_D),
+                                 (leaf >> PTE_PKEY_SHIFT) & 0xF)
+                if entry not in found:
+                    found.append(entry)
+        for addr, size, now in reversed(undone):
+            backing.write(addr, size, now)
+        for entry in found:
+            code = access_fault(cpu, acc, entry.rights, entry.pkey)
+            if code:
+                spec = Observation(ObsKind.PF, gva, 0, fault_error_code(cpu, acc, code))
+            elif write and not entry.dirty:
+                continue  # a write through a clean translation walks the tables again
+            else:
+                spec = self._outcome(v, (entry.gpa_page << PAGE_SHIFT) | (gva & 0xFFF), write,
+                                     width, value)
+            if spec == model:
+                return spec
+        return None
 
     def _cached_match(self, v: int, cpu: CpuState, acc: Access, page: int, gva: int,
                       write: bool, width: int, value: int, model: Observation
@@ -258,8 +361,9 @@ class ReferenceMachine:
         return None
 
     def forgo_optional_walk(self) -> bool:
-        """Take back the last access's walk when a cached translation explained the access
-        just as well: its A/D writes and the translation it cached. Whether there was one.
+        """Take back the last access's walk when a cached (or, with unsync pages, a
+        speculative) translation explains the access just as well: its A/D writes and the
+        translation it cached. Whether it was taken back.
 
         When both the current tables and a cached translation give the model's outcome the
         reference follows the tables (the one outcome every processor may show) and keeps this
@@ -270,7 +374,15 @@ class ReferenceMachine:
         if opt is None:
             return False
         self.optional = None
-        _undo(self.views[opt.as_id], opt.writes)
+        view = self.views[opt.as_id]
+        _undo(view, opt.writes)
+        if opt.search is not None:
+            cpu, acc, gva, write, width, value, model = opt.search
+            if self._speculative_match(opt.vcpu, cpu, acc, opt.page, gva, write, width, value,
+                                       model, end=opt.journal_at) is None:
+                _redo(view, opt.writes)
+                return False
+        del self.journal[opt.journal_at:opt.journal_at + len(opt.writes)]  # never happened
         if opt.filled is not None:
             self.cpus[opt.vcpu].tlb.discard(opt.page, opt.filled)
         return True
@@ -303,7 +415,7 @@ class ReferenceMachine:
         if c.efer & EFER_LME and (cr0 ^ old) & CR0_PG:
             c.efer = c.efer | EFER_LMA if cr0 & CR0_PG else c.efer & ~EFER_LMA
         if (cr0 ^ old) & CR0_PG:
-            c.tlb.flush()
+            self._flush_tlb(c)
         self._changed(c)
         return DONE
 
@@ -320,7 +432,7 @@ class ReferenceMachine:
             return GP
         c.cr4 = cr4
         if (cr4 ^ old) & (CR4_PGE | CR4_PAE) or (cr4 & ~old & CR4_SMEP):
-            c.tlb.flush()
+            self._flush_tlb(c)
         self._changed(c)
         return DONE
 
@@ -335,7 +447,7 @@ class ReferenceMachine:
         if pae_paging and not self._load_pdptrs(c, cr3):
             return GP
         c.cr3 = cr3
-        c.tlb.flush()
+        self._flush_tlb(c)
         self._changed(c)
         return DONE
 
@@ -355,7 +467,7 @@ class ReferenceMachine:
             return Observation(ObsKind.SHUTDOWN)
         if not c.efer & EFER_LMA:
             gva &= 0xFFFFFFFF
-        c.tlb.invalidate(gva >> PAGE_SHIFT)
+        self._invalidate_page(c, gva >> PAGE_SHIFT)
         return DONE
 
     def smi(self, v: int) -> Observation:
@@ -369,7 +481,7 @@ class ReferenceMachine:
         c.cr0 &= ~(CR0_PE | CR0_PG | (1 << 2) | (1 << 3))
         c.cr4 = 0
         c.efer = 0
-        c.tlb.flush()
+        self._flush_tlb(c)
         self._changed(c)
         return DONE
 
@@ -384,7 +496,7 @@ class ReferenceMachine:
         cr0, cr3, cr4, efer = c.saved
         c.saved = None
         c.smm = 0
-        c.tlb.flush()
+        self._flush_tlb(c)
         self._changed(c)
         if cr0 & CR0_PG and cr4 & CR4_PAE and not efer & EFER_LMA and not self._load_pdptrs(c,
                                                                                             cr3):
@@ -402,13 +514,21 @@ class ReferenceMachine:
             return Observation(ObsKind.REJECTED, detail=str(exc))
         if new is not old:
             self.phys.slots.install(old, new)
+            if upd.change is not MemslotChange.CREATE:
+                # Walks replayed over the journal read the tables through today's memslots:
+                # none reaches back past a change that moved or removed guest memory. A new
+                # memslot only makes gfns RAM that were not (walks through them failed then).
+                self.barrier = len(self.journal)
         return DONE
 
     def migrate_page(self, as_id: int, gfn: int) -> Observation:
         slot = self.phys.slots.lookup(as_id, gfn)
         if slot is None:
             return Observation(ObsKind.REJECTED, detail=f"gfn {gfn:#x} is not RAM")
-        self.phys.migrate(slot.gfn_to_hva(gfn))
+        old, new = self.phys.migrate(slot.gfn_to_hva(gfn))
+        # The contents moved with the page: so does its history.
+        self.journal = [((new << PAGE_SHIFT) | (addr & 0xFFF) if addr >> PAGE_SHIFT == old
+                         else addr, size, value) for addr, size, value in self.journal]
         return DONE
 
 
@@ -420,6 +540,10 @@ class OptionalWalk(NamedTuple):
     vcpu: int
     page: int
     filled: TlbEntry | None  # the translation it cached, if that one was new
+    journal_at: int  # where its writes start in the journal (if journalled)
+    # What to search a speculative translation with, when no cached one explained the access:
+    # (cpu state, access, address, write, width, value, the model's outcome).
+    search: tuple[CpuState, Access, int, bool, int, int, Observation] | None
 
 
 def _undo(mem: Memory, writes: Iterable[tuple[int, int, int, int]]) -> None:

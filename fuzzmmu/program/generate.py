@@ -9,10 +9,10 @@ here inspects a machine: choices only use the world's tables and the program so 
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 
 from fuzzmmu.model.mmu.internal import Point
 from fuzzmmu.program import world as W
-from fuzzmmu.program.codec import STORE_OFFSETS
 from fuzzmmu.program.ops import (
     MAP_FORMATS,
     Access,
@@ -49,14 +49,41 @@ def _bit(rng: random.Random, p: float) -> bool:
     return rng.random() < p
 
 
+# The kinds of op the generator draws, with their weights. A swarm (Groce et al., "Swarm
+# testing", ISSTA 2012) draws from a subset: leaving kinds out of a program lets the others
+# pile up, which reaches states a program of everything dilutes.
+OP_KINDS = (("access", 30), ("map", 16), ("pte", 8), ("store", 3), ("invlpg", 5), ("cr3", 4),
+            ("set", 5), ("mode", 3), ("smm", 3), ("memslot", 2), ("host", 3), ("interleave", 8))
+_KIND_OF = {Access: "access", Map: "map", WritePte: "pte", Store: "store", Invlpg: "invlpg",
+            LoadCr3: "cr3", SetBit: "set", SetMode: "mode", Smi: "smm", Rsm: "smm",
+            Memslot: "memslot", ZapAll: "host", Migrate: "host", Shrink: "host",
+            MmuPages: "host", Interleave: "interleave"}
+
+
+def op_kind(op: Op) -> str:
+    """The generator's kind of ``op`` (a name of OP_KINDS)."""
+    return _KIND_OF[type(op)]
+
+
+def kinds_of(program: Program) -> frozenset[str]:
+    """The kinds of the program's top-level ops: the swarm its lineage keeps to."""
+    return frozenset(_KIND_OF[type(op)] for op in program.ops)
+
+
 class Generator:
     """Random ops for one program; ``vas`` is the program's working set."""
 
     def __init__(self, rng: random.Random, header: Header | None = None,
-                 context: Program | None = None) -> None:
+                 context: Program | None = None, kinds: Collection[str] | None = None) -> None:
         """With ``context``, new ops aim at that program's addresses and table pools, as a
-        kernel keeps touching what it mapped."""
+        kernel keeps touching what it mapped; with ``kinds``, ``op`` draws only those kinds
+        (an interleave still needs a plain op for its first part, so one is kept)."""
         self.rng = rng
+        table = [(k, w) for k, w in OP_KINDS if kinds is None or k in kinds]
+        if all(k == "interleave" for k, _ in table):
+            table.append(OP_KINDS[0])
+        self._kinds = [k for k, _ in table]
+        self._weights = [w for _, w in table]
         self.header = header or self.random_header()
         ops = context.flat_ops() if context is not None else []
         vas = sorted({op.va for op in ops if isinstance(op, Access | Map | Invlpg)})
@@ -69,7 +96,8 @@ class Generator:
         return Header(r.choice(("zap", "zap", "update")), r.choice((19, 19, 3, 2)),
                       r.choice((40, 40, 36, 46, 52)), r.choice((2000, 2000, 64, 32, 20)),
                       r.choice((GuestMode.LONG4, GuestMode.LONG4, GuestMode.PAE,
-                                GuestMode.BIT32, GuestMode.BIT32_PSE, GuestMode.OFF)))
+                                GuestMode.BIT32, GuestMode.BIT32_PSE, GuestMode.OFF)),
+                      r.random() < 0.5)
 
     def entry(self, *, present: float = 0.9) -> Entry:
         r = self.rng
@@ -84,11 +112,7 @@ class Generator:
         return self.rng.choice(self.vas) if _bit(self.rng, 0.85) else self.rng.choice(W.VAS)
 
     def op(self) -> Op:
-        r = self.rng
-        kinds = (("access", 30), ("map", 16), ("pte", 8), ("store", 3), ("invlpg", 5),
-                 ("cr3", 4), ("set", 5), ("mode", 3), ("smm", 3), ("memslot", 2), ("host", 3),
-                 ("interleave", 8))
-        kind = r.choices([k for k, _ in kinds], [w for _, w in kinds])[0]
+        kind = self.rng.choices(self._kinds, self._weights)[0]
         return getattr(self, f"_{kind}")()
 
     def simple_op(self) -> Op:
@@ -130,7 +154,7 @@ class Generator:
         r = self.rng
         width = r.choice(W.WIDTHS)
         frame = r.choice(self.pools) + r.randrange(4)
-        return Store(r.randrange(2), frame, min(r.choice(STORE_OFFSETS), 4096 - width), width,
+        return Store(r.randrange(2), frame, min(r.choice(W.STORE_OFFSETS), 4096 - width), width,
                      self.entry())
 
     def _invlpg(self) -> Invlpg:

@@ -9,10 +9,28 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 from fuzzmmu.arch.bits import PAGE_SHIFT, PTE_A, PTE_D, PTE_NX, PTE_P, PTE_PS, PTE_U, PTE_W
 from fuzzmmu.model.mmu.internal import Point
+from fuzzmmu.program import world as W
+from fuzzmmu.program.schema import (
+    Address,
+    BiasedFlags,
+    Composite,
+    Cpu,
+    Fix,
+    FlagMask,
+    FlagWord,
+    Key,
+    Name,
+    Nested,
+    Plus,
+    SwitchName,
+    SwitchValue,
+    Table,
+    Word,
+)
 from fuzzmmu.world.memslots import MemslotChange
 from fuzzmmu.world.observe import AccessKind
 
@@ -46,9 +64,9 @@ class Extra(enum.Enum):
     BIT62 = "bit62"  # ignored in long mode, reserved with PAE
 
 
-_FLAG_ORDER = (("P", PTE_P), ("W", PTE_W), ("U", PTE_U), ("A", PTE_A), ("D", PTE_D),
-               ("PS", PTE_PS), ("NX", PTE_NX))
-FLAG_BITS = dict(_FLAG_ORDER)
+# Entry flags by name, in the order the text form spells them.
+FLAG_BITS = {"P": PTE_P, "W": PTE_W, "U": PTE_U, "A": PTE_A, "D": PTE_D, "PS": PTE_PS,
+             "NX": PTE_NX}
 
 
 @dataclass(frozen=True)
@@ -80,9 +98,76 @@ class Entry:
             value |= 1 << 62
         return value & ((1 << 64) - 1)
 
-    def flags_str(self) -> str:
-        names = [n for n, b in _FLAG_ORDER if self.flags & b]
-        return "|".join(names) if names else "0"
+
+# ---------------------------------------------------------------------- the schema's domains
+# Each field below is Annotated with its domain (the world's values it takes, each a digit of
+# the binary form), its syntax in the text form and, for a field that depends on another, a
+# Fix; fuzzmmu.program.schema derives the codec, the text form and the strategies from them.
+
+VCPU = Cpu()
+ADDRESS = Table(W.VA_CHOICES, "address", hexa=True)
+WIDTH = Table(W.WIDTHS, "width")
+ROOT = Table(W.ROOTS, "root frame", hexa=True)
+AS_ID = Table(range(2), "address space")
+_TARGET = Table(W.TARGETS, "target frame", hexa=True)
+_EXTRA = Table(tuple(Extra), "extra")
+ENTRY = Composite(Entry, (("target", _TARGET),
+                          ("flags", FlagMask(FLAG_BITS, tuple(FLAG_BITS), "entry flags")),
+                          ("extra", _EXTRA)),
+                  "entry", "->", Extra.NONE)
+# A kernel's mappings are mostly present and executable: P unless a 1-in-8 digit says not,
+# NX only on a 1-in-8 digit (NX is a reserved bit while EFER.NXE is off). PS is the level's.
+MAP_ENTRY = Composite(Entry, (
+    ("target", _TARGET),
+    ("flags", BiasedFlags(FLAG_BITS, (("P", 8, True), ("W", 2, True), ("U", 2, True),
+                                      ("A", 2, True), ("D", 2, True), ("NX", 8, False)),
+                          "a map entry's flags", why="a map sets PS itself from its level")),
+    ("extra", _EXTRA)), "entry", "->", Extra.NONE)
+# Upper entries: W and U unless a 1-in-8 digit says not, A on a coin, NX on a 1-in-8 digit.
+UPPER = BiasedFlags(FLAG_BITS, (("W", 8, True), ("U", 8, True), ("A", 2, True),
+                                ("NX", 8, False)),
+                    "upper entries' flags", why="upper entries take W, U, A or NX, not {name!r}")
+# A map's table format: mostly the vCPU's current one (None).
+MAP_FORMATS = (None, None, None, None, None, GuestMode.BIT32, GuestMode.PAE, GuestMode.LONG4)
+# Boot modes, most programs running paged (a mode may repeat: its first index stands for it).
+BOOT_MODES = (GuestMode.LONG4, GuestMode.PAE, GuestMode.BIT32, GuestMode.LONG4,
+              GuestMode.BIT32_PSE, GuestMode.OFF, GuestMode.LONG4, GuestMode.PAE)
+MAX_SECOND = 3  # ops in the second part of an interleave
+POINT = Table(tuple(Point), "interleave point")
+
+
+def _in_page(offset: int, width: int) -> int:
+    """An access ends in its page: its offset moves down."""
+    return min(offset, 4096 - width)
+
+
+def _stored(seed: int, kind: AccessKind) -> int:
+    """A load or fetch stores nothing: its seed is normalised away, so that two programs that
+    differ only there are one program."""
+    return seed if kind is AccessKind.WRITE else 0
+
+
+def _slot_in(slot: int, width: int) -> int:
+    """A slot beyond the table's entries (512 of 8 bytes, 1024 of 4) wraps."""
+    return slot % (4096 // width)
+
+
+def _level_in(level: int, fmt: GuestMode | None) -> int:
+    """No 1 GiB pages below long mode (None: the vCPU's current format, which may be long)."""
+    return min(level, 2) if fmt is not None and fmt is not GuestMode.LONG4 else level
+
+
+def _unless_deleted(value: int, change: MemslotChange) -> int:
+    """A deleted memslot has no base."""
+    return 0 if change is MemslotChange.DELETE else value
+
+
+def _if_created(value: int, change: MemslotChange) -> int:
+    """Only a create gives a memslot a size and host pages (a move keeps the slot's)."""
+    return value if change is MemslotChange.CREATE else 0
+
+
+# ---------------------------------------------------------------------- header and ops
 
 
 @dataclass(frozen=True)
@@ -90,11 +175,15 @@ class Header:
     """The machine a program runs on, and the paging mode both vCPUs boot into (with the root
     table in frame fuzzmmu.program.world.BOOT_ROOT) before the first op."""
 
-    policy: str = "zap"  # emulated PT writes: "zap" (modern KVM) or "update" (2007-2021)
-    mmio_gen_bits: int = 19
-    maxphyaddr: int = 40
-    mmu_pages: int = 2000
-    boot: GuestMode = GuestMode.OFF
+    # emulated PT writes: "zap" (modern KVM) or "update" (2007-2021)
+    policy: Annotated[str, Table(("zap", "update"), "policy"), Key()] = "zap"
+    mmio_gen_bits: Annotated[int, Table(W.MMIO_GEN_BITS, "mmio-gen-bits"), Key()] = 19
+    maxphyaddr: Annotated[int, Table(W.MAXPHYADDRS, "maxphyaddr"), Key()] = 40
+    mmu_pages: Annotated[int, Table(W.MMU_PAGES, "mmu-pages"), Key()] = 2000
+    boot: Annotated[GuestMode, Table(BOOT_MODES, "boot mode"), Key()] = GuestMode.OFF
+    # Leaf shadow pages may go unsync (every KVM since 2008); off, every shadowed table stays
+    # write-protected. The last digit: headers written before it existed decode with it off.
+    unsync: Annotated[bool, Table((False, True), "unsync"), FlagWord("unsync")] = False
 
 
 class Op:
@@ -109,9 +198,9 @@ class SetMode(Op):
     the kernel half linked into the root, then CR4/EFER/CR3/CR0)."""
 
     KIND: ClassVar[str] = "mode"
-    vcpu: int
-    mode: GuestMode
-    root: int
+    vcpu: Annotated[int, VCPU, Word()]
+    mode: Annotated[GuestMode, Table(tuple(GuestMode), "mode"), Word()]
+    root: Annotated[int, ROOT, Key()]
 
 
 @dataclass(frozen=True)
@@ -119,16 +208,16 @@ class LoadCr3(Op):
     """Switch address space (or flush the TLB when ``root`` is the current one)."""
 
     KIND: ClassVar[str] = "cr3"
-    vcpu: int
-    root: int
+    vcpu: Annotated[int, VCPU, Word()]
+    root: Annotated[int, ROOT, Key()]
 
 
 @dataclass(frozen=True)
 class SetBit(Op):
     KIND: ClassVar[str] = "set"
-    vcpu: int
-    bit: CrBit
-    on: bool
+    vcpu: Annotated[int, VCPU, Word()]
+    bit: Annotated[CrBit, Table(tuple(CrBit), "control bit"), SwitchName()]
+    on: Annotated[bool, Table((False, True), "bit value"), SwitchValue()]
 
 
 @dataclass(frozen=True)
@@ -136,11 +225,11 @@ class WritePte(Op):
     """Store an entry into slot ``index`` of the table in frame ``table``."""
 
     KIND: ClassVar[str] = "pte"
-    vcpu: int
-    table: int
-    index: int
-    entry: Entry
-    width: int  # 4 or 8
+    vcpu: Annotated[int, VCPU, Word()]
+    table: Annotated[int, Table(range(64), "table frame", hexa=True), Key()]
+    index: Annotated[int, Table(W.SLOTS, "index"), Key(), Fix(_slot_in, "width")]
+    entry: Annotated[Entry, ENTRY, Word()]
+    width: Annotated[int, Table((4, 8), "width"), Key(default=8)]
 
 
 @dataclass(frozen=True)
@@ -153,14 +242,18 @@ class Map(Op):
     Every entry is written with a guest store."""
 
     KIND: ClassVar[str] = "map"
-    vcpu: int
-    root: int | None  # None: the vCPU's current root (its CR3 frame)
-    fmt: GuestMode | None  # BIT32, PAE or LONG4; None: the vCPU's current format
-    va: int
-    entry: Entry
-    level: int
-    upper: int  # flags of new upper-level entries, among W, U, A, NX (P is always set)
-    pool: int
+    vcpu: Annotated[int, VCPU, Word()]
+    # None: the vCPU's current root (its CR3 frame)
+    root: Annotated[int | None, Table(W.MAP_ROOTS, "root frame", hexa=True), Key()]
+    # BIT32, PAE or LONG4; None: the vCPU's current format
+    fmt: Annotated[GuestMode | None, Table(MAP_FORMATS, "table format"), Word()]
+    va: Annotated[int, ADDRESS, Address()]
+    entry: Annotated[Entry, MAP_ENTRY, Word()]
+    level: Annotated[int, Table(W.MAP_LEVELS, "level"), Key(default=1),
+                     Fix(_level_in, "fmt", why="level {level} does not exist in {fmt} tables")]
+    # flags of new upper-level entries, among W, U, A, NX (P is always set)
+    upper: Annotated[int, UPPER, Key(default=0)]
+    pool: Annotated[int, Table(W.POOLS, "pool frame", hexa=True), Key()]
 
 
 @dataclass(frozen=True)
@@ -169,11 +262,11 @@ class Store(Op):
     across two entries included)."""
 
     KIND: ClassVar[str] = "store"
-    vcpu: int
-    frame: int
-    offset: int
-    width: int
-    entry: Entry
+    vcpu: Annotated[int, VCPU, Word()]
+    frame: Annotated[int, Table(range(64), "frame", hexa=True), Key()]
+    offset: Annotated[int, Table(W.STORE_OFFSETS, "store offset", hexa=True), Key()]
+    width: Annotated[int, WIDTH, Key()]
+    entry: Annotated[Entry, ENTRY, Word()]
 
 
 @dataclass(frozen=True)
@@ -181,44 +274,51 @@ class Access(Op):
     """A checked load, store or fetch at ``va + offset``."""
 
     KIND: ClassVar[str] = "access"
-    vcpu: int
-    kind: AccessKind
-    va: int
-    offset: int
-    width: int
-    cpl: int
-    ac: bool
-    seed: int  # the stored value's seed (fuzzmmu.program.world.data_value)
+    vcpu: Annotated[int, VCPU, Word()]
+    kind: Annotated[AccessKind, Table((AccessKind.READ, AccessKind.WRITE, AccessKind.FETCH),
+                                      "access"), Name()]
+    va: Annotated[int, ADDRESS, Address()]
+    offset: Annotated[int, Table(W.OFFSETS, "offset", hexa=True), Plus(),
+                      Fix(_in_page, "width")]
+    width: Annotated[int, WIDTH, Key(default=8)]
+    cpl: Annotated[int, Table((0, 3), "cpl"), Key(default=0)]
+    ac: Annotated[bool, Table((False, True), "ac"), FlagWord("ac")]
+    # the stored value's seed (fuzzmmu.program.world.data_value)
+    seed: Annotated[int, Table(range(256), "seed", hexa=True), Key(default=0),
+                    Fix(_stored, "kind", why="only a write has a seed")]
 
 
 @dataclass(frozen=True)
 class Invlpg(Op):
     KIND: ClassVar[str] = "invlpg"
-    vcpu: int
-    va: int
+    vcpu: Annotated[int, VCPU, Word()]
+    va: Annotated[int, ADDRESS, Address()]
 
 
 @dataclass(frozen=True)
 class Smi(Op):
     KIND: ClassVar[str] = "smi"
-    vcpu: int
+    vcpu: Annotated[int, VCPU, Word()]
 
 
 @dataclass(frozen=True)
 class Rsm(Op):
     KIND: ClassVar[str] = "rsm"
-    vcpu: int
+    vcpu: Annotated[int, VCPU, Word()]
 
 
 @dataclass(frozen=True)
 class Memslot(Op):
     KIND: ClassVar[str] = "memslot"
-    as_id: int
-    slot: int
-    change: MemslotChange
-    base: int = 0
-    npages: int = 0
-    hva: int = 0
+    as_id: Annotated[int, AS_ID, Key("as")]
+    slot: Annotated[int, Table(range(4), "slot"), Key()]
+    change: Annotated[MemslotChange, Table(tuple(MemslotChange), "change"), Word()]
+    base: Annotated[int, Table(W.SLOT_BASES, "base gfn", hexa=True), Key(),
+                    Fix(_unless_deleted, "change", why="a delete has no base")] = 0
+    npages: Annotated[int, Table(W.SLOT_SIZES, "size"), Key(),
+                      Fix(_if_created, "change", why="only a create has npages")] = 0
+    hva: Annotated[int, Table(W.SLOT_HVAS, "host page", hexa=True), Key(),
+                   Fix(_if_created, "change", why="only a create has hva")] = 0
 
 
 @dataclass(frozen=True)
@@ -231,20 +331,20 @@ class Migrate(Op):
     """The host migrates the page backing ``gfn`` (an MMU-notifier invalidation)."""
 
     KIND: ClassVar[str] = "migrate"
-    as_id: int
-    gfn: int
+    as_id: Annotated[int, AS_ID, Key("as")]
+    gfn: Annotated[int, Table(range(64), "gfn", hexa=True), Key()]
 
 
 @dataclass(frozen=True)
 class Shrink(Op):
     KIND: ClassVar[str] = "shrink"
-    count: int
+    count: Annotated[int, Table(W.SHRINK_COUNTS, "count"), Word()]
 
 
 @dataclass(frozen=True)
 class MmuPages(Op):
     KIND: ClassVar[str] = "mmu-pages"
-    count: int
+    count: Annotated[int, Table(W.MAX_PAGES, "count"), Word()]
 
 
 @dataclass(frozen=True)
@@ -254,17 +354,13 @@ class Interleave(Op):
     may appear in either order: both are architecturally allowed."""
 
     KIND: ClassVar[str] = "interleave"
-    point: Point
-    first: Op
-    second: tuple[Op, ...]
+    point: Annotated[Point, POINT, Key("at")]
+    first: Annotated[Op, Nested()]
+    second: Annotated[tuple[Op, ...], Nested(group=(1, MAX_SECOND))]
 
-
-MAP_FORMATS = (None, None, None, None, None, GuestMode.BIT32, GuestMode.PAE, GuestMode.LONG4)
-UPPER_FLAGS = (PTE_W, PTE_U, PTE_A, PTE_NX)
 
 SIMPLE_OPS: tuple[type[Op], ...] = (SetMode, LoadCr3, SetBit, WritePte, Map, Store, Access,
                                      Invlpg, Smi, Rsm, Memslot, ZapAll, Migrate, Shrink, MmuPages)
-
 
 @dataclass(frozen=True)
 class Program:

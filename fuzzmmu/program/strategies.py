@@ -1,24 +1,19 @@
 """Hypothesis strategies for programs: raw byte strings for the decoder, and ops and Programs
-built field by field from the world's tables (fuzzmmu.program.world), uniformly, unlike
+built field by field from the op schema (fuzzmmu.program.ops): each field a digit of its
+domain drawn uniformly (shrinking towards the first value of the world's table), unlike
 generate.py, which aims its ops at the tables a program has built. Property tests and the
 Hypothesis engine of the benchmark draw from these."""
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from hypothesis import strategies as st
 
-from fuzzmmu.model.mmu.internal import Point
-from fuzzmmu.program import world as W
-from fuzzmmu.program.codec import HEADER_SIZE, MAX_OPS, MAX_SECOND, RECORD_SIZE, STORE_OFFSETS
+from fuzzmmu.program.codec import HEADER_SIZE, MAX_OPS, RECORD_SIZE
 from fuzzmmu.program.ops import (
-    FLAG_BITS,
-    MAP_FORMATS,
-    UPPER_FLAGS,
+    SIMPLE_OPS,
     Access,
-    CrBit,
-    Entry,
-    Extra,
-    GuestMode,
     Header,
     Interleave,
     Invlpg,
@@ -38,100 +33,60 @@ from fuzzmmu.program.ops import (
     WritePte,
     ZapAll,
 )
-from fuzzmmu.world.memslots import MemslotChange
-from fuzzmmu.world.observe import AccessKind
+from fuzzmmu.program.schema import Nested, layout
+
+T = TypeVar("T")
 
 # Byte strings of every interesting length: empty, partial header, partial records, and more
 # records than MAX_OPS.
 program_bytes = st.binary(max_size=HEADER_SIZE + RECORD_SIZE * (MAX_OPS + 6))
 
-vcpus = st.integers(0, 1)
-vas = st.sampled_from(W.VAS)
-frames = st.integers(0, 63)
+
+def _nested(operands: Nested) -> st.SearchStrategy[Any]:
+    if operands.group is None:
+        return simple_ops
+    least, most = operands.group
+    return st.lists(simple_ops, min_size=least, max_size=most).map(tuple)
 
 
-def flag_sets(names: tuple[str, ...]) -> st.SearchStrategy[int]:
-    return st.lists(st.sampled_from(names), unique=True).map(
-        lambda chosen: sum(FLAG_BITS[n] for n in chosen))
+def of(kind: type[T]) -> st.SearchStrategy[T]:
+    """Any op (or header) of the world: a uniform digit per field, fixed as decoding fixes it,
+    then any nested ops."""
+    lay = layout(kind)
+    fields = [st.integers(0, f.domain.radix - 1).map(f.domain.value) for f in lay.fields]
+    fields += [_nested(operands) for _, operands in lay.nested]
+    return st.tuples(*fields).map(lambda args: lay.build(list(args)))
 
 
-def entries(flag_names: tuple[str, ...] = tuple(FLAG_BITS)) -> st.SearchStrategy[Entry]:
-    return st.builds(Entry, st.sampled_from(W.TARGETS), flag_sets(flag_names),
-                     st.sampled_from(list(Extra)))
+def accesses() -> st.SearchStrategy[Access]:
+    return of(Access)
 
 
-@st.composite
-def accesses(draw: st.DrawFn) -> Access:
-    kind = draw(st.sampled_from(list(AccessKind)))
-    width = draw(st.sampled_from(W.WIDTHS))
-    offset = min(draw(st.sampled_from(W.OFFSETS)), 4096 - width)
-    seed = draw(st.integers(0, 255)) if kind is AccessKind.WRITE else 0
-    return Access(draw(vcpus), kind, draw(vas), offset, width, draw(st.sampled_from((0, 3))),
-                  draw(st.booleans()), seed)
+def maps() -> st.SearchStrategy[Map]:
+    return of(Map)
 
 
-@st.composite
-def write_ptes(draw: st.DrawFn) -> WritePte:
-    width = draw(st.sampled_from((4, 8)))
-    index = draw(st.sampled_from(W.SLOTS)) % (4096 // width)
-    return WritePte(draw(vcpus), draw(frames), index, draw(entries()), width)
+def _any(kinds: tuple[type[Op], ...]) -> st.SearchStrategy[Op]:
+    return st.one_of(*(of(kind) for kind in kinds))
 
 
-@st.composite
-def stores(draw: st.DrawFn) -> Store:
-    width = draw(st.sampled_from(W.WIDTHS))
-    offset = min(draw(st.sampled_from(STORE_OFFSETS)), 4096 - width)
-    return Store(draw(vcpus), draw(frames), offset, width, draw(entries()))
-
-
-@st.composite
-def maps(draw: st.DrawFn) -> Map:
-    fmt = draw(st.sampled_from(MAP_FORMATS))
-    level = draw(st.sampled_from(W.MAP_LEVELS))
-    if fmt not in (None, GuestMode.LONG4):
-        level = min(level, 2)  # no 1 GiB pages below long mode
-    upper = draw(st.lists(st.sampled_from(UPPER_FLAGS), unique=True).map(sum))
-    # A map sets PS itself from its level.
-    entry = draw(entries(tuple(n for n in FLAG_BITS if n != "PS")))
-    return Map(draw(vcpus), draw(st.sampled_from(W.MAP_ROOTS)), fmt, draw(vas), entry, level,
-               upper, draw(st.sampled_from(W.POOLS)))
-
-
-@st.composite
-def memslots(draw: st.DrawFn) -> Memslot:
-    as_id, slot = draw(st.integers(0, 1)), draw(st.integers(0, 3))
-    change = draw(st.sampled_from(list(MemslotChange)))
-    if change is MemslotChange.DELETE:
-        return Memslot(as_id, slot, change)
-    base = draw(st.sampled_from(W.SLOT_BASES))
-    if change is MemslotChange.MOVE:
-        return Memslot(as_id, slot, change, base)
-    return Memslot(as_id, slot, change, base, draw(st.sampled_from(W.SLOT_SIZES)),
-                   draw(st.sampled_from(W.SLOT_HVAS)))
-
-
-table_writes: st.SearchStrategy[Op] = st.one_of(write_ptes(), stores())
-control_ops: st.SearchStrategy[Op] = st.one_of(
-    st.builds(SetMode, vcpus, st.sampled_from(list(GuestMode)), st.sampled_from(W.ROOTS)),
-    st.builds(LoadCr3, vcpus, st.sampled_from(W.ROOTS)),
-    st.builds(SetBit, vcpus, st.sampled_from(list(CrBit)), st.booleans()),
-    st.builds(Invlpg, vcpus, vas))
-smm_ops: st.SearchStrategy[Op] = st.one_of(st.builds(Smi, vcpus), st.builds(Rsm, vcpus))
-host_ops: st.SearchStrategy[Op] = st.one_of(
-    memslots(),
-    st.just(ZapAll()),
-    st.builds(Migrate, st.integers(0, 1), frames),
-    st.builds(Shrink, st.sampled_from(W.SHRINK_COUNTS)),
-    st.builds(MmuPages, st.sampled_from(W.MAX_PAGES)))
+# Groups of op kinds, each group as likely as an access or a map (the benchmark's state
+# machine has a rule per group).
+_TABLE_WRITES: tuple[type[Op], ...] = (WritePte, Store)
+_CONTROL: tuple[type[Op], ...] = (SetMode, LoadCr3, SetBit, Invlpg)
+_SMM: tuple[type[Op], ...] = (Smi, Rsm)
+_HOST: tuple[type[Op], ...] = (Memslot, ZapAll, Migrate, Shrink, MmuPages)
+assert {Access, Map, *_TABLE_WRITES, *_CONTROL, *_SMM, *_HOST} == set(SIMPLE_OPS), (
+    "a new op kind goes into a group")
+table_writes = _any(_TABLE_WRITES)
+control_ops = _any(_CONTROL)
+smm_ops = _any(_SMM)
+host_ops = _any(_HOST)
 simple_ops: st.SearchStrategy[Op] = st.one_of(accesses(), maps(), table_writes, control_ops,
                                               smm_ops, host_ops)
-interleaves = st.builds(Interleave, st.sampled_from(list(Point)), simple_ops,
-                        st.lists(simple_ops, min_size=1, max_size=MAX_SECOND).map(tuple))
+interleaves = of(Interleave)
 ops = st.one_of(simple_ops, interleaves)
-
-headers = st.builds(Header, st.sampled_from(("zap", "update")), st.sampled_from(W.MMIO_GEN_BITS),
-                    st.sampled_from(W.MAXPHYADDRS), st.sampled_from(W.MMU_PAGES),
-                    st.sampled_from(list(GuestMode)))
+headers = of(Header)
 
 
 def records(op: Op) -> int:

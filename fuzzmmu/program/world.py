@@ -27,13 +27,16 @@ VAS: tuple[int, ...] = tuple(hi | (l2 << 21) | (l1 << 12)
 # accesses of a random program meet. An index stands for the first occurrence of its address.
 _HOT = (0x1000, 0x201000, 0x4000_1000, 0x80_8020_1000)
 VA_CHOICES: tuple[int, ...] = VAS + tuple(va for va in _HOT for _ in range(8))
-VA_INDEX = {va: VA_CHOICES.index(va) for va in VAS}
 
 OFFSETS = (0x0, 0x8, 0x10, 0x6, 0x7FC, 0xFF8, 0xFFC, 0x3)  # byte offset of an access
 
 # Entry slots of a table; an index beyond a 64-bit table's 512 entries wraps.
 SLOTS = (0, 1, 2, 3, 4, 7, 8, 255, 256, 257, 511, 512, 513, 768, 1022, 1023)
-SLOT_INDEX = {s: i for i, s in enumerate(SLOTS)}
+
+# Store offsets: around the interesting slots (4-byte granularity), plus 0-7 bytes; at most
+# 4096 - 8, so that a store of any width stays in its frame.
+STORE_OFFSETS: tuple[int, ...] = tuple(dict.fromkeys(
+    min(s * 4 + d, 4088) for s in SLOTS for d in range(8)))
 
 # Targets of entries: guest frames 0-63, then frames outside RAM that matter to large pages,
 # PSE-36 and MAXPHYADDR.
@@ -42,7 +45,6 @@ _SPECIAL_TARGETS = (
     0x40000, 0x80000, 0xC0000, 0xFFFFF, 0x100000, 0x100400, 0x400000, 0xFFFFFF,
 )
 TARGETS: tuple[int, ...] = tuple(range(NUM_GFNS)) + _SPECIAL_TARGETS
-TARGET_INDEX = {t: i for i, t in enumerate(TARGETS)}
 
 WIDTHS = (1, 2, 4, 8)
 

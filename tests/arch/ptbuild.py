@@ -1,7 +1,8 @@
 """Helpers that lay out paging structures for the walker tests.
 
-Everything here follows the architecture (Intel SDM Vol. 3A ch. 4, the walker's specification),
-not the walker's code: index extraction per mode (§2-§4), entry sizes, and where each table lives.
+Everything here follows the architecture (Intel SDM Vol. 3A ch. 4, the walker's specification;
+docs/x86-paging.md restates it), not the walker's code: index extraction per mode (§2-§4 there),
+entry sizes, and where each table lives.
 
 Layout used by :class:`Tables`: the table of level L lives in guest page L (gpa ``L * 0x1000``),
 so the root is page 2 (32-bit), 3 (PAE PDPT), 4 (PML4) or 5 (PML5). Data frames are never read

@@ -5,6 +5,7 @@ Enumerated: PDE x PTE flag combinations (P, W, U, NX for 8-byte entries, PS, one
 x CR0.WP x EFER.NXE x CR4.SMEP x CR4.SMAP x EFLAGS.AC x access kind (read / write / fetch, by
 user, supervisor and implicit-supervisor code), for 4-level, PAE and 32-bit guests; plus the
 protection-key rules for 4-level guests. The levels above the PDE are fully permissive.
+Bare section numbers in the comments (§N) are of docs/x86-paging.md.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Table tests of the architectural walker, mode by mode and rule by rule.
 
-Every expectation comes from the architecture, Intel SDM Vol. 3A ch. 4 (section numbers in the
-comments are of a digest of it: §2-§5 the paging modes, §6 rights, §7 the error code, §8 A/D)
-and from the project conventions documented with the walker's public API.
+Every expectation comes from the architecture, Intel SDM Vol. 3A ch. 4, and from the project
+conventions documented with the walker's public API. Section numbers in the comments are of
+docs/x86-paging.md, which restates it with its SDM sections: §2-§5 the paging modes, §6
+rights, §7 the error code, §8 A/D.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Hypothesis property tests of the architectural walker.
 
-The properties follow from the architecture (SDM Vol. 3A ch. 4): permission bits only restrict
-(§6), the frame comes from the leaf and the page size (§10 step 4), A/D bits are written only on
-success and only into the entries of the walk (§8), and the walk is a pure function of memory and
-CPU state apart from those A/D writes.
+The properties follow from the architecture (SDM Vol. 3A ch. 4; section numbers are of
+docs/x86-paging.md): permission bits only restrict (§6), the frame comes from the leaf and the
+page size (§10 step 4), A/D bits are written only on success and only into the entries of the
+walk (§8), and the walk is a pure function of memory and CPU state apart from those A/D writes.
 """
 
 from __future__ import annotations

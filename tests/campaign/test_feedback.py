@@ -139,3 +139,18 @@ def test_the_harness_reports_state_features_to_libfuzzer(tmp_path: Path) -> None
     assert done, out.stderr[-2000:]
     cov = int(done[-1].split("cov: ")[1].split()[0])
     assert cov > 50, done[-1]
+
+
+def test_the_census_counts_counters_per_family_and_reads_back_the_largest(
+        tmp_path: Path) -> None:
+    counters = F.CounterMap(_Hooks(), size=1 << 12, census=tmp_path)
+    counters.report([(F.PATH, 1), (F.PATH, 1), (F.PATH, 2), (F.GFN, 7)])
+    fams = counters.families()
+    assert fams["path"] == 2 and fams["gfn"] == 1 and fams["edge"] == 0
+    assert list(tmp_path.glob("features-*.json"))  # the first report writes it
+    (tmp_path / "features-1.json").write_text('{"path": 5, "gfn": 0}')
+    (tmp_path / "features-2.json").write_text("{not json")
+    (tmp_path / "features-3.json").write_text("[1, 2]")
+    census = F.read_census(tmp_path)
+    assert census["path"] == 5 and census["gfn"] == 1
+    assert F.read_census(tmp_path / "missing") == {}

@@ -4,6 +4,7 @@ how fast bugs are found; that is bench/)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -85,3 +86,14 @@ def test_target_settings_from_the_environment(tmp_path: Path) -> None:
         settings_from_environment({"FUZZMMU_BYTE_SHARE": "2"})
     with pytest.raises(SettingsError):
         settings_from_environment({"FUZZMMU_CONFIG": str(tmp_path / "missing")})
+
+
+def test_a_state_feedback_campaign_counts_its_features_by_family(tmp_path: Path) -> None:
+    res = _fuzz(tmp_path, "--feedback", "state", "--max-time", "8")
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = [json.loads(x) for x in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    counted = [x["state_features"] for x in lines if "state_features" in x]
+    assert counted, lines[-3:]
+    last = counted[-1]
+    assert last["path"] > 0 and last["edge"] > 0 and last["gfn"] > 0
+    assert re.search(r"state\s+features\s+\d+", res.stdout)  # the progress lines

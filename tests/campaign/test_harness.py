@@ -75,3 +75,65 @@ def test_every_kind_has_its_own_exception_and_top_frame() -> None:
         seen_types.add(type(err.value))
         seen_frames.add(traceback.extract_tb(err.value.__traceback__)[-1].name)
     assert len(seen_types) == len(seen_frames) == len(DivergenceKind)
+
+
+# -- swarm programs and breadth
+
+
+SWARM_PROGRAM = """\
+# fuzzmmu program v1
+config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot=4level
+map cpu0 root=current current 0x40000000 -> 0x0 P|W level=1 upper=W pool=0x8
+read cpu0 0x40000000+0x0 width=8 cpl=0
+write cpu1 0x40000000+0x8 width=4 cpl=3 seed=0x1
+"""
+
+
+def test_inserted_ops_keep_to_the_programs_kinds_most_of_the_time() -> None:
+    import random
+
+    from fuzzmmu.program.generate import op_kind
+    from fuzzmmu.program.text import parse_program
+
+    program = parse_program(SWARM_PROGRAM)
+    header = encode(program)[:HEADER_SIZE]
+    inside = outside = 0
+    for seed in range(2000):
+        recs = harness._new_records(random.Random(seed), program)
+        op = decode(header + b"".join(recs)).ops[0]
+        if op_kind(op) in ("map", "access"):
+            inside += 1
+        else:
+            outside += 1
+    # 25% uniform records and 20% of generated ops may leave the swarm; the generator alone
+    # draws a map or an access less than half the time.
+    assert inside / (inside + outside) > 0.7
+    assert outside > 100  # and the lineage does leave it
+
+
+def test_fresh_programs_are_breadth_first_and_leave_kinds_out() -> None:
+    import random
+
+    from fuzzmmu.program.generate import OP_KINDS, kinds_of
+    from fuzzmmu.program.ops import GuestMode
+
+    modes, policies, kind_sets = set(), set(), set()
+    for seed in range(300):
+        draft = harness._Draft(b"", [], decode(b""))
+        harness._fresh(random.Random(seed), draft)
+        program = decode(draft.header + b"".join(draft.recs))
+        assert len(draft.header) == HEADER_SIZE and program.ops
+        modes.add(program.header.boot)
+        policies.add(program.header.policy)
+        kind_sets.add(kinds_of(program))
+    assert modes == set(GuestMode) and policies == {"zap", "update"}
+    assert len(kind_sets) > 50  # swarms differ
+    assert any(len(k) < len(OP_KINDS) // 2 for k in kind_sets)
+
+
+def test_random_swarm_always_keeps_maps_and_accesses() -> None:
+    import random
+
+    swarms = [harness.random_swarm(random.Random(s)) for s in range(200)]
+    assert all({"map", "access"} <= s for s in swarms)
+    assert len(set(swarms)) > 100

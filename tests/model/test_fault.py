@@ -1,6 +1,6 @@
-"""Prefetch on the fault path (doc §4 Prefetch): FNAME(pte_prefetch) maps the aligned group of
-8 neighbouring gptes (present, accessed, not reserved; stopping at the first that cannot be
-prefetched), prefetched sptes carry no A bit; direct pages use __direct_pte_prefetch."""
+"""Prefetch on the fault path (docs/model.md §4 Prefetch): FNAME(pte_prefetch) maps the aligned
+group of 8 neighbouring gptes (present, accessed, not reserved; stopping at the first that
+cannot be prefetched), prefetched sptes carry no A bit; direct pages use __direct_pte_prefetch."""
 
 from __future__ import annotations
 

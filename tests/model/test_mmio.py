@@ -1,5 +1,5 @@
-"""MMIO sptes (doc §8): an access to a gfn without a memslot leaves an MMIO spte carrying the
-memslot generation; a stale generation sends the next access down the slow path (which finds
+"""MMIO sptes (docs/model.md §8): an access to a gfn without a memslot leaves an MMIO spte carrying
+the memslot generation; a stale generation sends the next access down the slow path (which finds
 RAM after a memslot change); MAXPHYADDR 52 disables MMIO caching; a wrap of the stored
 generation bits zaps every shadow page."""
 

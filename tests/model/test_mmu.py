@@ -1,6 +1,6 @@
-"""Zapping and limits (doc §9): kvm_mmu_zap_all_fast with roots in use (invalid roots are kept
-until the last vCPU releases them), the shrinker, KVM_SET_NR_MMU_PAGES with many shadow pages,
-and memslot delete/move (everything zapped; a deleted slot's gfns become MMIO)."""
+"""Zapping and limits (docs/model.md §9): kvm_mmu_zap_all_fast with roots in use (invalid roots are
+kept until the last vCPU releases them), the shrinker, KVM_SET_NR_MMU_PAGES with many shadow
+pages, and memslot delete/move (everything zapped; a deleted slot's gfns become MMIO)."""
 
 from __future__ import annotations
 

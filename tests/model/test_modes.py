@@ -1,6 +1,6 @@
-"""Every guest paging mode through the shadow MMU (doc §2 roots, §3 walk, §4 fetch): paging
-off, 32-bit with 4 KiB and 4 MiB (PSE) pages, PAE from the PDPTRs cached at CR3 load, 4-level
-with 2 MiB and 1 GiB pages shadowed by direct pages of 4 KiB sptes."""
+"""Every guest paging mode through the shadow MMU (docs/model.md §2 roots, §3 walk, §4 fetch):
+paging off, 32-bit with 4 KiB and 4 MiB (PSE) pages, PAE from the PDPTRs cached at CR3 load,
+4-level with 2 MiB and 1 GiB pages shadowed by direct pages of 4 KiB sptes."""
 
 from __future__ import annotations
 
@@ -240,7 +240,7 @@ def test_4level_large_page_covering_its_own_tables_is_still_write_protected():
 
 def test_switching_modes_keeps_shadow_pages_for_reuse():
     """A mode change resets the MMU context but does not zap: pages of the old role stay in
-    the hash and are found again when the role recurs (doc §2 mode changes)."""
+    the hash and are found again when the role recurs (docs/model.md §2 mode changes)."""
     g = Guest()
     g.paging(0, BIT32, 2)
     g.pte(0, 2, 1, pa(3) | PW)

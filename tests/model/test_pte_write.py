@@ -1,4 +1,4 @@
-"""Emulated guest stores to write-protected page tables (doc §6, kvm_mmu_track_write): the
+"""Emulated guest stores to write-protected page tables (docs/model.md §6, kvm_mmu_track_write): the
 written sptes are zapped; a misaligned store zaps the whole shadow page (a 1-byte aligned one
 does not); a 32-bit PDE store zaps both shadow PDEs; write flooding zaps upper-level pages."""
 

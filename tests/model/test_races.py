@@ -1,4 +1,4 @@
-"""Concurrency points (doc §4 fault path: is_page_fault_stale, mmu_invalidate_seq,
+"""Concurrency points (docs/model.md §4 fault path: is_page_fault_stale, mmu_invalidate_seq,
 gpte_changed; §8 lockless MMIO): while vCPU 0 is inside KVM's fault handler, the host zaps
 everything, migrates the faulting page, or vCPU 1 rewrites the gpte. The fault must be retried
 and end with the right mapping, never one to a stale frame or through a stale gpte."""

@@ -1,7 +1,7 @@
-"""SMM (doc §10, §5 SMM): SMM has its own roots and shadow pages (role.smm) and address space
-(SMRAM at gfns 48-55), SMI and RSM reset the MMU context, RSM reloads PAE PDPTEs, and a guest
-page table is write-protected in both address spaces, so an SMM store to a non-SMM page table
-is intercepted (0f38453cdb2e)."""
+"""SMM (docs/model.md §10, §5 SMM): SMM has its own roots and shadow pages (role.smm) and address
+space (SMRAM at gfns 48-55), SMI and RSM reset the MMU context, RSM reloads PAE PDPTEs, and a
+guest page table is write-protected in both address spaces, so an SMM store to a non-SMM page
+table is intercepted (0f38453cdb2e)."""
 
 from __future__ import annotations
 

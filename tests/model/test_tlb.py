@@ -1,6 +1,6 @@
-"""The hardware TLB of two vCPUs (doc §5 TLB flush rules, §12 I9): write-protecting a newly
-shadowed table must flush the other vCPU's TLB, else its cached writable translation lets a
-store to the table bypass KVM and the shadow spte goes stale."""
+"""The hardware TLB of two vCPUs (docs/model.md §5 TLB flush rules, §12 I9): write-protecting a
+newly shadowed table must flush the other vCPU's TLB, else its cached writable translation lets
+a store to the table bypass KVM and the shadow spte goes stale."""
 
 from __future__ import annotations
 

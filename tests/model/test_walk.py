@@ -1,6 +1,6 @@
-"""The guest walk as the guest sees it through the shadow MMU (doc §3 walk, §4 fault): A/D bits
-set only on success, the dirty-bit trick, U/S, R/W with CR0.WP=1 and the CR0.WP=0 kernel-page
-conversion, NX with EFER.NXE, SMEP, SMAP with EFLAGS.AC, and the #PF error codes."""
+"""The guest walk as the guest sees it through the shadow MMU (docs/model.md §3 walk, §4 fault):
+A/D bits set only on success, the dirty-bit trick, U/S, R/W with CR0.WP=1 and the CR0.WP=0
+kernel-page conversion, NX with EFER.NXE, SMEP, SMAP with EFLAGS.AC, and the #PF error codes."""
 
 from __future__ import annotations
 

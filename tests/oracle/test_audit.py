@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -723,7 +724,7 @@ CORRUPTIONS = {
     "writable-shadowed-gfn-other-as": (
         lambda m: _or_spte(_smm_direct(m), PT, S.SPTE_W | S.SPTE_MMU_WRITABLE), "I2"),
     "spte-w-state": (lambda m: _clear_spte(_pt(m), 0, S.SPTE_MMU_WRITABLE), "I2"),
-    "unsync-sp": (lambda m: setattr(_pt(m), "unsync", True), "I2"),
+    "unsync-sp": (lambda m: m.kvm.kvm_unsync_page(_pt(m)), "I2"),
     # I3
     "write-track": (lambda m: m.kvm.slot_arch[_slot(m, 0, PD)].write_track.__setitem__(
         PD, m.kvm.slot_arch[_slot(m, 0, PD)].write_track[PD] + 1), "I3"),
@@ -751,7 +752,7 @@ CORRUPTIONS = {
     "nonleaf-freed-child": (lambda m: _pdpt(m).sptv.__setitem__(
         7, S.make_nonleaf_spte(0xFFFFF)), "I5"),
     "nonleaf-format": (lambda m: _clear_spte(_pdpt(m), 0, S.SPTE_U), "I5"),
-    "unsync-children": (lambda m: setattr(_pd(m), "unsync_child_bitmap", 1 << 2), "I5"),
+    "unsync-children-count": (lambda m: setattr(_pd(m), "unsync_child_bitmap", 1 << 2), "I5"),
     # I6
     "duplicate-key": (lambda m: m.kvm.kvm_mmu_alloc_shadow_page(_smm_direct(m).gfn,
                                                                  _smm_direct(m).role), "I6"),
@@ -808,6 +809,33 @@ def test_corruption_is_reported(kind: str) -> None:
     violations = audit(m)
     assert kinds(violations) == {(invariant, kind)}, "\n".join(map(str, violations))
     assert all(v.message for v in violations)
+
+
+def _unsync_machine() -> Machine:
+    """``populated()``, then pages may go unsync (the state is the same: none is yet)."""
+    m = populated().m
+    m.kvm.config = replace(m.kvm.config, unsync=True)
+    assert not audit(m)
+    return m
+
+
+def test_an_unsync_leaf_with_its_parents_marked_is_sound() -> None:
+    m = _unsync_machine()
+    m.kvm.kvm_unsync_page(_pt(m))
+    assert all(psp.unsync_child_bitmap >> i & 1 for psp, i in _pt(m).parent_ptes)
+    assert audit(m) == []
+
+
+def test_an_unsync_leaf_whose_parents_do_not_know_it() -> None:
+    m = _unsync_machine()
+    _pt(m).unsync = True
+    assert kinds(audit(m)) == {("I5", "unsync-bit-missing")}
+
+
+def test_an_unsync_upper_level_page() -> None:
+    m = _unsync_machine()
+    m.kvm.kvm_unsync_page(_pd(m))
+    assert kinds(audit(m)) == {("I2", "unsync-not-leaf"), ("I2", "unsync-write-tracked")}
 
 
 def test_kernel_page_exemption_is_narrow() -> None:

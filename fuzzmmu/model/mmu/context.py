@@ -214,7 +214,7 @@ def kvm_mmu_reset_context(kvm: KvmMmu, vcpu: Vcpu) -> None:
 
 def mmu_alloc_root(kvm: KvmMmu, vcpu: Vcpu, gfn: int, quadrant: int, level: int) -> int:
     role = with_quadrant(with_level(vcpu.mmu.root_role, level), quadrant)
-    sp = kvm.kvm_mmu_get_shadow_page(gfn, role)
+    sp = kvm.kvm_mmu_get_shadow_page(gfn, role, vcpu)
     sp.root_count += 1
     return sp.hpfn << PAGE_SHIFT
 
@@ -283,7 +283,7 @@ def kvm_mmu_load(kvm: KvmMmu, vcpu: Vcpu) -> bool:
         return False
     if kvm.trace is not None:  # the detail only for a trace
         kvm.emit("load_root", None, f"vcpu{vcpu.id} pgd={mmu.root_pgd:#x}")
-    kvm_mmu_sync_roots(vcpu)
+    kvm_mmu_sync_roots(kvm, vcpu)
     vcpu.tlb.clear()
     return True
 
@@ -395,13 +395,44 @@ def kvm_mmu_new_pgd(kvm: KvmMmu, vcpu: Vcpu, new_pgd: int) -> None:
         sp.write_flooding_count = 0
 
 
-def kvm_mmu_sync_roots(vcpu: Vcpu) -> None:
-    """kvm_mmu_sync_roots(): with every shadowed table write-protected (no unsync pages) there
-    is nothing to resync, but it still drops the MMIO gva cache: this is what makes every
-    MOV to CR3 (KVM_REQ_MMU_SYNC from kvm_invalidate_pcid()) and every new root forget it."""
-    if vcpu.mmu.root_role & DIRECT or not vcpu.mmu.root_valid:
+def is_unsync_root(kvm: KvmMmu, hpa: int) -> bool:
+    """is_unsync_root(): a root page that is unsync or leads to unsync pages."""
+    sp = kvm.root_to_sp(hpa) if hpa >= 0 else None
+    return sp is not None and bool(sp.unsync or sp.unsync_children)
+
+
+def kvm_mmu_sync_roots(kvm: KvmMmu, vcpu: Vcpu) -> None:
+    """kvm_mmu_sync_roots(): drop the MMIO gva cache (this is what makes every MOV to CR3,
+    through KVM_REQ_MMU_SYNC, and every new root forget it), then sync every unsync page the
+    current root leads to: the guest's TLB flush is where its edits of unsync tables must
+    take effect."""
+    mmu = vcpu.mmu
+    if mmu.root_role & DIRECT or not mmu.root_valid:
         return
     vcpu.clear_mmio_info()
+    if mmu.root_hpa >= 0:
+        if is_unsync_root(kvm, mmu.root_hpa):
+            sp = kvm.root_to_sp(mmu.root_hpa)
+            assert sp is not None
+            kvm.mmu_sync_children(vcpu, sp)
+        return
+    if mmu.root_hpa == PAE_ROOT:
+        for entry in list(mmu.pae_root):
+            if entry:
+                sp = kvm.root_to_sp(entry & S.SPTE_BASE_ADDR_MASK)
+                if sp is not None:
+                    kvm.mmu_sync_children(vcpu, sp)
+
+
+def kvm_mmu_sync_prev_roots(kvm: KvmMmu, vcpu: Vcpu) -> None:
+    """kvm_mmu_sync_prev_roots(): cached roots that lead to unsync pages are freed rather
+    than synced (they are synced when loaded again, if ever)."""
+    roots = 0
+    for i in range(NUM_PREV_ROOTS):
+        if is_unsync_root(kvm, vcpu.mmu.prev_roots[i][1]):
+            roots |= 2 << i
+    if roots:
+        kvm_mmu_free_roots(kvm, vcpu, roots)
 
 
 def kvm_mmu_reload(kvm: KvmMmu, vcpu: Vcpu) -> bool:
@@ -411,10 +442,42 @@ def kvm_mmu_reload(kvm: KvmMmu, vcpu: Vcpu) -> bool:
 
 
 def kvm_mmu_invalidate_addr(kvm: KvmMmu, vcpu: Vcpu, gva: int) -> None:
-    """kvm_mmu_invlpg(): drop the hardware TLB entry and the MMIO gva cache. Sync pages need
-    no spte work (every gpte write was intercepted); unsync pages would be synced here."""
+    """kvm_mmu_invlpg() -> kvm_mmu_invalidate_addr(KVM_MMU_ROOTS_ALL): drop the hardware TLB
+    entry and the MMIO gva cache, then, through the current root and every cached one, sync
+    the one spte of ``gva`` in each unsync page on the way (an INVLPG is the guest's promise
+    that this translation changed; the page stays unsync)."""
     vcpu.tlb.pop(gva >> PAGE_SHIFT, None)
     vcpu.clear_mmio_info(gva)
+    mmu = vcpu.mmu
+    for hpa in (mmu.root_hpa, *(hpa for _pgd, hpa in mmu.prev_roots)):
+        if hpa != INVALID_PAGE:
+            _invalidate_addr_in_root(kvm, vcpu, gva, hpa)
+
+
+def _invalidate_addr_in_root(kvm: KvmMmu, vcpu: Vcpu, gva: int, hpa: int) -> None:
+    """__kvm_mmu_invalidate_addr() for one root."""
+    if hpa == PAE_ROOT:
+        entry = vcpu.mmu.pae_root[(gva >> 30) & 3]
+        sp = kvm.root_to_sp(entry & S.SPTE_BASE_ADDR_MASK) if entry else None
+        level = 2
+    else:
+        sp = kvm.root_to_sp(hpa) if hpa >= 0 else None
+        level = sp.level if sp is not None else 0
+    while sp is not None:
+        index = (gva >> (PAGE_SHIFT + 9 * (level - 1))) & 511
+        if sp.unsync:
+            ret = kvm.kvm_sync_spte(vcpu, sp, index)
+            if ret < 0:
+                kvm.mmu_page_zap_pte(sp, index)
+            if ret:
+                kvm.kvm_flush_remote_tlbs()
+        if not sp.unsync_children:
+            return
+        spte = sp.sptv[index]
+        if not spte & S.SPTE_MMU_PRESENT or S.is_last_spte(spte, level):
+            return
+        sp = kvm.spte_to_child_sp(spte)
+        level -= 1
 
 
 def shadow_walk_init(kvm: KvmMmu, vcpu: Vcpu, addr: int) -> tuple[ShadowPage | None, int]:

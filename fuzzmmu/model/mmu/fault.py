@@ -33,6 +33,7 @@ from fuzzmmu.model.mmu.internal import (
     RET_PF_INVALID,
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
+    ModelError,
     Point,
     VmError,
 )
@@ -309,8 +310,14 @@ def fetch(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault, w: GuestWalker) -> int:
             access = w.pt_access[w.level - 1]
         else:
             access = w.pt_access[level - 2]
-        child = kvm.kvm_mmu_get_child_sp((sp, i), table_gfn, False, access)
+        child = kvm.kvm_mmu_get_child_sp(vcpu, (sp, i), table_gfn, False, access)
         created = child is not None and kvm.created_last
+        # The guest needs no flush to make a not-present gpte present (SDM §4.10.4.3), so a
+        # table about to be linked must not lead to stale unsync pages: sync them first
+        # (65855ed8b034; before it KVM only requested a sync: link-unsync-sp-without-sync).
+        if (child is not None and child.unsync_children
+                and not kvm.bugs.link_unsync_without_sync):
+            kvm.mmu_sync_children(vcpu, child)
         # The table has just been write-protected (if new): re-check the gpte so that a
         # concurrent write between the walk and the protection is not lost.
         changed = gpte_changed(vcpu, w, level - 1)  # also reads the gptes to prefetch
@@ -330,7 +337,7 @@ def fetch(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault, w: GuestWalker) -> int:
         base_gfn = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
         if not kvm.bugs.no_validate_direct_spte:
             validate_direct_spte(kvm, sp, i, direct_access)
-        child = kvm.kvm_mmu_get_child_sp((sp, i), base_gfn, True, direct_access)
+        child = kvm.kvm_mmu_get_child_sp(vcpu, (sp, i), base_gfn, True, direct_access)
         if child is not None:
             kvm.link_shadow_page((sp, i), child)
         sp = kvm.spte_to_child_sp(sp.sptv[i])
@@ -352,7 +359,7 @@ def direct_map(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
     while level > 1:
         i = _index(fault.addr, level)
         base_gfn = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
-        child = kvm.kvm_mmu_get_child_sp((sp, i), base_gfn, True, ACC_ALL)
+        child = kvm.kvm_mmu_get_child_sp(vcpu, (sp, i), base_gfn, True, ACC_ALL)
         if child is not None:
             kvm.link_shadow_page((sp, i), child)
         sp = kvm.spte_to_child_sp(sp.sptv[i])
@@ -369,19 +376,33 @@ def direct_map(kvm: KvmMmu, vcpu: Vcpu, fault: PageFault) -> int:
 # ---------------------------------------------------------------------- leaf sptes
 
 
-def mmu_try_to_unsync_pages(kvm: KvmMmu, as_id: int, gfn: int) -> bool:
-    """mmu_try_to_unsync_pages() with unsync pages off: a write-tracked gfn, or any gfn that
-    still has shadow pages with gptes, stays write-protected. Returns True when it must."""
+def mmu_try_to_unsync_pages(kvm: KvmMmu, as_id: int, gfn: int, can_unsync: bool,
+                            prefetch: bool) -> bool:
+    """mmu_try_to_unsync_pages(): a writable spte for ``gfn`` is about to be made. A
+    write-tracked gfn (an upper-level table) stays write-protected; otherwise every page that
+    shadows it goes unsync (they are level-1 pages: upper levels are write-tracked), unless
+    KVM is syncing a page (``can_unsync`` false) or prefetching. Returns True when the spte
+    must stay read-only. With unsync pages off, any page shadowing the gfn keeps it read-only."""
     if kvm.kvm_gfn_is_write_tracked(as_id, gfn):
         return True
-    for sp in kvm.page_hash.get(gfn, ()):  # noqa: SIM110 (a loop: any() and a generator cost 2x)
-        if not sp.direct and not kvm.is_obsolete_sp(sp):
+    unsync = kvm.config.unsync
+    for sp in kvm.page_hash.get(gfn, ()):
+        if sp.direct or kvm.is_obsolete_sp(sp):
+            continue
+        if not unsync or not can_unsync:
             return True
+        if sp.unsync:
+            continue
+        if prefetch:
+            return True
+        if sp.level != 1:
+            raise ModelError(f"unsyncing {sp!r}, a page above level 1 that is not write-tracked")
+        kvm.kvm_unsync_page(sp)
     return False
 
 
 def make_spte(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, pte_access: int, pfn: int, old: int,
-              prefetch: bool, gfn: int) -> tuple[int, bool]:
+              prefetch: bool, gfn: int, can_unsync: bool = True) -> tuple[int, bool]:
     """make_spte() (spte.c); returns (spte, wrprot)."""
     writable = False
     wrprot = False
@@ -394,7 +415,7 @@ def make_spte(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, pte_access: int, pfn: int
                                            or kvm.bugs.mmio_spte_counts_as_writable)
         if was_writable:
             writable = True
-        elif mmu_try_to_unsync_pages(kvm, sp.smm, gfn):
+        elif mmu_try_to_unsync_pages(kvm, sp.smm, gfn, can_unsync, prefetch):
             wrprot = True
             pte_access &= ~ACC_W
         else:
@@ -418,8 +439,9 @@ def mmu_set_spte(kvm: KvmMmu, vcpu: Vcpu, slot: Memslot | None, sp: ShadowPage, 
     spte; rmap it. A write fault on a page that had to stay read-only is emulated."""
     prefetch = fault is None or fault.prefetch
     write_fault = fault is not None and fault.write
-    if pfn == KVM_PFN_NOSLOT:
-        # The emulator writes through the MMIO info this fault cached, without a walk.
+    if pfn == KVM_PFN_NOSLOT and kvm.bugs.mmio_spte_over_present_spte:
+        # Before the 2026 fix the MMIO spte was written over whatever was there: a present
+        # spte (a stale one in an unsync page, say) left its rmap entry behind.
         if not _commit_dirty(vcpu, fault):
             return RET_PF_RETRY
         mark_mmio_spte(kvm, vcpu, sp, i, gfn, pte_access)
@@ -434,6 +456,16 @@ def mmu_set_spte(kvm: KvmMmu, vcpu: Vcpu, slot: Memslot | None, sp: ShadowPage, 
             old = 0
         else:
             was_rmapped = True
+    if pfn == KVM_PFN_NOSLOT:
+        # The emulator writes through the MMIO info this fault cached, without a walk.
+        if not _commit_dirty(vcpu, fault):
+            if flush:
+                kvm.kvm_flush_remote_tlbs_gfn(gfn)
+            return RET_PF_RETRY
+        mark_mmio_spte(kvm, vcpu, sp, i, gfn, pte_access)
+        if flush:
+            kvm.kvm_flush_remote_tlbs_gfn(gfn)
+        return RET_PF_EMULATE
     spte, wrprot = make_spte(kvm, vcpu, sp, pte_access, pfn, old, prefetch, gfn)
     # The faulting write goes through this spte: only now is its gpte dirty (SDM §4.8). A
     # write that is emulated instead (a write-protected gfn) walks and sets D itself.
@@ -461,6 +493,48 @@ def mmu_set_spte(kvm: KvmMmu, vcpu: Vcpu, slot: Memslot | None, sp: ShadowPage, 
     else:
         sp.set_translation(i, gfn, pte_access)
     return ret
+
+
+# ---------------------------------------------------------------------- sync
+
+
+def sync_spte(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, i: int) -> int:
+    """FNAME(sync_spte): bring one spte of an unsync page up to date with its gpte, read now.
+    An invalid gpte drops the spte, a new frame drops it (the next access faults it in), new
+    rights rebuild it as a prefetch that may not unsync anything. Returns 1 when a flush is
+    due, 0 when not, -1 when the gpte cannot be read."""
+    is32 = sp.has_4_byte_gpte
+    esize = 4 if is32 else 8
+    # FNAME(get_level1_sp_gpa): a 32-bit guest PT is shadowed by two pages, one per half.
+    pte_gpa = (sp.gfn << PAGE_SHIFT) + ((sp.quadrant << 9) + i) * esize if is32 else (
+        (sp.gfn << PAGE_SHIFT) + i * esize)
+    gpte = vcpu.phys.read(vcpu.smm, pte_gpa, esize)
+    if gpte is None:
+        return -1
+    # FNAME(prefetch_invalid_gpte)
+    if gpte & vcpu.mmu.rsvd[0][1] or not gpte & PTE_P or not gpte & PTE_A:
+        kvm.drop_spte(sp, i)
+        return 1
+    gfn = (gpte & (0xFFFFF000 if is32 else S.SPTE_BASE_ADDR_MASK)) >> PAGE_SHIFT
+    access = protect_clean_gpte(sp.access & gpte_access(gpte, is32), gpte)
+    spte = sp.sptv[i]
+    if S.is_mmio_spte(spte):  # sync_mmio_spte()
+        if gfn != S.get_mmio_spte_gfn(spte):
+            sp.sptv[i] = 0
+        else:
+            mark_mmio_spte(kvm, vcpu, sp, i, gfn, access)
+        return 0
+    if gfn != sp.get_gfn(i):
+        kvm.drop_spte(sp, i)
+        return 1
+    if sp.get_access(i) == access:
+        return 0
+    sp.set_translation(i, gfn, access)
+    new, _ = make_spte(kvm, vcpu, sp, access, S.spte_pfn(spte), spte, True, gfn,
+                       can_unsync=False)
+    sp.sptv[i] = new
+    # mmu_spte_update(): a flush is due when the spte lost MMU-writable.
+    return 1 if spte & S.SPTE_MMU_WRITABLE and not new & S.SPTE_MMU_WRITABLE else 0
 
 
 # ---------------------------------------------------------------------- prefetch

@@ -50,6 +50,9 @@ class MmuConfig:
     mmio_gen_bits: int = 19  # generation bits an MMIO spte stores
     maxphyaddr: int = 40  # guest = host MAXPHYADDR; 52 disables MMIO caching
     n_max_mmu_pages: int = 2000
+    # Leaf shadow pages may go unsync (mmu_try_to_unsync_pages(), 2008 on: every KVM since);
+    # off, every shadowed guest table stays write-protected.
+    unsync: bool = False
 
     def __post_init__(self) -> None:
         if self.pte_write_policy not in ("zap", "update"):

@@ -17,7 +17,16 @@ from fuzzmmu.model.bugs import BugSet
 from fuzzmmu.model.mmu import spte as S
 from fuzzmmu.model.mmu.internal import MmuConfig, ModelError, Point
 from fuzzmmu.model.mmu.page import ShadowPage
-from fuzzmmu.model.mmu.role import INVALID, with_access, with_direct, with_level, with_quadrant
+from fuzzmmu.model.mmu.role import (
+    ACCESS_MASK,
+    INVALID,
+    LEVEL_MASK,
+    QUADRANT_MASK,
+    with_access,
+    with_direct,
+    with_level,
+    with_quadrant,
+)
 from fuzzmmu.model.mmu.stats import MmuStats
 from fuzzmmu.model.mmu.trace import Event
 
@@ -68,6 +77,9 @@ class KvmMmu:
         self.hook: Callable[[Point, Vcpu | None], None] | None = None
         self.created_last = False  # whether the last kvm_mmu_get_shadow_page created the page
         self.current_vcpu: Vcpu | None = None  # the vCPU whose exit KVM is handling
+        # FNAME(sync_spte) (KVM's mmu->sync_spte): the machine installs the fault path's,
+        # which rebuilds sptes from gptes as prefetch does.
+        self.sync_spte: Callable[[KvmMmu, Vcpu, ShadowPage, int], int] = _no_sync
         for slot in memslots.all_slots():
             self.slot_arch[slot] = SlotArch()
 
@@ -244,28 +256,157 @@ class KvmMmu:
         return False
 
     def link_shadow_page(self, parent: Sptep, child: ShadowPage) -> None:
-        """link_shadow_page(): install the non-leaf spte and record the parent link."""
+        """link_shadow_page(): install the non-leaf spte and record the parent link; a child
+        that is unsync or leads to unsync pages marks its new parent too."""
         psp, i = parent
         if psp.sptv[i] & S.SPTE_MMU_PRESENT:  # only a large leaf can be here: drop it
             self.drop_spte(psp, i)
             self.kvm_flush_remote_tlbs()
         psp.sptv[i] = S.make_nonleaf_spte(child.hpfn)
         child.parent_ptes.add(parent)
+        if child.unsync_children or child.unsync:
+            self.mark_unsync(parent)
+
+    # ------------------------------------------------------------------ unsync bookkeeping
+
+    def kvm_unsync_page(self, sp: ShadowPage) -> None:
+        """kvm_unsync_page(): the guest may now write the table without an exit."""
+        self.emit("unsync_page", sp)
+        self.stat.mmu_unsync += 1
+        sp.unsync = True
+        self.kvm_mmu_mark_parents_unsync(sp)
+
+    def kvm_mmu_mark_parents_unsync(self, sp: ShadowPage) -> None:
+        for parent in sorted(sp.parent_ptes, key=_sptep_key):
+            self.mark_unsync(parent)
+
+    def mark_unsync(self, parent: Sptep) -> None:
+        """mark_unsync(): set the parent spte's bit; the grandparents only learn of it when
+        the parent's first unsync child appears."""
+        psp, i = parent
+        if psp.unsync_child_bitmap >> i & 1:
+            return
+        psp.unsync_child_bitmap |= 1 << i
+        psp.unsync_children += 1
+        if psp.unsync_children == 1:
+            self.kvm_mmu_mark_parents_unsync(psp)
+
+    def clear_unsync_child_bit(self, sp: ShadowPage, i: int) -> None:
+        sp.unsync_children -= 1
+        if sp.unsync_children < 0:
+            raise ModelError(f"unsync_children of {sp!r} went negative")
+        sp.unsync_child_bitmap &= ~(1 << i)
+
+    def kvm_sync_page_check(self, vcpu: Vcpu, sp: ShadowPage) -> bool:
+        """kvm_sync_page_check(): a page is synced only by a vCPU whose paging mode built it
+        (roles equal but for level, access, quadrant): gptes are never read in another
+        format."""
+        ignore = LEVEL_MASK | ACCESS_MASK | QUADRANT_MASK
+        return not sp.direct and not (sp.role ^ vcpu.mmu.root_role) & ~ignore
+
+    def kvm_sync_spte(self, vcpu: Vcpu, sp: ShadowPage, i: int) -> int:
+        """kvm_sync_spte(): >0 a flush is due, 0 nothing to do, <0 the spte is broken."""
+        if not sp.sptv[i]:
+            return 0
+        return self.sync_spte(self, vcpu, sp, i)
+
+    def kvm_sync_page(self, vcpu: Vcpu, sp: ShadowPage, invalid_list: list[ShadowPage]) -> int:
+        """kvm_sync_page(): every spte from its gpte; a page that cannot be synced is zapped
+        (returns <0); >0 when a flush is due."""
+        ret = 0
+        if not self.kvm_sync_page_check(vcpu, sp):
+            ret = -1
+        else:
+            for i in np.flatnonzero(sp.spt).tolist():
+                ret |= self.sync_spte(self, vcpu, sp, i)  # a -1 among them makes it -1
+        if ret < 0:
+            self.kvm_mmu_prepare_zap_page(sp, invalid_list)
+        return ret
+
+    def kvm_vcpu_write_protect_gfn(self, vcpu: Vcpu, gfn: int) -> bool:
+        """Write-protect a gfn whose unsync page is being synced: in every address space, as
+        account_shadowed() does since 0f38453cdb2e (a writable spte left in the other space
+        would let the guest edit the page, in sync again, without KVM seeing it). KVM's
+        kvm_vcpu_write_protect_gfn() goes through the vCPU's own address space only
+        (kvm.resync-wp-one-address-space)."""
+        if self.bugs.resync_wp_one_address_space:
+            slot = self.memslots.lookup(vcpu.smm, gfn)
+            return slot is not None and self.kvm_mmu_slot_gfn_write_protect(slot, gfn)
+        flush = False
+        for as_id in range(len(self.memslots.spaces)):
+            slot = self.memslots.lookup(as_id, gfn)
+            if slot is not None:
+                flush |= self.kvm_mmu_slot_gfn_write_protect(slot, gfn)
+        return flush
+
+    def kvm_mmu_remote_flush_or_zap(self, invalid_list: list[ShadowPage], remote_flush: bool
+                                    ) -> None:
+        if invalid_list:
+            self.kvm_mmu_commit_zap_page(invalid_list)
+        elif remote_flush:
+            self.kvm_flush_remote_tlbs()
+
+    def mmu_sync_children(self, vcpu: Vcpu, parent: ShadowPage) -> None:
+        """mmu_sync_children(): write-protect every unsync page below ``parent`` again (one
+        remote flush if any spte lost W), then sync each and mark it in sync."""
+        invalid: list[ShadowPage] = []
+        flush = False
+        while True:
+            leaves = self.mmu_unsync_walk(parent)
+            if not leaves:
+                break
+            protected = False
+            for sp, _path in leaves:
+                protected |= self.kvm_vcpu_write_protect_gfn(vcpu, sp.gfn)
+            if protected:
+                self.kvm_mmu_remote_flush_or_zap(invalid, True)
+                flush = False
+            for sp, path in leaves:
+                self.kvm_unlink_unsync_page(sp)
+                flush |= self.kvm_sync_page(vcpu, sp, invalid) > 0
+                self.mmu_pages_clear_parents(path)
+        self.kvm_mmu_remote_flush_or_zap(invalid, flush)
+
+    def kvm_unlink_unsync_page(self, sp: ShadowPage) -> None:
+        """kvm_unlink_unsync_page(): the page is in sync again (or going away); its parents'
+        bits are cleared by the walks that find them stale."""
+        sp.unsync = False
+        self.stat.mmu_unsync -= 1
 
     # ------------------------------------------------------------------ get / create
 
-    def kvm_mmu_find_shadow_page(self, gfn: int, role: int) -> ShadowPage | None:
-        for sp in self.page_hash.get(gfn, ()):
+    def kvm_mmu_find_shadow_page(self, gfn: int, role: int, vcpu: Vcpu | None
+                                 ) -> ShadowPage | None:
+        invalid: list[ShadowPage] = []
+        found = None
+        for sp in list(self.page_hash.get(gfn, ())):
             if self.is_obsolete_sp(sp):
                 continue
             if sp.role != role:
+                # A new upper-level page for the gfn will be write-tracked: an unsync page of
+                # it must go (the guest has most likely reused the frame).
+                if role & LEVEL_MASK > 1 and sp.unsync:
+                    self.kvm_mmu_prepare_zap_page(sp, invalid)
                 continue
-            # unsync pages and write flooding only concern indirect pages; unsync is not
-            # modelled yet, so a found indirect page is in sync.
-            if not sp.direct:
-                sp.write_flooding_count = 0
-            return sp
-        return None
+            if sp.direct:  # unsync pages and write flooding only concern indirect pages
+                found = sp
+                break
+            if sp.unsync:
+                if vcpu is None:
+                    raise ModelError(f"found unsync {sp!r} without a vCPU to sync it")
+                # Stale but good: bring its sptes up to date without write-protecting it or
+                # marking it sync (that waits for the guest's TLB flush); a failed sync zaps
+                # it and a new page is made.
+                ret = self.kvm_sync_page(vcpu, sp, invalid)
+                if ret < 0:
+                    break
+                if ret > 0:
+                    self.kvm_flush_remote_tlbs()
+            sp.write_flooding_count = 0
+            found = sp
+            break
+        self.kvm_mmu_commit_zap_page(invalid)
+        return found
 
     def kvm_mmu_alloc_shadow_page(self, gfn: int, role: int) -> ShadowPage:
         sp = ShadowPage(gfn, role, self.next_hpfn, self.mmu_valid_gen)
@@ -279,38 +420,43 @@ class KvmMmu:
             self.account_shadowed(sp)
         return sp
 
-    def kvm_mmu_get_shadow_page(self, gfn: int, role: int) -> ShadowPage:
-        sp = self.kvm_mmu_find_shadow_page(gfn, role)
+    def kvm_mmu_get_shadow_page(self, gfn: int, role: int, vcpu: Vcpu | None = None
+                                ) -> ShadowPage:
+        sp = self.kvm_mmu_find_shadow_page(gfn, role, vcpu)
         self.created_last = sp is None
         if sp is None:
             self.stat.mmu_cache_miss += 1
             sp = self.kvm_mmu_alloc_shadow_page(gfn, role)
         return sp
 
-    def kvm_mmu_get_child_sp(self, parent: Sptep, gfn: int, direct: bool, access: int
-                             ) -> ShadowPage | None:
+    def kvm_mmu_get_child_sp(self, vcpu: Vcpu, parent: Sptep, gfn: int, direct: bool,
+                             access: int) -> ShadowPage | None:
         """kvm_mmu_get_child_sp(): None stands for -EEXIST (a present non-leaf is reused as
         is, without re-checking its role)."""
         psp, i = parent
         spte = psp.sptv[i]
         if spte & S.SPTE_MMU_PRESENT and not spte & S.SPTE_PS:
             return None
-        return self.kvm_mmu_get_shadow_page(gfn, kvm_mmu_child_role(psp, i, direct, access))
+        return self.kvm_mmu_get_shadow_page(gfn, kvm_mmu_child_role(psp, i, direct, access),
+                                            vcpu)
 
     # ------------------------------------------------------------------ zapping
 
     def kvm_mmu_prepare_zap_page(self, sp: ShadowPage, invalid_list: list[ShadowPage]) -> bool:
-        """__kvm_mmu_prepare_zap_page(); returns whether the active list changed beyond sp."""
+        """__kvm_mmu_prepare_zap_page(); returns whether the active list changed beyond sp.
+        The unsync pages below an upper-level page go first (mmu_zap_unsync_children()):
+        nothing would sync them once this page no longer leads to them."""
         self.emit("zap_sp", sp)
         self.stat.mmu_shadow_zapped += 1
-        zapped_children = False
+        zapped_children = bool(self.mmu_zap_unsync_children(sp, invalid_list))
         for i in np.flatnonzero(sp.spt).tolist():
             zapped_children |= self.mmu_page_zap_pte(sp, i)
         for parent in sorted(sp.parent_ptes, key=_sptep_key):
             self.drop_parent_pte(sp, parent)
         if not sp.invalid and sp.has_gptes():
             self.unaccount_shadowed(sp)
-        sp.unsync = False
+        if sp.unsync:
+            self.kvm_unlink_unsync_page(sp)
         zapped_root = False
         if not sp.root_count:
             invalid_list.append(sp)
@@ -323,6 +469,68 @@ class KvmMmu:
         if zapped_root:
             self.kvm_make_all_cpus_request("free_obsolete_roots")
         return zapped_children
+
+    def mmu_zap_unsync_children(self, parent: ShadowPage, invalid_list: list[ShadowPage]
+                                ) -> int:
+        """mmu_zap_unsync_children(): zap every unsync page below ``parent``."""
+        if parent.level == 1:
+            return 0
+        zapped = 0
+        while True:
+            leaves = self.mmu_unsync_walk(parent)
+            if not leaves:
+                return zapped
+            for sp, path in leaves:
+                self.kvm_mmu_prepare_zap_page(sp, invalid_list)
+                self.mmu_pages_clear_parents(path)
+                zapped += 1
+
+    def mmu_unsync_walk(self, parent: ShadowPage) -> list[tuple[ShadowPage, list[Sptep]]]:
+        """mmu_unsync_walk(): the unsync pages below ``parent`` (each once), each with the
+        path of parent sptes that leads to it from ``parent``, clearing the bits that turn
+        out stale on the way."""
+        out: list[tuple[ShadowPage, list[Sptep]]] = []
+        if parent.unsync_children:
+            self._unsync_walk(parent, [], out, set())
+        return out
+
+    def _unsync_walk(self, sp: ShadowPage, path: list[Sptep],
+                     out: list[tuple[ShadowPage, list[Sptep]]], seen: set[ShadowPage]) -> int:
+        """__mmu_unsync_walk(): how many unsync leaves lie below ``sp``."""
+        found = 0
+        bitmap = sp.unsync_child_bitmap
+        while bitmap:
+            low = bitmap & -bitmap
+            bitmap ^= low
+            i = low.bit_length() - 1
+            ent = sp.sptv[i]
+            if not ent & S.SPTE_MMU_PRESENT or ent & S.SPTE_PS:
+                self.clear_unsync_child_bit(sp, i)
+                continue
+            child = self.spte_to_child_sp(ent)
+            if child.unsync_children:
+                n = self._unsync_walk(child, [*path, (sp, i)], out, seen)
+                if not n:
+                    self.clear_unsync_child_bit(sp, i)
+                found += n
+            elif child.unsync:
+                found += 1
+                if child not in seen:  # mmu_pages_add() keeps a page once per batch
+                    seen.add(child)
+                    out.append((child, [*path, (sp, i)]))
+            else:
+                self.clear_unsync_child_bit(sp, i)
+        return found
+
+    def mmu_pages_clear_parents(self, path: list[Sptep]) -> None:
+        """mmu_pages_clear_parents(): after a leaf is dealt with, clear its bit in its parent,
+        and the parent's in the grandparent when that was the parent's last, and so on."""
+        for psp, i in reversed(path):
+            if not psp.unsync_child_bitmap >> i & 1:
+                return  # already cleared through another path
+            self.clear_unsync_child_bit(psp, i)
+            if psp.unsync_children:
+                return
 
     def kvm_mmu_free_shadow_page(self, sp: ShadowPage) -> None:
         bucket = self.page_hash[sp.gfn]
@@ -452,6 +660,10 @@ def kvm_mmu_child_role(parent: ShadowPage, index: int, direct: bool, access: int
     if parent.has_4_byte_gpte:
         role = with_quadrant(role, index & 1)
     return role
+
+
+def _no_sync(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, i: int) -> int:
+    raise ModelError(f"{sp!r} is unsync, but nothing can sync it")
 
 
 def _sptep_key(sptep: Sptep) -> tuple[int, int]:

@@ -25,6 +25,7 @@ STAT_NAMES = (
     "mmu_flooded",  # ... a misaligned or flooded write zapped the page
     "mmu_recycled",  # kvm_mmu_zap_oldest_mmu_pages()
     "mmu_cache_miss",  # __kvm_mmu_get_shadow_page() made a new page
+    "mmu_unsync",  # kvm_unsync_page(), less kvm_unlink_unsync_page()
     "remote_tlb_flush",  # kvm_flush_remote_tlbs()
 )
 
@@ -47,6 +48,7 @@ class MmuStats:
     mmu_flooded: int
     mmu_recycled: int
     mmu_cache_miss: int
+    mmu_unsync: int
     remote_tlb_flush: int
 
     def __init__(self) -> None:
