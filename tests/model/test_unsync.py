@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from guest import AD, LONG_PD, LONG_PT, LONG_ROOT, PW, PWU, Guest, long_mode_guest, map4k, pa
 
-from fuzzmmu.arch.bits import PTE_A, PTE_P
+from fuzzmmu.arch.bits import CR4_PGE, PTE_A, PTE_P
 from fuzzmmu.model.bugs import BugSet
 from fuzzmmu.model.machine import Machine
+from fuzzmmu.model.mmu.context import is_unsync_root
 from fuzzmmu.model.mmu.internal import MmuConfig
 
 UNSYNC = MmuConfig(unsync=True)
@@ -136,3 +137,14 @@ def test_root_level_store_of_an_unsync_guest_is_emulated() -> None:
     g.pte(0, LONG_ROOT, 1, 0)
     assert g.write_track(LONG_ROOT) == 1
     assert not any(sp.unsync for sp in g.sps())
+
+
+def test_a_guest_tlb_flush_syncs_the_page_and_frees_cached_unsync_roots() -> None:
+    g = long_mode_guest(config=UNSYNC)
+    va = _stale_after_store(g)
+    (sp,) = g.sps(LONG_PT, level=1)
+    c = g.m.vcpus[0]
+    g.expect_done(g.cr4(0, c.cr4 | CR4_PGE))  # toggling PGE flushes the guest's TLB
+    g.ram(g.read(0, va), pa(NEW))
+    assert not sp.unsync
+    assert all(not is_unsync_root(g.kvm, hpa) for _pgd, hpa in c.mmu.prev_roots)

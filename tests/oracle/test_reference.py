@@ -1,13 +1,14 @@
 """The reference's choice between the current tables and a cached translation when both give
 the model's outcome (SDM §4.10.2.3): it follows the tables and keeps the walk revocable, and
-takes it back only when the state comparison needs it."""
+takes it back only when the state comparison needs it. With unsync pages: which speculative
+translations it accepts, and the invalidations that end them."""
 
 from __future__ import annotations
 
 from fuzzmmu.oracle.executor import Executor
 from fuzzmmu.oracle.reference import ReferenceMachine
 from fuzzmmu.program.text import parse_program
-from fuzzmmu.world.observe import AccessKind
+from fuzzmmu.world.observe import AccessKind, Observation, ObsKind
 
 # A 1-GiB leaf written with D clear; cpu1 writes through it (D set, a dirty translation
 # cached); the leaf is rewritten with D clear again, and nothing invalidates cpu1's TLB.
@@ -74,3 +75,60 @@ def test_copy_keeps_the_record() -> None:
     assert other.forgo_optional_walk()
     assert not _leaf(other) & PTE_D
     assert _leaf(ref) & PTE_D
+
+
+# -- speculative translations (machines with unsync pages)
+
+SPEC = """\
+# fuzzmmu program v1
+config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot=4level{unsync}
+map cpu0 root=current current 0x40001000 -> 0x5 P|W|A|D level=1 upper=W|A pool=0x8
+map cpu0 root=current current 0x40008000 -> 0x6 P|W|D level=1 upper=W|A pool=0x8
+read cpu1 0x40001000+0x0 width=8 cpl=0
+map cpu0 root=current current 0x40001000 -> 0x7 P|W|A|D level=1 upper=W|A pool=0x8
+map cpu0 root=current current 0x40008000 -> 0x7 P|W|A|D level=1 upper=W|A pool=0x8
+"""
+VA1, VA2 = 0x40001000, 0x40008000
+
+
+def _spec(unsync: bool = True) -> ReferenceMachine:
+    ex = Executor(parse_program(SPEC.format(unsync=" unsync" if unsync else "")))
+    assert ex.run().divergence is None
+    return ex.ref
+
+
+def _reads(ref: ReferenceMachine, v: int, va: int, frame: int) -> bool:
+    """Whether the reference accepts a read of ``va`` by vCPU ``v`` that lands in ``frame``."""
+    model = Observation(ObsKind.RAM, frame << 12, ref.phys.backing.read(frame << 12, 8))
+    return ref.access(v, va, AccessKind.READ, model)[0]
+
+
+def test_a_translation_never_used_may_be_stale_until_invalidated() -> None:
+    # cpu0 never read VA1; its gpte had A set (frame 5) before the remap to frame 7.
+    assert _reads(_spec(), 0, VA1, 5)
+    ref = _spec()
+    ref.invlpg(0, VA1)
+    assert not _reads(ref, 0, VA1, 5)  # INVLPG: only the current tables
+    ref = _spec()
+    ref.write_cr3(0, ref.cpus[0].cr3)
+    assert not _reads(ref, 0, VA1, 5)  # a CR3 load flushes everything
+
+
+def test_a_flush_on_one_vcpu_leaves_the_others_stale_translations_legal() -> None:
+    ref = _spec()
+    ref.invlpg(1, VA1)
+    assert not _reads(ref, 1, VA1, 5)
+    assert _reads(ref, 0, VA1, 5)
+
+
+def test_a_speculative_translation_needs_the_accessed_flags_already_set() -> None:
+    # VA2's leaf had A clear while it mapped frame 6: no speculative walk could have cached it
+    # without setting A, and nothing did.
+    assert not _reads(_spec(), 0, VA2, 6)
+    assert _reads(_spec(), 0, VA2, 7)  # the current tables, always
+
+
+def test_without_unsync_pages_a_translation_never_used_cannot_be_stale() -> None:
+    ref = _spec(unsync=False)
+    assert not _reads(ref, 0, VA1, 5)
+    assert _reads(ref, 1, VA1, 5)  # cpu1 used it: an ordinary TLB entry
