@@ -717,7 +717,7 @@ class Executor:
                 if r.forgo_optional_walk():  # the access may have used a cached translation
                     return self._state_divergence(r, i, op, mode)
                 return self._memory_divergence(r, i, op, mode, pfn)
-        r.optional = None  # what the comparison accepted is final
+        r.optional.clear()  # what the comparison accepted is final
         return None
 
     def _memory_divergence(self, r: ReferenceMachine, i: int, op: Op, mode: ModeAt, pfn: int

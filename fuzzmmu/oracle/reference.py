@@ -42,6 +42,7 @@ from fuzzmmu.arch.walker import (
     CpuState,
     Memory,
     PdpteLoadError,
+    Walked,
     access_fault,
     fault_error_code,
     load_pdptrs,
@@ -118,8 +119,9 @@ class ReferenceMachine:
             self.phys = PhysMemory(backing, slots, host)
             self.cpus = [RefCpu(), RefCpu()]
         self.views = (self.phys.view(0), self.phys.view(1))  # per address space (SMM: 1)
-        # The last access's walk, when a cached translation explained it too.
-        self.optional: OptionalWalk | None = _copy_of.optional if _copy_of else None
+        # This op's walks that a cached (or speculative) translation explained too, oldest
+        # first; an access that depends on one makes it final.
+        self.optional: list[OptionalWalk] = list(_copy_of.optional) if _copy_of else []
 
     def copy(self) -> ReferenceMachine:
         return ReferenceMachine(self.maxphyaddr, speculative=self.speculative, _copy_of=self)
@@ -195,7 +197,6 @@ class ReferenceMachine:
         walk are set and the translation may be cached (SDM §4.8, §4.10.2.3); nothing is
         accessed, and a walk that faults leaves no trace."""
         c = self.cpus[v]
-        self.optional = None
         if c.dead:
             return
         acc = _ACCESSES[kind, cpl == 3]
@@ -204,6 +205,7 @@ class ReferenceMachine:
         cpu = self.cpu_state(v, ac)
         view = self.views[c.smm]
         res, leaf, walked = walk_leaf(view, cpu, gva, acc)
+        self._settle(c.smm, walked)
         if not res.ok or not cpu.mode.value:
             return
         assert res.gpa is not None
@@ -236,7 +238,8 @@ class ReferenceMachine:
             fresh = self._outcome(v, res.gpa, write, width, value)
         else:
             fresh = Observation(ObsKind.PF, gva, 0, res.error_code)
-        self.optional = None
+        if self.optional:
+            self._settle(c.smm, walked, res.gpa, width)
         if _same_target(fresh, model):
             # The current tables: A/D bits first (the data read may be a paging entry), then
             # the access; the translation may now be cached.
@@ -268,13 +271,15 @@ class ReferenceMachine:
                     if c.tlb.fill(page, made):
                         filled = made
                 if cached is not None:
-                    self.optional = OptionalWalk(c.smm, tuple(log), v, page, filled, at, None)
+                    self.optional.append(OptionalWalk(c.smm, tuple(log), v, page, filled, at,
+                                                      None))
                 elif log and self.speculative:
                     # A speculative translation may explain the access without the A/D
                     # writes too; searching for one costs a walk per journalled write, so
                     # only when the state comparison fails (forgo_optional_walk).
-                    self.optional = OptionalWalk(c.smm, tuple(log), v, page, filled, at,
-                                                 (cpu, acc, gva, write, width, value, model))
+                    self.optional.append(OptionalWalk(
+                        c.smm, tuple(log), v, page, filled, at,
+                        (cpu, acc, gva, write, width, value, model)))
             else:
                 self._invalidate_page(c, page)
             return fresh == model, fresh
@@ -370,22 +375,36 @@ class ReferenceMachine:
         record; the executor takes the walk back only if the state comparison needs it, e.g. a
         write through a translation cached while the leaf was dirty, after the guest rewrote
         the leaf clean without an invalidation: no D is due then (SDM §4.8, §4.10.2.3)."""
-        opt = self.optional
-        if opt is None:
-            return False
-        self.optional = None
-        view = self.views[opt.as_id]
-        _undo(view, opt.writes)
-        if opt.search is not None:
-            cpu, acc, gva, write, width, value, model = opt.search
-            if self._speculative_match(opt.vcpu, cpu, acc, opt.page, gva, write, width, value,
-                                       model, end=opt.journal_at) is None:
-                _redo(view, opt.writes)
-                return False
-        del self.journal[opt.journal_at:opt.journal_at + len(opt.writes)]  # never happened
-        if opt.filled is not None:
-            self.cpus[opt.vcpu].tlb.discard(opt.page, opt.filled)
-        return True
+        while self.optional:  # the latest first: no later access depends on it
+            opt = self.optional.pop()
+            view = self.views[opt.as_id]
+            _undo(view, opt.writes)
+            if opt.search is not None:
+                cpu, acc, gva, write, width, value, model = opt.search
+                if self._speculative_match(opt.vcpu, cpu, acc, opt.page, gva, write, width,
+                                           value, model, end=opt.journal_at) is None:
+                    _redo(view, opt.writes)
+                    continue
+            del self.journal[opt.journal_at:opt.journal_at + len(opt.writes)]  # never happened
+            if opt.filled is not None:
+                self.cpus[opt.vcpu].tlb.discard(opt.page, opt.filled)
+            return True
+        return False
+
+    def _settle(self, as_id: int, walked: Walked, data_gpa: int | None = None,
+                width: int = 0) -> None:
+        """An access that reads what an optional walk wrote (walking through its entries, or
+        reading them as data) depends on that walk: it is final from now on."""
+        read = {gpa for gpa, _e in walked}
+        keep = []
+        for opt in self.optional:
+            if opt.as_id == as_id and any(
+                    gpa in read or (data_gpa is not None
+                                    and data_gpa - size < gpa < data_gpa + width)
+                    for gpa, size, _old, _new in opt.writes):
+                continue
+            keep.append(opt)
+        self.optional = keep
 
     # ------------------------------------------------------------------ control registers
 

@@ -132,3 +132,13 @@ def test_without_unsync_pages_a_translation_never_used_cannot_be_stale() -> None
     ref = _spec(unsync=False)
     assert not _reads(ref, 0, VA1, 5)
     assert _reads(ref, 1, VA1, 5)  # cpu1 used it: an ordinary TLB entry
+
+
+def test_an_access_that_does_not_read_the_walks_entries_leaves_it_optional() -> None:
+    ref = _booted()
+    assert _write(ref)
+    other = 0xFFFFFF80C0000000  # the direct map: no entry of 0x40201000's walk on its way
+    model = ref.expected(1, other, AccessKind.READ, width=1)
+    assert ref.access(1, other, AccessKind.READ, model, width=1)[0]
+    assert ref.forgo_optional_walk()
+    assert not _leaf(ref) & PTE_D
