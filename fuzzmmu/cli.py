@@ -19,6 +19,7 @@ from fuzzmmu.campaign.settings import Feedback
 
 if TYPE_CHECKING:  # imported where used: a subcommand loads only what it needs
     from fuzzmmu.campaign.triage import Crash
+    from fuzzmmu.program.ops import Program
 
 # A 4-level example: a user read-only page, a user no-execute page and a supervisor 2 MiB page.
 DEMO_SPEC = """\
@@ -115,6 +116,8 @@ def _cmd_replay(args: argparse.Namespace, console: Console) -> int:
         program = read_program(args.file)
     except ProgramFileError as exc:
         return _fail(str(exc))
+    if args.target == "kvm":
+        return _replay_on_kvm(args, console, program)
     problem = _bug_error(args.bug)
     if problem:
         return _fail(problem)
@@ -128,6 +131,33 @@ def _cmd_replay(args: argparse.Namespace, console: Console) -> int:
         print(json.dumps(replay_json(outcome)))
     else:
         show_replay(console, outcome, trace=args.trace)
+    return 1 if outcome.divergence is not None else 0
+
+
+def _replay_on_kvm(args: argparse.Namespace, console: Console, program: Program) -> int:
+    """`replay --target kvm`: real KVM instead of the model (fuzzmmu.kvm). Exit 2 when this
+    host cannot run it or the program needs what the host cannot do ("skipped")."""
+    from fuzzmmu.kvm.device import KvmError
+    from fuzzmmu.kvm.target import KVM
+    from fuzzmmu.oracle.executor import run
+    from fuzzmmu.ui.replayview import replay_json, show_replay
+
+    if args.bug:
+        return _fail("--bug enables mutants of the model; --target kvm runs real KVM")
+    try:
+        outcome = run(program, trace=args.trace, target=KVM)
+    except KvmError as exc:
+        return _fail(f"the KVM target cannot run on this host: {exc}")
+    if args.json:
+        print(json.dumps({**replay_json(outcome), "target": "kvm",
+                          "skipped": outcome.skipped or None}))
+    elif outcome.skipped:
+        err = Console(stderr=True, soft_wrap=True, highlight=False)
+        err.print(f"[yellow]skipped:[/] {escape(outcome.skipped)}")
+    else:
+        show_replay(console, outcome, trace=args.trace, target="kvm")
+    if outcome.skipped:
+        return 2
     return 1 if outcome.divergence is not None else 0
 
 
@@ -410,6 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trace", action="store_true", help="print every step and both outcomes")
     r.add_argument("--no-audit", action="store_true",
                    help="skip the structural audit of the model after every op")
+    r.add_argument("--target", choices=("model", "kvm"), default="model",
+                   help="the machine under test: the shadow-MMU model (default) or real KVM "
+                        "through /dev/kvm (boot=4level programs; exit 2 when the host cannot "
+                        "run the program: docs/kvm-target.md)")
     r.set_defaults(func=_cmd_replay)
 
     f = sub.add_parser("fuzz", help="run a coverage-guided campaign (libFuzzer via Atheris)",

@@ -7,12 +7,16 @@ every step's outcome on the model must be one the reference allows. Guest memory
 architectural registers are compared after every op; the model's structural audit optionally
 too. An interleaved pair runs its second op at the chosen concurrency point of the first inside
 the model; the reference accepts either order.
+
+The machine under test is the model by default; a ``Target`` supplies another one that
+implements ``TargetMachine`` (fuzzmmu.kvm: real KVM). A step such a machine cannot perform
+raises ``Unsupported`` and the program's outcome is "skipped" with the reason.
 """
 
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -70,11 +74,90 @@ from fuzzmmu.program.ops import (
 from fuzzmmu.program.text import format_op
 from fuzzmmu.program.world import BOOT_ROOT, data_value, next_pool_frame
 from fuzzmmu.world.layout import DM_LINK, NUM_GFNS, direct_map_va
-from fuzzmmu.world.memslots import MemslotUpdate
+from fuzzmmu.world.memslots import MemslotUpdate, PhysMemory
 from fuzzmmu.world.observe import DONE, AccessKind, Observation
 
 _DM_KEY = {GuestMode.BIT32: PagingMode.BIT32, GuestMode.BIT32_PSE: PagingMode.BIT32,
            GuestMode.PAE: PagingMode.PAE, GuestMode.LONG4: PagingMode.LONG4}
+
+
+# ---------------------------------------------------------------------- targets
+
+
+class Unsupported(Exception):
+    """The machine under test cannot perform a step (real KVM lacks the mode, the device or
+    the hook the op needs): the program is skipped with this reason, it has no result."""
+
+
+class TargetPdptrs(Protocol):
+    @property
+    def pdptrs(self) -> Sequence[int]: ...
+
+
+class TargetVcpu(Protocol):
+    """What the executor compares of a vCPU after every op."""
+
+    @property
+    def cr0(self) -> int: ...
+    @property
+    def cr3(self) -> int: ...
+    @property
+    def cr4(self) -> int: ...
+    @property
+    def efer(self) -> int: ...
+    @property
+    def smm(self) -> int: ...
+    @property
+    def dead(self) -> bool: ...
+    @property
+    def mmu(self) -> TargetPdptrs: ...
+
+
+class TargetMachine(Protocol):
+    """The machine under test as the executor drives it: ``Machine`` (the model) and
+    ``fuzzmmu.kvm.KvmMachine`` (real KVM). ``phys.backing`` is the guest memory compared with
+    the reference's after every op."""
+
+    @property
+    def phys(self) -> PhysMemory: ...
+    @property
+    def vcpus(self) -> Sequence[TargetVcpu]: ...
+    def access(self, v: int, gva: int, kind: AccessKind, *, cpl: int = 0, ac: bool = False,
+               width: int = 8, value: int = 0) -> Observation: ...
+    def write_cr0(self, v: int, value: int) -> Observation: ...
+    def write_cr3(self, v: int, value: int) -> Observation: ...
+    def write_cr4(self, v: int, value: int) -> Observation: ...
+    def write_efer(self, v: int, value: int) -> Observation: ...
+    def invlpg(self, v: int, gva: int) -> Observation: ...
+    def smi(self, v: int) -> Observation: ...
+    def rsm(self, v: int) -> Observation: ...
+    def set_memslot(self, upd: MemslotUpdate) -> Observation: ...
+    def migrate_page(self, as_id: int, gfn: int) -> Observation: ...
+    def zap_all(self) -> Observation: ...
+    def shrink(self, nr_to_scan: int) -> Observation: ...
+    def set_max_pages(self, goal: int) -> Observation: ...
+    def regs(self, v: int) -> tuple[int, int, int, int, int]: ...
+    def destroy(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a program runs on against the reference. ``speculative``: the target's KVM makes
+    shadow pages unsync whatever the program's header says (real KVM always may), so the
+    reference accepts speculatively cached translations (docs/x86-paging.md §9)."""
+
+    name: str
+    make: Callable[[Program, BugSet], TargetMachine]
+    speculative: bool = False
+
+
+def _make_model(program: Program, bugs: BugSet) -> Machine:
+    h = program.header
+    return Machine(MmuConfig(h.policy, h.mmio_gen_bits, h.maxphyaddr, h.mmu_pages, h.unsync),
+                   bugs)
+
+
+MODEL = Target("model", _make_model)
 
 
 # ---------------------------------------------------------------------- steps
@@ -93,7 +176,7 @@ class Step:
     def text(self) -> str:
         raise NotImplementedError
 
-    def on_model(self, m: Machine) -> Observation:
+    def on_model(self, m: TargetMachine) -> Observation:
         raise NotImplementedError
 
     def on_ref(self, r: ReferenceMachine, got: Observation) -> tuple[bool, Observation]:
@@ -121,7 +204,7 @@ class AccessStep(Step):
                 f"width={self.width} cpl={self.cpl}{' ac' if self.ac else ''}"
                 + (f" value={self.value:#x}" if self.akind is AccessKind.WRITE else ""))
 
-    def on_model(self, m: Machine) -> Observation:
+    def on_model(self, m: TargetMachine) -> Observation:
         return m.access(self.vcpu, self.gva, self.akind, cpl=self.cpl, ac=self.ac,
                         width=self.width, value=self.value)
 
@@ -151,9 +234,9 @@ class SpeculativeWalk(Step):
         return True, DONE
 
 
-_MODEL_WRITES: dict[str, Callable[[Machine, int, int], Observation]] = {
-    "cr0": Machine.write_cr0, "cr3": Machine.write_cr3, "cr4": Machine.write_cr4,
-    "efer": Machine.write_efer}
+_MODEL_WRITES: dict[str, Callable[[TargetMachine, int, int], Observation]] = {
+    "cr0": lambda m, v, x: m.write_cr0(v, x), "cr3": lambda m, v, x: m.write_cr3(v, x),
+    "cr4": lambda m, v, x: m.write_cr4(v, x), "efer": lambda m, v, x: m.write_efer(v, x)}
 _REF_WRITES: dict[str, Callable[[ReferenceMachine, int, int], Observation]] = {
     "cr0": ReferenceMachine.write_cr0, "cr3": ReferenceMachine.write_cr3,
     "cr4": ReferenceMachine.write_cr4, "efer": ReferenceMachine.write_efer}
@@ -176,7 +259,7 @@ class CrStep(Step):
     def text(self) -> str:
         return f"mov {self.kind}, {self.value:#x} (cpu{self.vcpu})"
 
-    def on_model(self, m: Machine) -> Observation:
+    def on_model(self, m: TargetMachine) -> Observation:
         return _MODEL_WRITES[self.kind](m, self.vcpu, self.value)
 
     def on_ref(self, r: ReferenceMachine, got: Observation) -> tuple[bool, Observation]:
@@ -190,7 +273,7 @@ class CallStep(Step):
     __slots__ = ("describe", "model_call", "ref_call")
 
     def __init__(self, kind: str, vcpu: int | None, describe: Callable[[], str],
-                 model_call: Callable[[Machine], Observation],
+                 model_call: Callable[[TargetMachine], Observation],
                  ref_call: Callable[[ReferenceMachine], Observation]) -> None:
         self.kind = kind
         self.vcpu = vcpu
@@ -202,7 +285,7 @@ class CallStep(Step):
     def text(self) -> str:
         return self.describe()
 
-    def on_model(self, m: Machine) -> Observation:
+    def on_model(self, m: TargetMachine) -> Observation:
         return self.model_call(m)
 
     def on_ref(self, r: ReferenceMachine, got: Observation) -> tuple[bool, Observation]:
@@ -215,7 +298,8 @@ def _same_outcome(expected: Observation, got: Observation) -> bool:
         expected.value == got.value and expected.error_code == got.error_code)
 
 
-def host_step(kind: str, describe: Callable[[], str], model_call: Callable[[Machine], Observation],
+def host_step(kind: str, describe: Callable[[], str],
+              model_call: Callable[[TargetMachine], Observation],
               ref_call: Callable[[ReferenceMachine], Observation] = lambda r: DONE) -> CallStep:
     return CallStep(kind, None, describe, model_call, ref_call)
 
@@ -416,6 +500,7 @@ class Outcome:
     trace: list[TraceEntry] = field(default_factory=list)
     div_step: int = -1  # index (counting every step run) of the step that diverged
     view: object = None  # what ``explain`` captured before that step
+    skipped: str = ""  # why the target could not run the program (Unsupported): no result
 
 
 Explainer = Callable[[Machine, ReferenceMachine, Step], object]
@@ -465,7 +550,7 @@ class Executor:
 
     def __init__(self, program: Program, bugs: Iterable[str] = (), *, audit: bool = False,
                  trace: bool = False, explain: tuple[int, Explainer] | None = None,
-                 observe: Observer | None = None) -> None:
+                 observe: Observer | None = None, target: Target = MODEL) -> None:
         h = program.header
         self.program = program
         self.bugset = BugSet(bugs)
@@ -474,11 +559,19 @@ class Executor:
         self.tracing = trace
         self.explain = explain  # (step index, callback): look at both machines before it
         self.observe = observe  # called after every op both machines agree on
-        self.model = Machine(MmuConfig(h.policy, h.mmio_gen_bits, h.maxphyaddr,
-                                       h.mmu_pages, h.unsync), self.bugset)
+        self.target = target
+        self.model: TargetMachine = target.make(program, self.bugset)
         # With unsync pages, KVM keeps only the SDM's promise about translations the guest
         # never used (docs/x86-paging.md §9): the reference accepts speculative ones.
-        self.ref = ReferenceMachine(h.maxphyaddr, speculative=h.unsync)
+        self.ref = ReferenceMachine(h.maxphyaddr, speculative=h.unsync or target.speculative)
+
+    def _machine(self, what: str) -> Machine:
+        """The model itself, for what only it has: interleave points, the structural audit,
+        the campaign's feedback and the replay's explain view."""
+        if not isinstance(self.model, Machine):
+            raise Unsupported(f"{what} needs the model's internals; the {self.target.name} "
+                              "target has none")
+        return self.model
 
     def boot(self) -> Divergence | None:
         """Both vCPUs enter the header's boot mode (as op index -1)."""
@@ -496,16 +589,19 @@ class Executor:
         return self._compare_state(-1, SetMode(0, mode, BOOT_ROOT), "boot")
 
     def run(self) -> Outcome:
-        div = self.boot()
-        if div is not None:
-            self.outcome.divergence = div
-            return self.outcome
-        for i, op in enumerate(self.program.ops):
-            if self.step(i, op) is not None:
-                break
-        else:
-            if self.observe is not None:
-                self.observe.end(self.model, self.ref)
+        try:
+            div = self.boot()
+            if div is not None:
+                self.outcome.divergence = div
+                return self.outcome
+            for i, op in enumerate(self.program.ops):
+                if self.step(i, op) is not None:
+                    break
+            else:
+                if self.observe is not None:
+                    self.observe.end(self._machine("feedback"), self.ref)
+        except Unsupported as exc:
+            self.outcome.skipped = str(exc)
         return self.outcome
 
     def step(self, i: int, op: Op) -> Divergence | None:
@@ -522,20 +618,20 @@ class Executor:
         if div is not None:
             self.outcome.divergence = div
         elif self.observe is not None:
-            self.observe(op, self.model, self.ref)
+            self.observe(op, self._machine("feedback"), self.ref)
         return div
 
     # -- one op
 
     def _model(self, step: Step) -> Observation:
         if self.explain is not None and self.explain[0] == self.outcome.steps_run:
-            self.outcome.view = self.explain[1](self.model, self.ref, step)
+            self.outcome.view = self.explain[1](self._machine("explain"), self.ref, step)
         try:
             got = step.on_model(self.model)
             if not isinstance(got, Observation):
                 raise TypeError(f"the model returned {type(got).__name__}, not an Observation")
             return got
-        except _ModelCrash:  # from a step run at an interleave point inside this one
+        except (_ModelCrash, Unsupported):  # a step at an interleave point; a skip
             raise
         except Exception as exc:  # an exception in the model is an outcome
             raise _ModelCrash(step, exc) from exc
@@ -562,7 +658,7 @@ class Executor:
     def _interleave(self, i: int, op: Interleave) -> Divergence | None:
         first = lower(op.first, self.ref)
         second = [s for o in op.second for s in lower(o, self.ref)]
-        m = self.model
+        m = self._machine("an interleave point")
         second_got: list[Observation] = []
         ran_at: list[int] = []  # how many of the first op's steps had completed then
 
@@ -642,7 +738,7 @@ class Executor:
             if step.kind == "memslot":
                 return False
             if point.locked and not (isinstance(step, AccessStep)
-                                     and self.model.completes_without_exit(
+                                     and self._machine("mmu_lock").completes_without_exit(
                                          step.vcpu, step.gva, step.akind, step.cpl, step.ac)):
                 return False
         return True
@@ -683,7 +779,7 @@ class Executor:
         if self.audit:
             from fuzzmmu.oracle.audit import audit  # the audit is optional per run
 
-            violations = audit(self.model)
+            violations = audit(self._machine("the structural audit"))
             if violations:
                 v0 = violations[0]
                 return Divergence(DivergenceKind.AUDIT_VIOLATION, i, format_op(op),
@@ -749,12 +845,17 @@ def _regs_str(regs: tuple) -> str:
 
 def run(program: Program, bugs: Iterable[str] = (), *, audit: bool = False,
         trace: bool = False, explain: tuple[int, Explainer] | None = None,
-        observe: Observer | None = None) -> Outcome:
+        observe: Observer | None = None, target: Target = MODEL) -> Outcome:
     """Run ``program`` on model and reference; the Outcome holds the first divergence.
     ``explain=(k, f)`` calls ``f(model, reference, step)`` just before the k-th step runs;
-    ``observe`` looks at both machines after every op they agree on (an Observer)."""
-    executor = Executor(program, bugs, audit=audit, trace=trace, explain=explain,
-                        observe=observe)
+    ``observe`` looks at both machines after every op they agree on (an Observer);
+    ``target`` replaces the model by another machine under test (Outcome.skipped says why it
+    could not run the program, if so)."""
+    try:
+        executor = Executor(program, bugs, audit=audit, trace=trace, explain=explain,
+                            observe=observe, target=target)
+    except Unsupported as exc:  # the target refused the program before it ran
+        return Outcome(program, BugSet(bugs).ids, skipped=str(exc))
     try:
         return executor.run()
     finally:

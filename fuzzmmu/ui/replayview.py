@@ -83,7 +83,9 @@ def model_table(view: AccessView) -> Table:
     return t
 
 
-def show_replay(console: Console, outcome: Outcome, *, trace: bool = False) -> None:
+def show_replay(console: Console, outcome: Outcome, *, trace: bool = False,
+                target: str = "model") -> None:
+    """``target`` names the machine under test (the model, or real KVM: ``kvm``)."""
     p = outcome.program
     console.print(f"[bold]program[/] ({len(p.ops)} ops, bugs: {', '.join(outcome.bugs) or 'none'})")
     console.print(f"     {format_header(p.header)}")
@@ -96,7 +98,7 @@ def show_replay(console: Console, outcome: Outcome, *, trace: bool = False) -> N
         console.rule("trace")
         for t in outcome.trace:
             ok = "[green]ok[/]" if t.matched else "[red]DIFFERS[/]"
-            console.print(f"{t.op_index:3d} {escape(t.step)}\n      model: {escape(t.model)}\n"
+            console.print(f"{t.op_index:3d} {escape(t.step)}\n      {target}: {escape(t.model)}\n"
                           f"      reference: {escape(t.reference)} {ok}", highlight=False)
     console.rule()
     if d is None:
@@ -105,7 +107,7 @@ def show_replay(console: Console, outcome: Outcome, *, trace: bool = False) -> N
         return
     console.print(f"[red bold]{d.kind.value}[/] at op {d.op_index}: {d.step}")
     console.print(f"  expected (reference): {escape(d.expected)}")
-    console.print(f"  actual (model):       {escape(d.actual)}")
+    console.print(f"  actual ({target}):{' ' * max(1, 12 - len(target))}{escape(d.actual)}")
     console.print(f"  signature: {escape(d.signature)} (id {d.signature_id})")
     view = outcome.view
     if isinstance(view, AccessView):

@@ -1,0 +1,154 @@
+"""The KVM target on this machine's /dev/kvm (skipped with the reason where it is unusable):
+the agent, programs that follow the SDM, and the confirmed deviations of this KVM."""
+
+from __future__ import annotations
+
+import random
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fuzzmmu.arch.bits import PagingMode
+from fuzzmmu.kvm.agent import AGENT_LINK, AGENT_LINK_OFFSET, POISON
+from fuzzmmu.kvm.guest import Guest
+from fuzzmmu.kvm.machine import KvmMachine
+from fuzzmmu.kvm.support import op_unsupported
+from fuzzmmu.kvm.target import KVM
+from fuzzmmu.oracle.executor import run
+from fuzzmmu.program.files import read_program
+from fuzzmmu.program.generate import Generator
+from fuzzmmu.program.ops import GuestMode, Header, Program
+from fuzzmmu.program.text import parse_program
+from fuzzmmu.world.layout import DIRECT_MAP, DM_LINK, new_world
+from fuzzmmu.world.observe import mmio_read_value
+
+pytestmark = pytest.mark.usefixtures("kvm")
+
+PROGRAMS = Path(__file__).with_name("programs")
+EXPECT = re.compile(r"^# expect on kvm: (\S+) at op (\d+)$", re.M)
+DEVIATIONS = sorted(p.name for p in PROGRAMS.glob("*.txt") if EXPECT.search(p.read_text()))
+
+
+@pytest.fixture
+def guest() -> Iterator[Guest]:
+    """A VM with the world's memory and the agent, vCPU 0 booted in 4-level paging on the boot
+    root, and a page at gfn 5 holding `jmp $`."""
+    mem, _, _ = new_world()
+    g = Guest(mem.num_pages, 2, mmio_read_value)
+    g.set_cpuid(40)
+    g.memory[:] = mem.array.tobytes()
+    g.map_world(0, 0, 48, 0)
+    g.map_world(1, 56, 8, 56)
+    off, _, value = DM_LINK[PagingMode.LONG4]
+    struct.pack_into("<Q", g.memory, 0x1000 + off, value)
+    g.link_agent(1)
+    g.memory[0x5000:0x5008] = b"\xeb\xfe" + bytes(6)
+    g.boot(0, 0x8001_0001, 0x1000, 0x20, 0x500)
+    yield g
+    g.close()
+
+
+def test_the_agent_reads_writes_and_reports_faults(guest: Guest) -> None:
+    va = DIRECT_MAP + 0x6000
+    assert guest.run_op(0, "k_write8", rdi=va, rsi=0x1122334455667788).end == "done"
+    r = guest.run_op(0, "k_read4", rdi=va + 4)
+    assert (r.end, r.rax) == ("done", 0x11223344)
+    code, layout = guest.codes[0], guest.layouts[0]
+    # CPL3: the direct map is supervisor-only, so the user read faults with P|U at its CR2.
+    r = guest.run_op(0, "to_user", rdi=va, r8=layout.ustack_top, r9=code.access_at["u_read8"])
+    assert (r.end, r.vector, r.error_code, r.cr2) == ("exception", 14, 0x5, va)
+    assert r.rip == code.access_at["u_read8"]
+    r = guest.run_op(0, "k_read8", rdi=0x1000)  # nothing mapped there yet
+    assert (r.vector, r.error_code, r.cr2) == (14, 0x0, 0x1000)
+    r = guest.run_op(0, "k_read2", rdi=DIRECT_MAP + 48 * 4096 + 6)  # the MMIO hole
+    assert r.end == "done" and r.mmio == [(48 * 4096 + 6, 2, False, r.rax)]
+    assert r.rax == mmio_read_value(48 * 4096 + 6, 2)
+
+
+def test_a_fetch_runs_one_instruction_with_every_register_poisoned(guest: Guest) -> None:
+    va = DIRECT_MAP + 0x6000
+    guest.run_op(0, "k_write8", rdi=va, rsi=0x0000_0000_0000_0001)  # add [rcx], eax
+    r = guest.run_op(0, "to_kernel_poisoned", r9=va, r8=guest.layouts[0].scratch_top,
+                     r10=0x102)
+    assert (r.end, r.vector, r.rip) == ("exception", 13, va)  # #GP: rcx is non-canonical
+    assert r.rax == POISON
+
+
+def test_the_watchdog_ends_a_guest_loop_and_the_agent_recovers(guest: Guest) -> None:
+    guest.run_timeout = 0.2
+    r = guest.run_op(0, "to_kernel_poisoned", r9=DIRECT_MAP + 0x5000,
+                     r8=guest.layouts[0].scratch_top, r10=0x2)  # jmp $, no TF
+    assert r.end == "hang"
+    r = guest.run_op(0, "k_read2", rdi=DIRECT_MAP + 0x5000)
+    assert (r.end, r.rax) == ("done", 0xFEEB)
+
+
+def test_the_agents_root_entry_is_hidden_from_the_comparison() -> None:
+    machine = KvmMachine(parse_program("config boot=4level\n"))
+    try:
+        got = struct.unpack_from("<Q", machine.guest.memory, 0x1000 + AGENT_LINK_OFFSET)[0]
+        assert got == AGENT_LINK
+        machine.guest.memory[0x1000:0x1008] = b"\x01" * 8  # any change: a new copy is taken
+        machine._sync()
+        assert machine.phys.backing.read(0x1000 + AGENT_LINK_OFFSET, 8) == 0
+        assert machine.phys.backing.read(0x1000, 8) == 0x0101010101010101
+    finally:
+        machine.destroy()
+
+
+def test_a_program_that_follows_the_sdm_agrees_on_kvm() -> None:
+    outcome = run(read_program(PROGRAMS / "sdm-tour.txt"), target=KVM)
+    assert not outcome.skipped
+    assert outcome.divergence is None and outcome.ops_run == 48
+
+
+@pytest.mark.parametrize("name", DEVIATIONS)
+def test_a_confirmed_deviation_of_this_kvm_diverges(name: str) -> None:
+    """Each program states the divergence real KVM shows; the clean model, which follows the
+    SDM there, agrees with the reference on the same program."""
+    path = PROGRAMS / name
+    m = EXPECT.search(path.read_text())
+    assert m is not None
+    program = read_program(path)
+    outcome = run(program, target=KVM)
+    assert outcome.divergence is not None, outcome.skipped
+    assert (outcome.divergence.kind.value, outcome.divergence.op_index) == (m[1], int(m[2]))
+    assert run(program).divergence is None
+
+
+def test_replays_on_kvm_are_deterministic() -> None:
+    program = read_program(PROGRAMS / "pte-write-widen-misaligned.txt")
+    traces = [[(t.step, t.model) for t in run(program, target=KVM, trace=True).trace]
+              for _ in range(3)]
+    assert traces[0] == traces[1] == traces[2]
+
+
+def test_what_the_host_cannot_do_while_running_skips_the_program() -> None:
+    one_gib = parse_program("config boot=4level\nmap cpu0 root=current current 0x40000000 -> "
+                            "0x0 P|W|U|A|D level=3 upper=W|U|A pool=0x8\n"
+                            "read cpu0 0x40000000+0x0 cpl=3\n")
+    assert "1 GiB page" in run(one_gib, target=KVM).skipped
+    unmap_root = parse_program("config boot=4level\nmemslot as=0 slot=0 delete\n")
+    assert "unmaps vCPU 0's root" in run(unmap_root, target=KVM).skipped
+    assert "mutants of the model" in run(one_gib, ["cr0wp-not-in-role"], target=KVM).skipped
+
+
+def test_random_programs_of_what_kvm_supports_agree() -> None:
+    """Seeded random programs of the ops the target supports (what it cannot do left out):
+    none hits a known deviation, and every one that runs agrees with the reference."""
+    ran = 0
+    for seed in range(20):
+        rng = random.Random(seed)
+        header = Header("zap", 19, rng.choice((40, 36, 46)), rng.choice((2000, 64)),
+                        GuestMode.LONG4, rng.random() < 0.5)
+        gen = Generator(rng, header, kinds=("access", "map", "pte", "store", "invlpg", "cr3",
+                                            "set", "memslot", "host"))
+        program = gen.program(16)
+        program = Program(header, tuple(op for op in program.ops if op_unsupported(op) is None))
+        outcome = run(program, target=KVM)
+        assert outcome.divergence is None, (seed, outcome.divergence)
+        ran += not outcome.skipped
+    assert ran >= 10
