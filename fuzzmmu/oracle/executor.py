@@ -690,7 +690,9 @@ class Executor:
         # must explain every outcome and the state both ops leave behind.
         a, b = list(zip(first, first_got, strict=True)), list(zip(second, second_got,
                                                                   strict=True))
-        orders = [a + b, b + a]
+        # The order the model took comes first: the executor keeps the first order that
+        # explains this op, and a later op may need the one the model really ran.
+        orders = [b + a, a + b] if ran_at and ran_at[0] == 0 else [a + b, b + a]
         if ran_at and 0 < ran_at[0] < len(a):
             k = ran_at[0]
             orders.insert(0, a[:k] + b + a[k:])

@@ -205,7 +205,8 @@ class ReferenceMachine:
         cpu = self.cpu_state(v, ac)
         view = self.views[c.smm]
         res, leaf, walked = walk_leaf(view, cpu, gva, acc)
-        self._settle(c.smm, walked)
+        if self.optional:
+            self._settle(c.smm, _entries(walked))
         if not res.ok or not cpu.mode.value:
             return
         assert res.gpa is not None
@@ -238,8 +239,6 @@ class ReferenceMachine:
             fresh = self._outcome(v, res.gpa, write, width, value)
         else:
             fresh = Observation(ObsKind.PF, gva, 0, res.error_code)
-        if self.optional:
-            self._settle(c.smm, walked, res.gpa, width)
         if _same_target(fresh, model):
             # The current tables: A/D bits first (the data read may be a paging entry), then
             # the access; the translation may now be cached.
@@ -260,6 +259,22 @@ class ReferenceMachine:
                     _undo(view, log)
                     self._perform(cached, write, width)
                     return True, cached
+                search = None
+                if cached is None and log and self.speculative:
+                    # A speculative translation may explain the access without the A/D
+                    # writes too; searching for one costs a walk per journalled write, so
+                    # only when the state comparison fails (forgo_optional_walk).
+                    search = (cpu, acc, gva, write, width, value, model,
+                              self._search_start(c, page))
+                if self.optional:
+                    # An access that needed this walk depends on what earlier optional walks
+                    # wrote into its entries; one that may not have walked (it is optional
+                    # itself, or a translation cached before it serves it) depends only on
+                    # its data.
+                    served = cached is not None or search is not None or (
+                        self._cached_match(v, cpu, acc, page, gva, write, width, value, model)
+                        is not None)
+                    self._settle(c.smm, () if served else _entries(walked), res.gpa, width)
                 at = len(self.journal)
                 if self.speculative:
                     self._journal_ad(c.smm, log)
@@ -270,17 +285,12 @@ class ReferenceMachine:
                                     write or bool(leaf & PTE_D), (leaf >> PTE_PKEY_SHIFT) & 0xF)
                     if c.tlb.fill(page, made):
                         filled = made
-                if cached is not None:
+                if cached is not None or search is not None:
                     self.optional.append(OptionalWalk(c.smm, tuple(log), v, page, filled, at,
-                                                      None))
-                elif log and self.speculative:
-                    # A speculative translation may explain the access without the A/D
-                    # writes too; searching for one costs a walk per journalled write, so
-                    # only when the state comparison fails (forgo_optional_walk).
-                    self.optional.append(OptionalWalk(
-                        c.smm, tuple(log), v, page, filled, at,
-                        (cpu, acc, gva, write, width, value, model)))
+                                                      search, _entries(walked)))
             else:
+                if self.optional:
+                    self._settle(c.smm, _entries(walked))
                 self._invalidate_page(c, page)
             return fresh == model, fresh
         for entry in c.tlb.cached(page):
@@ -310,7 +320,8 @@ class ReferenceMachine:
 
     def _speculative_match(self, v: int, cpu: CpuState, acc: Access, page: int, gva: int,
                            write: bool, width: int, value: int, model: Observation,
-                           end: int | None = None) -> Observation | None:
+                           start: int | None = None, end: int | None = None
+                           ) -> Observation | None:
         """The outcome equal to ``model`` of a translation the processor may have cached
         since the page was last invalidated without the guest using it: one the tables gave
         at some moment since then, with every A flag already set (a speculative walk needs
@@ -318,7 +329,8 @@ class ReferenceMachine:
         accesses). Found by taking the journal of memory writes back one write at a time and
         walking after each; the memory is as it was afterwards."""
         c = self.cpus[v]
-        start = max(c.flushed_at, c.invalidated_at.get(page, 0), self.barrier)
+        if start is None:
+            start = self._search_start(c, page)
         backing, journal = self.phys.backing, self.journal
         if (len(journal) if end is None else end) <= start:
             return None
@@ -365,6 +377,10 @@ class ReferenceMachine:
                 return stale
         return None
 
+    def _search_start(self, c: RefCpu, page: int) -> int:
+        """Where in the journal the page's translations were last invalidated (for ``c``)."""
+        return max(c.flushed_at, c.invalidated_at.get(page, 0), self.barrier)
+
     def forgo_optional_walk(self) -> bool:
         """Take back the last access's walk when a cached (or, with unsync pages, a
         speculative) translation explains the access just as well: its A/D writes and the
@@ -380,10 +396,12 @@ class ReferenceMachine:
             view = self.views[opt.as_id]
             _undo(view, opt.writes)
             if opt.search is not None:
-                cpu, acc, gva, write, width, value, model = opt.search
+                cpu, acc, gva, write, width, value, model, start = opt.search
                 if self._speculative_match(opt.vcpu, cpu, acc, opt.page, gva, write, width,
-                                           value, model, end=opt.journal_at) is None:
+                                           value, model, start, opt.journal_at) is None:
                     _redo(view, opt.writes)
+                    # It is final after all, and so is every earlier walk it read through.
+                    self._settle(opt.as_id, opt.reads)
                     continue
             del self.journal[opt.journal_at:opt.journal_at + len(opt.writes)]  # never happened
             if opt.filled is not None:
@@ -391,11 +409,10 @@ class ReferenceMachine:
             return True
         return False
 
-    def _settle(self, as_id: int, walked: Walked, data_gpa: int | None = None,
-                width: int = 0) -> None:
+    def _settle(self, as_id: int, read: frozenset[int] | tuple[()],
+                data_gpa: int | None = None, width: int = 0) -> None:
         """An access that reads what an optional walk wrote (walking through its entries, or
         reading them as data) depends on that walk: it is final from now on."""
-        read = {gpa for gpa, _e in walked}
         keep = []
         for opt in self.optional:
             if opt.as_id == as_id and any(
@@ -561,8 +578,14 @@ class OptionalWalk(NamedTuple):
     filled: TlbEntry | None  # the translation it cached, if that one was new
     journal_at: int  # where its writes start in the journal (if journalled)
     # What to search a speculative translation with, when no cached one explained the access:
-    # (cpu state, access, address, write, width, value, the model's outcome).
-    search: tuple[CpuState, Access, int, bool, int, int, Observation] | None
+    # (cpu state, access, address, write, width, value, the model's outcome, where the
+    # search starts: the page's last invalidation as it was then).
+    search: tuple[CpuState, Access, int, bool, int, int, Observation, int] | None
+    reads: frozenset[int]  # the entries the walk read (guest-physical)
+
+
+def _entries(walked: Walked) -> frozenset[int]:
+    return frozenset(gpa for gpa, _value in walked)
 
 
 def _undo(mem: Memory, writes: Iterable[tuple[int, int, int, int]]) -> None:
