@@ -691,8 +691,11 @@ class Executor:
         a, b = list(zip(first, first_got, strict=True)), list(zip(second, second_got,
                                                                   strict=True))
         # The order the model took comes first: the executor keeps the first order that
-        # explains this op, and a later op may need the one the model really ran.
-        orders = [b + a, a + b] if ran_at and ran_at[0] == 0 else [a + b, b + a]
+        # explains this op, and a later op may need the one the model really ran. A second
+        # op run inside the first op's first step ran before that step took effect, except
+        # at a memslot update's publish point, which comes after the new memslots are in.
+        before = bool(ran_at) and ran_at[0] == 0 and op.point is not Point.MEMSLOT_PUBLISH
+        orders = [b + a, a + b] if before else [a + b, b + a]
         if ran_at and 0 < ran_at[0] < len(a):
             k = ran_at[0]
             orders.insert(0, a[:k] + b + a[k:])
