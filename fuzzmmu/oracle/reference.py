@@ -550,6 +550,9 @@ class ReferenceMachine:
             return Observation(ObsKind.REJECTED, detail=str(exc))
         if new is not old:
             self.phys.slots.install(old, new)
+            # The walks before it are final: their entries' guest-physical addresses may mean
+            # other memory now (or none).
+            self.optional.clear()
             if upd.change is not MemslotChange.CREATE:
                 # Walks replayed over the journal read the tables through today's memslots:
                 # none reaches back past a change that moved or removed guest memory. A new
@@ -561,6 +564,7 @@ class ReferenceMachine:
         slot = self.phys.slots.lookup(as_id, gfn)
         if slot is None:
             return Observation(ObsKind.REJECTED, detail=f"gfn {gfn:#x} is not RAM")
+        self.optional.clear()  # the walks before a host page migration are final
         old, new = self.phys.migrate(slot.gfn_to_hva(gfn))
         # The contents moved with the page: so does its history.
         self.journal = [((new << PAGE_SHIFT) | (addr & 0xFFF) if addr >> PAGE_SHIFT == old
