@@ -4,6 +4,7 @@ seed-corpus zip OSS-Fuzz/ClusterFuzzLite picks up, and what a corpus exercises."
 from __future__ import annotations
 
 import collections
+import itertools
 import random
 import zipfile
 from dataclasses import dataclass, field
@@ -46,19 +47,14 @@ def configuration_seeds(n_ops: int = 16) -> dict[str, Program]:
     outside, so the two address spaces meet. Deterministic: each seed's generator is seeded
     by its name."""
     seeds = {}
-    for mode in GuestMode:
-        for policy in POLICIES:
-            for space in SPACES:
-                for unsync in (False, True):
-                    name = f"config-{mode.value}-{policy}-{space}" + ("-unsync" if unsync
-                                                                       else "")
-                    gen = Generator(random.Random(name),
-                                    Header(policy=policy, boot=mode, unsync=unsync))
-                    body = gen.program(n_ops).ops
-                    if space == "smm":
-                        body = (*body[:2], Smi(0), SetMode(0, mode, BOOT_ROOT), *body[2:],
-                                Rsm(0))
-                    seeds[name] = Program(gen.header, body)
+    for mode, policy, space, unsync in itertools.product(GuestMode, POLICIES, SPACES,
+                                                         (False, True)):
+        name = f"config-{mode.value}-{policy}-{space}" + ("-unsync" if unsync else "")
+        gen = Generator(random.Random(name), Header(policy=policy, boot=mode, unsync=unsync))
+        body = gen.program(n_ops).ops
+        if space == "smm":
+            body = (*body[:2], Smi(0), SetMode(0, mode, BOOT_ROOT), *body[2:], Rsm(0))
+        seeds[name] = Program(gen.header, body)
     return seeds
 
 

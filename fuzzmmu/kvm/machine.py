@@ -407,22 +407,22 @@ class KvmMachine:
         return self._cr_op(v, "mov_cr3", value)
 
     def write_cr4(self, v: int, value: int) -> Observation:
-        stopped = self._stopped(v)
-        if stopped is not None:
-            return stopped
-        if not self.vcpus[v].booted:
-            self.vcpus[v].cr4 = value
-            return DONE
-        return self._cr_op(v, "mov_cr4", value)
+        return self._register_write(v, "cr4", "mov_cr4", value)
 
     def write_efer(self, v: int, value: int) -> Observation:
+        return self._register_write(v, "efer", "wrmsr_efer", value)
+
+    def _register_write(self, v: int, register: str, template: str, value: int
+                        ) -> Observation:
+        """Before the boot the VMM keeps the value for KVM_SET_SREGS; after it the guest
+        writes the register itself."""
         stopped = self._stopped(v)
         if stopped is not None:
             return stopped
         if not self.vcpus[v].booted:
-            self.vcpus[v].efer = value
+            setattr(self.vcpus[v], register, value)
             return DONE
-        return self._cr_op(v, "wrmsr_efer", value)
+        return self._cr_op(v, template, value)
 
     def invlpg(self, v: int, gva: int) -> Observation:
         stopped = self._stopped(v)

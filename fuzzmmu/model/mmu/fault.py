@@ -439,17 +439,13 @@ def mmu_set_spte(kvm: KvmMmu, vcpu: Vcpu, slot: Memslot | None, sp: ShadowPage, 
     spte; rmap it. A write fault on a page that had to stay read-only is emulated."""
     prefetch = fault is None or fault.prefetch
     write_fault = fault is not None and fault.write
-    if pfn == KVM_PFN_NOSLOT and kvm.bugs.mmio_spte_over_present_spte:
-        # Before the 2026 fix the MMIO spte was written over whatever was there: a present
-        # spte (a stale one in an unsync page, say) left its rmap entry behind.
-        if not _commit_dirty(vcpu, fault):
-            return RET_PF_RETRY
-        mark_mmio_spte(kvm, vcpu, sp, i, gfn, pte_access)
-        return RET_PF_EMULATE
     old = sp.sptv[i]
     was_rmapped = False
     flush = False
-    if old & S.SPTE_MMU_PRESENT:
+    # Before the 2026 fix an MMIO spte was written over whatever was there: a present spte (a
+    # stale one in an unsync page, say) left its rmap entry behind.
+    if old & S.SPTE_MMU_PRESENT and not (pfn == KVM_PFN_NOSLOT
+                                         and kvm.bugs.mmio_spte_over_present_spte):
         if S.spte_pfn(old) != pfn:
             kvm.drop_spte(sp, i)
             flush = True
@@ -458,14 +454,12 @@ def mmu_set_spte(kvm: KvmMmu, vcpu: Vcpu, slot: Memslot | None, sp: ShadowPage, 
             was_rmapped = True
     if pfn == KVM_PFN_NOSLOT:
         # The emulator writes through the MMIO info this fault cached, without a walk.
-        if not _commit_dirty(vcpu, fault):
-            if flush:
-                kvm.kvm_flush_remote_tlbs_gfn(gfn)
-            return RET_PF_RETRY
-        mark_mmio_spte(kvm, vcpu, sp, i, gfn, pte_access)
+        committed = _commit_dirty(vcpu, fault)
+        if committed:
+            mark_mmio_spte(kvm, vcpu, sp, i, gfn, pte_access)
         if flush:
             kvm.kvm_flush_remote_tlbs_gfn(gfn)
-        return RET_PF_EMULATE
+        return RET_PF_EMULATE if committed else RET_PF_RETRY
     spte, wrprot = make_spte(kvm, vcpu, sp, pte_access, pfn, old, prefetch, gfn)
     # The faulting write goes through this spte: only now is its gpte dirty (SDM §4.8). A
     # write that is emulated instead (a write-protected gfn) walks and sets D itself.

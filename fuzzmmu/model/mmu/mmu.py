@@ -377,9 +377,9 @@ class KvmMmu:
 
     def kvm_mmu_find_shadow_page(self, gfn: int, role: int, vcpu: Vcpu | None
                                  ) -> ShadowPage | None:
-        invalid: list[ShadowPage] = []
+        invalid: list[ShadowPage] = []  # pages leave the hash only at the commit below
         found = None
-        for sp in list(self.page_hash.get(gfn, ())):
+        for sp in self.page_hash.get(gfn, ()):
             if self.is_obsolete_sp(sp):
                 continue
             if sp.role != role:
