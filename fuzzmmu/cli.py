@@ -208,7 +208,9 @@ def _cmd_fuzz(args: argparse.Namespace, console: Console) -> int:
                          dashboard=not args.no_dashboard, feedback=Feedback(args.feedback))
     result = Campaign(cfg, console).run()
     summary(console, result)
-    return 1 if result.divergences else 0
+    if result.divergences:
+        return 1
+    return 3 if result.failure is not None or result.unreadable else 0
 
 
 def _load_crash(path: str, bugs: list[str]) -> Crash | None:

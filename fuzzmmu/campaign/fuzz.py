@@ -102,6 +102,10 @@ class CampaignResult:
     returncode: int
     interrupted: bool
     stopped_by: str | None = None  # the signal's name
+    # libFuzzer ended with an error and no crash file to show for it (it could not start, or
+    # died): what it printed last. A campaign that ran nothing must not read as a clean one.
+    failure: str | None = None
+    unreadable: list[str] = field(default_factory=list)  # crash files that could not be replayed
 
     @property
     def divergences(self) -> list[Crash]:
@@ -171,6 +175,8 @@ class Campaign:
         self._next_corpus_scan = 0.0
         self.stop_signal: signal.Signals | None = None
         self._target: ProcessTree | None = None
+        self.tail: deque[str] = deque(maxlen=40)  # libFuzzer's last lines, for a failure report
+        self.unreadable: list[str] = []
 
     # -- what happens
 
@@ -180,6 +186,8 @@ class Campaign:
             self.stats.update(line)
             if line:
                 self.stats.lines.append(line)
+                if not line.startswith("INFO: Instrumenting"):
+                    self.tail.append(line)
 
     def _scan_crashes(self, final: bool = False) -> None:
         for path in sorted(self.cfg.crashes.iterdir()):
@@ -192,6 +200,7 @@ class Campaign:
                 crash = load_crash(path, self.cfg.bugs)
             except ValueError as exc:
                 self.stats.lines.append(f"could not replay {path.name}: {exc}")
+                self.unreadable.append(f"{path}: {exc}")
                 continue
             found = round(self.stats.elapsed, 2)
             if crash.divergence is not None and self.stats.first_divergence is None:
@@ -338,9 +347,14 @@ class Campaign:
                 if live is not None:
                     live.update(self.render(), refresh=True)
                     live.stop()
-        return CampaignResult(self.stats, list(self.crashes.values()),
-                              target.proc.returncode or 0, interrupted,
-                              self.stop_signal.name if self.stop_signal is not None else None)
+        code = target.proc.returncode or 0
+        failure = None
+        if code and not interrupted and not self.crashes and not self.unreadable:
+            failure = (f"libFuzzer exited with code {code} after {self.stats.execs:,} programs "
+                       "and left no crash file; its last lines:\n" + "\n".join(self.tail))
+        return CampaignResult(self.stats, list(self.crashes.values()), code, interrupted,
+                              self.stop_signal.name if self.stop_signal is not None else None,
+                              failure, list(self.unreadable))
 
     def _on_signal(self, signum: int, frame: object) -> None:
         """A stop signal becomes an orderly stop, not an exception raised wherever the main
@@ -374,9 +388,15 @@ def summary(console: Console, result: CampaignResult) -> None:
     console.print(f"{how} after {s.elapsed:.0f}s: "
                   f"{s.execs:,} programs ({s.rate}/s at the end), coverage {s.cov} edges, "
                   f"corpus {s.corpus}", highlight=False)
+    for bad in result.unreadable:
+        console.print(f"[red]could not replay[/] {escape(bad)}", highlight=False)
+    if result.failure is not None:
+        console.print(f"[red]the fuzz target failed:[/] {escape(result.failure)}",
+                      highlight=False)
     divs = result.divergences
     if not divs:
-        console.print("[green]no divergence[/]")
+        if result.failure is None and not result.unreadable:
+            console.print("[green]no divergence[/]")
         return
     first = min(divs, key=lambda c: (c.found_after or 0.0, c.path.name))
     console.print(f"[red]{len(divs)} divergent program(s)[/]; first after "

@@ -60,6 +60,13 @@ def test_short_clean_campaign_resumes_from_its_corpus(tmp_path: Path) -> None:
     assert again.returncode == 0 and "seeded" not in again.stdout
 
 
+def test_a_target_that_fails_is_not_a_clean_campaign(tmp_path: Path) -> None:
+    res = _fuzz(tmp_path, "--max-time", "30", "--", "-dict=/nonexistent/fuzzmmu.dict")
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "the fuzz target failed" in res.stdout and "no divergence" not in res.stdout
+    assert "ParseDictionaryFile" in res.stdout  # what libFuzzer said last
+
+
 def test_bad_flags_are_clear_errors(tmp_path: Path) -> None:
     res = _fuzz(tmp_path, "--bug", "nope")
     assert res.returncode == 2 and "unknown bug id" in res.stderr
