@@ -210,7 +210,7 @@ def _cmd_fuzz(args: argparse.Namespace, console: Console) -> int:
     summary(console, result)
     if result.divergences:
         return 1
-    return 3 if result.failure is not None or result.unreadable else 0
+    return 3 if result.failed else 0
 
 
 def _load_crash(path: str, bugs: list[str]) -> Crash | None:

@@ -111,6 +111,18 @@ class CampaignResult:
     def divergences(self) -> list[Crash]:
         return [c for c in self.crashes if c.divergence is not None]
 
+    @property
+    def not_reproduced(self) -> list[Crash]:
+        """Crash files whose replay shows no divergence: libFuzzer's own findings (oom-,
+        timeout-, slow-unit-) or a crash of the target that the replay did not repeat."""
+        return [c for c in self.crashes if c.divergence is None]
+
+    @property
+    def failed(self) -> bool:
+        """Something other than a divergence went wrong: a campaign that cannot say it ran
+        clean."""
+        return self.failure is not None or bool(self.unreadable or self.not_reproduced)
+
 
 def target_command(cfg: CampaignConfig) -> list[str]:
     cmd = [sys.executable, str(HARNESS), str(cfg.corpus), f"-artifact_prefix={cfg.crashes}/",
@@ -393,9 +405,12 @@ def summary(console: Console, result: CampaignResult) -> None:
     if result.failure is not None:
         console.print(f"[red]the fuzz target failed:[/] {escape(result.failure)}",
                       highlight=False)
+    for c in sorted(result.not_reproduced, key=lambda c: c.path.name):
+        console.print(f"[red]a crash file that replays without a divergence[/] {c.path}",
+                      highlight=False)
     divs = result.divergences
     if not divs:
-        if result.failure is None and not result.unreadable:
+        if not result.failed:
             console.print("[green]no divergence[/]")
         return
     first = min(divs, key=lambda c: (c.found_after or 0.0, c.path.name))

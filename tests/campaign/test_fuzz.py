@@ -67,6 +67,24 @@ def test_a_target_that_fails_is_not_a_clean_campaign(tmp_path: Path) -> None:
     assert "ParseDictionaryFile" in res.stdout  # what libFuzzer said last
 
 
+def test_a_crash_file_without_a_divergence_is_reported(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from fuzzmmu.campaign.fuzz import CampaignResult, Stats, summary
+    from fuzzmmu.campaign.triage import Crash
+    from fuzzmmu.program.files import read_program
+
+    oom = Crash(tmp_path / "oom-1234", read_program(REPRO / "cr0wp-not-in-role.txt"), (), None)
+    result = CampaignResult(Stats(), [oom], 1, False)
+    assert result.failed and not result.divergences
+    console = Console(record=True, width=200)
+    summary(console, result)
+    text = console.export_text()
+    assert "replays without a divergence" in text and "oom-1234" in text
+    assert "no divergence" not in text
+    assert not CampaignResult(Stats(), [], 0, False).failed
+
+
 def test_bad_flags_are_clear_errors(tmp_path: Path) -> None:
     res = _fuzz(tmp_path, "--bug", "nope")
     assert res.returncode == 2 and "unknown bug id" in res.stderr
