@@ -149,8 +149,7 @@ def _replay_on_kvm(args: argparse.Namespace, console: Console, program: Program)
     except KvmError as exc:
         return _fail(f"the KVM target cannot run on this host: {exc}")
     if args.json:
-        print(json.dumps({**replay_json(outcome), "target": "kvm",
-                          "skipped": outcome.skipped or None}))
+        print(json.dumps({**replay_json(outcome), "target": "kvm"}))
     elif outcome.skipped:
         err = Console(stderr=True, soft_wrap=True, highlight=False)
         err.print(f"[yellow]skipped:[/] {escape(outcome.skipped)}")

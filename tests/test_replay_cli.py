@@ -136,7 +136,7 @@ def test_json_shape_without_divergence(capsys: pytest.CaptureFixture[str],
     code, out = replay(capsys, progs["race"], "--json")
     assert code == 0
     assert len(out.strip().splitlines()) == 1
-    assert json.loads(out) == {"divergence": None, "ops": 3, "bugs": []}
+    assert json.loads(out) == {"divergence": None, "ops": 3, "bugs": [], "skipped": None}
 
 
 def test_json_shape_with_divergence(capsys: pytest.CaptureFixture[str],
@@ -144,7 +144,7 @@ def test_json_shape_with_divergence(capsys: pytest.CaptureFixture[str],
     code, out = replay(capsys, progs["misaligned"], "--json", "--bug", BUG, "--bug", BUG)
     assert code == 1
     doc = json.loads(out)
-    assert set(doc) == {"divergence", "ops", "bugs"}
+    assert set(doc) == {"divergence", "ops", "bugs", "skipped"}
     assert doc["ops"] == 7 and doc["bugs"] == [BUG]
     d = doc["divergence"]
     assert set(d) >= DIVERGENCE_KEYS

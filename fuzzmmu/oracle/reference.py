@@ -63,6 +63,14 @@ _ACCESSES = {(kind, user): Access(write=kind is AccessKind.WRITE, user=user,
              for kind in AccessKind for user in (False, True)}
 
 
+class OutsideContract(Exception):
+    """The program left what KVM promises to shadow correctly: a guest store reached a page
+    the guest walked as a paging structure through another gfn than the one it walked, or
+    through a gfn that names different host pages in the two address spaces. KVM tracks guest
+    page tables per gfn (kvm_gfn_is_write_tracked(), kvm_mmu_pte_write()), so a VMM must not
+    alias them; what follows such a store is not compared (docs/x86-paging.md §12)."""
+
+
 class RefCpu:
     __slots__ = ("cr0", "cr3", "cr4", "dead", "efer", "flushed_at", "invalidated_at", "pdptrs",
                  "saved", "smm", "states", "tlb")
@@ -109,6 +117,8 @@ class ReferenceMachine:
         # the journal use today's memslots, so none is searched from before it).
         self.journal: list[tuple[int, int, int]] = list(_copy_of.journal) if _copy_of else []
         self.barrier: int = _copy_of.barrier if _copy_of else 0
+        # Every gfn a walk has read a paging-structure entry from (for OutsideContract).
+        self.tables: set[int] = set(_copy_of.tables) if _copy_of else set()
         self.phys: PhysMemory
         self.cpus: list[RefCpu]
         if _copy_of is not None:
@@ -153,12 +163,41 @@ class ReferenceMachine:
             return Observation(ObsKind.RAM, hpa, value)
         return Observation(ObsKind.RAM, hpa, self.phys.backing.read(hpa, width))
 
-    def _perform(self, obs: Observation, write: bool, width: int) -> None:
+    def _perform(self, obs: Observation, write: bool, width: int, as_id: int, gfn: int
+                 ) -> None:
         if write and obs.kind is ObsKind.RAM:
+            if self.phys.slots.irregular:
+                self._check_contract(as_id, gfn)
             backing = self.phys.backing
             if self.speculative:
                 self.journal.append((obs.addr, width, backing.read(obs.addr, width)))
             backing.write(obs.addr, width, obs.value)
+
+    def _check_contract(self, as_id: int, gfn: int) -> None:
+        """Raise OutsideContract if a store through ``gfn`` changes a paging structure behind
+        KVM's back (see the class)."""
+        slots, tables = self.phys.slots, self.tables
+        if gfn in slots.split and gfn in tables:
+            raise OutsideContract(f"a store through gfn {gfn:#x} in address space {as_id}, "
+                                  "which the guest walked as a paging structure and which "
+                                  "names different host pages in the two address spaces")
+        hva = slots.hva_table[as_id].get(gfn)
+        for other in slots.aliases.get(hva, ()) if hva is not None else ():
+            if other != gfn and other in tables:
+                raise OutsideContract(
+                    f"a store through gfn {gfn:#x} in address space {as_id} reaches host page "
+                    f"{hva:#x}, which gfn {other:#x} maps too and the guest walked as a paging "
+                    "structure: KVM tracks guest page tables per gfn")
+
+    def _walked(self, walked: Walked) -> None:
+        tables = self.tables
+        for gpa, _value in walked:
+            tables.add(gpa >> PAGE_SHIFT)
+
+    def _stored_ad(self, as_id: int, log: list[tuple[int, int, int, int]]) -> None:
+        if self.phys.slots.irregular:
+            for gpa, _size, _old, _new in log:
+                self._check_contract(as_id, gpa >> PAGE_SHIFT)
 
     def _journal_ad(self, as_id: int, log: list[tuple[int, int, int, int]]) -> None:
         """Journal the A/D writes of a walk (logged as guest-physical addresses)."""
@@ -205,6 +244,7 @@ class ReferenceMachine:
         cpu = self.cpu_state(v, ac)
         view = self.views[c.smm]
         res, leaf, walked = walk_leaf(view, cpu, gva, acc)
+        self._walked(walked)
         if self.optional:
             self._settle(c.smm, _entries(walked))
         if not res.ok or not cpu.mode.value:
@@ -212,6 +252,7 @@ class ReferenceMachine:
         assert res.gpa is not None
         log: list[tuple[int, int, int, int]] = []
         set_accessed_dirty(view, cpu, walked, False, log)
+        self._stored_ad(c.smm, log)
         if self.speculative:
             self._journal_ad(c.smm, log)
         c.tlb.fill(gva >> PAGE_SHIFT, TlbEntry(res.gpa >> PAGE_SHIFT, res.rights,
@@ -234,6 +275,7 @@ class ReferenceMachine:
         view = self.views[c.smm]
         page = gva >> PAGE_SHIFT
         res, leaf, walked = walk_leaf(view, cpu, gva, acc)
+        self._walked(walked)
         if res.ok:
             assert res.gpa is not None
             fresh = self._outcome(v, res.gpa, write, width, value)
@@ -257,8 +299,9 @@ class ReferenceMachine:
                     fresh = self._outcome(v, res.gpa, write, width, value)  # data may be an entry
                 if cached is not None and fresh != model:
                     _undo(view, log)
-                    self._perform(cached, write, width)
-                    return True, cached
+                    self._perform(cached[0], write, width, c.smm, cached[1])
+                    return True, cached[0]
+                self._stored_ad(c.smm, log)
                 search = None
                 if cached is None and log and self.speculative:
                     # A speculative translation may explain the access without the A/D
@@ -278,7 +321,7 @@ class ReferenceMachine:
                 at = len(self.journal)
                 if self.speculative:
                     self._journal_ad(c.smm, log)
-                self._perform(fresh, write, width)
+                self._perform(fresh, write, width, c.smm, res.gpa >> PAGE_SHIFT)
                 filled = None
                 if cpu.mode.value:
                     made = TlbEntry(res.gpa >> PAGE_SHIFT, res.rights,
@@ -306,28 +349,30 @@ class ReferenceMachine:
                 if stale.kind is ObsKind.PF:
                     self._invalidate_page(c, page)
                 else:
-                    self._perform(stale, write, width)
+                    self._perform(stale, write, width, c.smm, entry.gpa_page)
                 return True, stale
         if self.speculative:
-            spec = self._speculative_match(v, cpu, acc, page, gva, write, width, value, model)
-            if spec is not None:
+            found = self._speculative_match(v, cpu, acc, page, gva, write, width, value, model)
+            if found is not None:
+                spec, gfn = found
                 if spec.kind is ObsKind.PF:
                     self._invalidate_page(c, page)
                 else:
-                    self._perform(spec, write, width)
+                    self._perform(spec, write, width, c.smm, gfn)
                 return True, spec
         return False, fresh
 
     def _speculative_match(self, v: int, cpu: CpuState, acc: Access, page: int, gva: int,
                            write: bool, width: int, value: int, model: Observation,
                            start: int | None = None, end: int | None = None
-                           ) -> Observation | None:
+                           ) -> tuple[Observation, int] | None:
         """The outcome equal to ``model`` of a translation the processor may have cached
         since the page was last invalidated without the guest using it: one the tables gave
         at some moment since then, with every A flag already set (a speculative walk needs
         none set: SDM §4.10.2.3 lets a processor cache translations for addresses it never
         accesses). Found by taking the journal of memory writes back one write at a time and
-        walking after each; the memory is as it was afterwards."""
+        walking after each; the memory is as it was afterwards. Returns the outcome and the
+        gfn it reaches."""
         c = self.cpus[v]
         if start is None:
             start = self._search_start(c, page)
@@ -361,20 +406,21 @@ class ReferenceMachine:
                 spec = self._outcome(v, (entry.gpa_page << PAGE_SHIFT) | (gva & 0xFFF), write,
                                      width, value)
             if spec == model:
-                return spec
+                return spec, entry.gpa_page
         return None
 
     def _cached_match(self, v: int, cpu: CpuState, acc: Access, page: int, gva: int,
                       write: bool, width: int, value: int, model: Observation
-                      ) -> Observation | None:
-        """The outcome equal to ``model`` that a cached translation gives without a walk."""
+                      ) -> tuple[Observation, int] | None:
+        """The outcome equal to ``model`` that a cached translation gives without a walk, and
+        the gfn it reaches."""
         for entry in self.cpus[v].tlb.cached(page):
             if access_fault(cpu, acc, entry.rights, entry.pkey) or (write and not entry.dirty):
                 continue
             stale = self._outcome(v, (entry.gpa_page << PAGE_SHIFT) | (gva & 0xFFF), write,
                                   width, value)
             if stale == model:
-                return stale
+                return stale, entry.gpa_page
         return None
 
     def _search_start(self, c: RefCpu, page: int) -> int:

@@ -102,6 +102,10 @@ def show_replay(console: Console, outcome: Outcome, *, trace: bool = False,
                           f"      reference: {escape(t.reference)} {ok}", highlight=False)
     console.rule()
     if d is None:
+        if outcome.skipped:
+            # ops_run counts the ops that completed: the next one left the contract.
+            console.print(f"[yellow]not compared from op {outcome.ops_run} on:[/] "
+                          f"{escape(outcome.skipped)}")
         console.print(f"[green]no divergence[/] ({outcome.ops_run} ops, {outcome.steps_run} "
                       "steps)")
         return
@@ -119,4 +123,4 @@ def show_replay(console: Console, outcome: Outcome, *, trace: bool = False,
 def replay_json(outcome: Outcome) -> dict[str, Any]:
     d = outcome.divergence
     return {"divergence": None if d is None else d.to_json(), "ops": len(outcome.program.ops),
-            "bugs": list(outcome.bugs)}
+            "bugs": list(outcome.bugs), "skipped": outcome.skipped or None}

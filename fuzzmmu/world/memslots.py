@@ -73,7 +73,8 @@ class Memslots:
     update (the shadow MMU's VM) moves the generation.
     """
 
-    __slots__ = ("by_gfn", "generation", "host_pages", "hva_table", "spaces")
+    __slots__ = ("aliases", "by_gfn", "generation", "host_pages", "hva_table", "irregular",
+                 "spaces", "split")
 
     def __init__(self, host_pages: int) -> None:
         self.host_pages = host_pages
@@ -85,6 +86,12 @@ class Memslots:
         # guest-physical access. A gfn that is not a key is MMIO.
         self.by_gfn: list[dict[int, Memslot]] = [{} for _ in range(NUM_ADDRESS_SPACES)]
         self.hva_table: list[dict[int, int]] = [{} for _ in range(NUM_ADDRESS_SPACES)]
+        # What KVM's write tracking, which is per gfn, cannot follow (kept by ``install``):
+        # host pages that more than one gfn number maps (hva -> those gfns), gfns that name
+        # different host pages in the two address spaces, and whether there is any of either.
+        self.aliases: dict[int, tuple[int, ...]] = {}
+        self.split: frozenset[int] = frozenset()
+        self.irregular = False
 
     def copy(self) -> Memslots:
         other = Memslots.__new__(Memslots)
@@ -93,6 +100,8 @@ class Memslots:
         other.generation = list(self.generation)
         other.by_gfn = [dict(m) for m in self.by_gfn]
         other.hva_table = [dict(t) for t in self.hva_table]
+        other.aliases, other.split = self.aliases, self.split  # replaced, never changed
+        other.irregular = self.irregular
         return other
 
     def lookup(self, as_id: int, gfn: int) -> Memslot | None:
@@ -153,6 +162,14 @@ class Memslots:
             for gfn in range(new.base_gfn, new.end_gfn):
                 by_gfn[gfn] = new
                 hvas[gfn] = new.gfn_to_hva(gfn)
+        gfns_of: dict[int, set[int]] = {}
+        for table in self.hva_table:
+            for gfn, hva in table.items():
+                gfns_of.setdefault(hva, set()).add(gfn)
+        self.aliases = {hva: tuple(sorted(g)) for hva, g in gfns_of.items() if len(g) > 1}
+        first, second = self.hva_table
+        self.split = frozenset(g for g, hva in first.items() if second.get(g, hva) != hva)
+        self.irregular = bool(self.aliases or self.split)
 
 
 class HostMap:

@@ -590,6 +590,7 @@ def test_long_random_programs_do_not_diverge_on_the_clean_model() -> None:
     start = time.monotonic()
     failures = []
     interleaves = 0
+    outside = 0
     for seed in range(300):
         p = random_program(random.Random(seed), 64)
         interleaves += sum(isinstance(op, Interleave) for op in p.ops)
@@ -597,8 +598,11 @@ def test_long_random_programs_do_not_diverge_on_the_clean_model() -> None:
         if outcome.divergence is not None:
             failures.append(f"random_program seed {seed}: {outcome.divergence}\n"
                             f"{format_program(p)}")
+        elif outcome.skipped:
+            outside += 1  # a page table written through a host alias: not compared after
         else:
             assert outcome.ops_run == len(p.ops)
+    assert outside <= 6  # rare: the oracle compares nearly every program whole
     rng = random.Random(2024)
     for i in range(300):
         data = bytes(rng.randrange(256) for _ in range(rng.randrange(4, 4 + 8 * 70)))
