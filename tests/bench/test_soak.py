@@ -50,6 +50,8 @@ def test_a_clean_soak_counts_every_program_and_exits_0(tmp_path: Path) -> None:
         # 150 each, 75 in each worker; the audit on programs 0 of every 100 of each worker
         assert e["programs"] == 150 and e["workers"] == 2 and e["audited"] == 2
         assert e["seconds"] > 0 and e["programs_per_s"] > 0
+        assert 0 <= e["cut"] <= 3  # outside KVM's contract: rare
+    assert "cut short" in res.stdout
     assert data["audited"] == 4 and data["programs_per_s"] > 0
     assert data["settings"]["bugs"] == [] and data["settings"]["jobs"] == 2
     assert data["commit"] is None or len(data["commit"]) == 40
