@@ -118,6 +118,8 @@ def _cmd_replay(args: argparse.Namespace, console: Console) -> int:
         return _fail(str(exc))
     if args.target == "kvm":
         return _replay_on_kvm(args, console, program)
+    if args.target == "all":
+        return _replay_three_way(args, console, program)
     problem = _bug_error(args.bug)
     if problem:
         return _fail(problem)
@@ -158,6 +160,59 @@ def _replay_on_kvm(args: argparse.Namespace, console: Console, program: Program)
     if outcome.skipped:
         return 2
     return 1 if outcome.divergence is not None else 0
+
+
+def _replay_three_way(args: argparse.Namespace, console: Console, program: Program) -> int:
+    """`replay --target all`: the reference, the clean model, the model-as-KVM and real KVM
+    (fuzzmmu.kvm.verdict). Exit 0 when none departs from the SDM, 1 when one does, 2 when
+    real KVM cannot run the program here."""
+    from fuzzmmu.kvm.device import KvmError
+    from fuzzmmu.kvm.verdict import Verdict, explain, kvm_profile, three_way
+    from fuzzmmu.ui.replayview import replay_json
+
+    problem = _bug_error(args.bug)
+    if problem:
+        return _fail(problem)
+    bugs = tuple(args.bug) if args.bug else kvm_profile()
+    try:
+        t = three_way(program, bugs)
+    except KvmError as exc:
+        return _fail(f"the KVM target cannot run on this host: {exc}")
+    why = explain(t, bugs) if t.verdict is Verdict.KVM_FINDING else ()
+    if args.json:
+        print(json.dumps({"verdict": t.verdict.value, "model": replay_json(t.clean),
+                          "model_as_kvm": replay_json(t.as_kvm), "kvm": replay_json(t.kvm),
+                          "explained_by": list(why)}))
+    else:
+        console.print(f"[bold]program[/] ({len(program.ops)} ops)")
+        for name, o in (("model", t.clean), (f"model-as-KVM ({len(bugs)} mutants)", t.as_kvm),
+                        ("real KVM", t.kvm)):
+            d = o.divergence
+            if o.skipped:
+                text = f"[yellow]skipped[/]: {escape(o.skipped)}"
+            elif d is None:
+                text = "[green]agrees with the reference[/]"
+            else:
+                text = (f"[red]{d.kind.value}[/] at op {d.op_index} ({escape(d.step)}): "
+                        f"expected {escape(d.expected)}, got {escape(d.actual)}")
+            console.print(f"  {name}: {text}", highlight=False)
+        meaning = {
+            Verdict.AGREE: "all agree with the SDM",
+            Verdict.KVM_FINDING: "real KVM departs from the SDM, as the model-as-KVM predicts"
+                                 + (f" ({', '.join(why)})" if why else ""),
+            Verdict.KVM_UNPREDICTED: "real KVM departs from the SDM where the model-as-KVM "
+                                     "does not (so): a model infidelity",
+            Verdict.MODEL_ONLY: "the model-as-KVM departs where real KVM does not: a model "
+                                "infidelity",
+            Verdict.CLEAN_MODEL_DIVERGES: "the clean model departs from the SDM: a fault of "
+                                          "the model or the oracle",
+            Verdict.SKIPPED: "real KVM cannot run it here",
+        }[t.verdict]
+        console.print(f"verdict: [bold]{t.verdict.value}[/]: {escape(meaning)}",
+                      highlight=False)
+    if t.verdict is Verdict.SKIPPED:
+        return 2
+    return 0 if t.verdict is Verdict.AGREE else 1
 
 
 def _cmd_bugs(args: argparse.Namespace, console: Console) -> int:
@@ -391,6 +446,53 @@ def _cmd_soak(args: argparse.Namespace, console: Console) -> int:
         return _fail(str(exc))
 
 
+def _cmd_agreement(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from fuzzmmu.bench.agreement import AgreementResult, measure, write
+    from fuzzmmu.kvm.device import KvmError
+    from fuzzmmu.kvm.verdict import Verdict, kvm_profile
+
+    if args.programs < 1:
+        return _fail("--programs must be at least 1")
+    if args.ops < 1:
+        return _fail("--ops must be at least 1")
+    problem = _bug_error(args.bug)
+    if problem:
+        return _fail(problem)
+    bugs = tuple(args.bug) if args.bug else kvm_profile()
+    start = time.monotonic()
+
+    def progress(r: AgreementResult) -> None:
+        console.print(f"[{time.monotonic() - start:5.0f}s] {r.programs:,}/{args.programs:,} "
+                      f"programs, {r.ran:,} ran on KVM, agreement {r.agreement:.2%}, "
+                      f"infidelities {sum(n for v, n in r.verdicts.items() if v.infidelity)}",
+                      highlight=False)
+
+    try:
+        result = measure(args.programs, args.seed, args.ops, bugs, progress)
+    except KvmError as exc:
+        return _fail(f"the KVM target cannot run on this host: {exc}")
+    write(result, Path(args.out))
+    table = Table(title=f"three-way verdicts of {result.programs:,} random 4-level programs",
+                  title_justify="left")
+    table.add_column("verdict")
+    table.add_column("programs", justify="right")
+    for v in Verdict:
+        table.add_row(v.value, f"{result.verdicts[v]:,}")
+    console.print(table)
+    clean, as_kvm, kvm = result.rates()
+    console.print(f"agreement of the model-as-KVM with real KVM: {result.agreement:.2%} of the "
+                  f"{result.ran:,} programs KVM ran; {result.unsync:,} took the unsync path in "
+                  f"the model-as-KVM ({result.unsync_agree:,} of them agree)\n"
+                  f"programs/s: model {clean:,.0f}, model-as-KVM {as_kvm:,.0f}, real KVM "
+                  f"{kvm:,.0f}", highlight=False)
+    for n, g in enumerate(sorted(result.groups.values(), key=lambda g: -g.count), 1):
+        console.print(f"  {g.count:5d}  {escape(g.name)}  ({args.out}/groups/{n}.txt)",
+                      highlight=False)
+    return 0 if result.clean else 1
+
+
 def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from fuzzmmu.campaign.demo import demo
 
@@ -441,10 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trace", action="store_true", help="print every step and both outcomes")
     r.add_argument("--no-audit", action="store_true",
                    help="skip the structural audit of the model after every op")
-    r.add_argument("--target", choices=("model", "kvm"), default="model",
-                   help="the machine under test: the shadow-MMU model (default) or real KVM "
+    r.add_argument("--target", choices=("model", "kvm", "all"), default="model",
+                   help="the machine under test: the shadow-MMU model (default), real KVM "
                         "through /dev/kvm (boot=4level programs; exit 2 when the host cannot "
-                        "run the program: docs/kvm-target.md)")
+                        "run the program: docs/kvm-target.md), or all: the model, the model "
+                        "with the mutants of current KVM (or --bug) and real KVM, with a "
+                        "three-way verdict")
     r.set_defaults(func=_cmd_replay)
 
     f = sub.add_parser("fuzz", help="run a coverage-guided campaign (libFuzzer via Atheris)",
@@ -574,6 +678,25 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--minimize-runs", type=int, default=3000, metavar="N",
                     help="oracle-run budget to minimize each signature (0: do not minimize)")
     sk.set_defaults(func=_cmd_soak)
+
+    ag = sub.add_parser("agreement", help="three-way verdicts (reference, model, real KVM) of "
+                                          "random programs: how well the model predicts KVM",
+                        description="Run random 4-level programs of what this host's KVM "
+                                    "can run on the clean model, on the model with the "
+                                    "mutants of current KVM (the model-as-KVM) and on "
+                                    "/dev/kvm; count the verdicts (docs/kvm-target.md §7) and "
+                                    "write OUT/agreement.json and each disagreement group's "
+                                    "smallest program to OUT/groups/. Exit 0 when the "
+                                    "model-as-KVM says what real KVM does on every program, "
+                                    "1 otherwise, 2 without a usable /dev/kvm.")
+    ag.add_argument("--programs", type=int, default=10000, metavar="N")
+    ag.add_argument("--seed", type=int, default=1, help="program k uses seed + k")
+    ag.add_argument("--ops", type=int, default=16, metavar="N", help="ops per program")
+    ag.add_argument("--bug", action="append", default=[], metavar="ID",
+                    help="the model-as-KVM's mutants instead of those of current KVM "
+                         "(repeatable)")
+    ag.add_argument("--out", default="agreement-results", metavar="DIR")
+    ag.set_defaults(func=_cmd_agreement)
 
     b = sub.add_parser("bugs", help="list the switchable historical KVM bugs (mutants)")
     b.add_argument("--json", action="store_true", help="machine-readable list")

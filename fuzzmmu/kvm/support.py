@@ -11,11 +11,20 @@ raised as ``Unsupported`` by the KVM machine itself.
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
+
 from fuzzmmu.oracle.executor import Unsupported
+from fuzzmmu.program import world as W
+from fuzzmmu.program.generate import Generator
 from fuzzmmu.program.ops import (
+    Access,
     CrBit,
+    Entry,
     GuestMode,
+    Header,
     Interleave,
+    Map,
     Memslot,
     Migrate,
     Op,
@@ -26,6 +35,7 @@ from fuzzmmu.program.ops import (
     Shrink,
     Smi,
 )
+from fuzzmmu.world.observe import AccessKind
 
 
 def op_unsupported(op: Op) -> str | None:
@@ -66,3 +76,62 @@ def check_program(program: Program) -> None:
     why = program_unsupported(program)
     if why is not None:
         raise Unsupported(why)
+
+
+# The op kinds of fuzzmmu.program.generate that this host can run at least in part.
+SUPPORTED_KINDS = ("access", "map", "pte", "store", "invlpg", "cr3", "set", "memslot", "host")
+
+
+def random_supported_program(rng: random.Random, n_ops: int = 16) -> Program:
+    """A random 4-level program of what the host supports (the generator's, with what it
+    cannot run left out, ``_for_host``): zap policy (modern KVM), unsync on (real KVM always
+    may), the MMIO generation bits of current KVM, a MAXPHYADDR and page limit of the
+    generator's."""
+    header = Header("zap", 19, rng.choice((40, 36, 46)), rng.choice((2000, 64)),
+                    GuestMode.LONG4, True)
+    program = Generator(rng, header, kinds=SUPPORTED_KINDS).program(n_ops)
+    return Program(header, _for_host(program.ops))
+
+
+def _for_host(ops: tuple[Op, ...]) -> tuple[Op, ...]:
+    """``ops`` without what the host cannot do: unsupported ops left out, and 1 GiB maps made
+    2 MiB ones (this host offers no 1 GiB pages; an entry a later op writes may still make
+    one, and that program is skipped while running)."""
+    return tuple(replace(op, level=2) if isinstance(op, Map) and op.level == 3 else op
+                 for op in ops if op_unsupported(op) is None)
+
+
+_P, _W, _U, _A, _D = 1, 1 << 1, 1 << 2, 1 << 5, 1 << 6
+_LOW_VAS = tuple(va for va in W.VAS if (va >> 39) & 511 not in (300, 511))  # not the agent's
+# or the kernel's PML4 slot: a map there takes fresh tables from its pool
+
+
+def _slot_offset(rng: random.Random, va: int) -> int:
+    """An access offset (one the language has) in the last-level table: mostly the gpte that
+    maps ``va``."""
+    own = ((va >> 12) & 511) * 8
+    if own in W.OFFSETS and rng.random() < 0.7:
+        return own
+    return min(rng.choice(W.OFFSETS), 4096 - 8)  # an 8-byte store stays in its page
+
+
+def random_unsync_program(rng: random.Random, n_ops: int = 16) -> Program:
+    """A random supported program whose guest also maps one of its own last-level tables at
+    a user address and works on it, so that CPL3 stores to that table (real KVM's unsync path)
+    and accesses through the entries they write come up: two user pages mapped from one pool
+    (a fresh PML4 slot gets its tables at pool, pool+1 and pool+2, the last-level one), the
+    alias of pool+2, a CPL3 read of the first and a CPL3 store through the alias, then
+    generated ops aimed at those addresses."""
+    header = Header("zap", 19, rng.choice((40, 36, 46)), 2000, GuestMode.LONG4, True)
+    pool = rng.choice(W.POOLS)
+    data, alias = rng.sample(_LOW_VAS, 2)
+    user = _P | _W | _U | _A | _D
+    prelude = (Map(0, None, None, data, Entry(rng.randrange(64), user), 1, _W | _U | _A, pool),
+               Map(1, None, None, alias, Entry(pool + 2, user), 1, _W | _U | _A, pool),
+               # A CPL3 read shadows the tables; a CPL3 store into the last-level one follows.
+               Access(0, AccessKind.READ, data, 0, 8, 3, False, 0),
+               Access(1, AccessKind.WRITE, alias, _slot_offset(rng, data), 8, 3, False,
+                      rng.randrange(256)))
+    gen = Generator(rng, header, context=Program(header, prelude), kinds=SUPPORTED_KINDS)
+    body = gen.program(max(1, n_ops - len(prelude))).ops
+    return Program(header, prelude + _for_host(body))

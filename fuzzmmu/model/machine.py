@@ -73,6 +73,13 @@ class Machine:
         kvm = self.kvm
         prev = kvm.current_vcpu
         try:
+            if cpl == 0 and kvm.config.emulate_cpl0:
+                kvm.current_vcpu = vcpu
+                vcpu.service_requests()
+                kvm.stat.insn_emulation += 1
+                obs = emulate_access(kvm, vcpu, gva, write, fetch, width, value)
+                vcpu.pending_pf = None  # a fault of the emulated access is ``obs``
+                return obs
             for _ in range(MAX_GUEST_ENTRIES):
                 kvm.current_vcpu = vcpu
                 vcpu.service_requests()

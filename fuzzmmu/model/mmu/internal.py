@@ -53,6 +53,11 @@ class MmuConfig:
     # Leaf shadow pages may go unsync (mmu_try_to_unsync_pages(), 2008 on: every KVM since);
     # off, every shadowed guest table stays write-protected.
     unsync: bool = False
+    # A host that runs no guest instruction at CPL0 natively but emulates each one (a kvm_pvm
+    # module): a CPL0 access goes through KVM's emulator and software walker, never through
+    # the sptes. Not a program setting: the three-way verdicts (fuzzmmu/kvm/verdict.py) model
+    # such a host with it.
+    emulate_cpl0: bool = False
 
     def __post_init__(self) -> None:
         if self.pte_write_policy not in ("zap", "update"):
