@@ -228,6 +228,13 @@ CATALOG: tuple[Bug, ...] = (
         "vCPU's memslots, while account_shadowed() protects every address space since "
         "0f38453cdb2e (found by fuzzmmu's structural audit with unsync pages)",
         "current", False, ("unsync", "smm")),
+    Bug("kvm.sync-mmio-spte-refreshes-generation", "sync_mmio_spte_refreshes_generation",
+        "syncing an unsync page re-marks an MMIO spte with the current memslot generation "
+        "without asking whether it was stale: when a memslot created since made its gfn RAM, "
+        "the refreshed spte sends the guest's accesses there to the VMM as MMIO",
+        "open: sync_mmio_spte() calls mark_mmio_spte() for any MMIO spte whose gfn the gpte "
+        "still names (found by fuzzmmu's soak with unsync pages)", "current", False,
+        ("unsync", "mmio", "memslots")),
 )
 
 _BY_ID = {b.id: b for b in CATALOG}
@@ -279,6 +286,7 @@ class BugSet:
     pf_invalidates_present_only: bool
     mmio_spte_over_present_spte: bool
     resync_wp_one_address_space: bool
+    sync_mmio_spte_refreshes_generation: bool
 
     def __init__(self, ids: Iterable[str] = ()) -> None:
         for attr in _SWITCHES:

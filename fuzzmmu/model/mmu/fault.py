@@ -37,7 +37,7 @@ from fuzzmmu.model.mmu.internal import (
     Point,
     VmError,
 )
-from fuzzmmu.model.mmu.mmio import handle_mmio_page_fault, mark_mmio_spte
+from fuzzmmu.model.mmu.mmio import check_mmio_spte, handle_mmio_page_fault, mark_mmio_spte
 from fuzzmmu.model.mmu.mmu import KvmMmu
 from fuzzmmu.model.mmu.page import ShadowPage
 from fuzzmmu.model.mmu.walk import (
@@ -513,7 +513,12 @@ def sync_spte(kvm: KvmMmu, vcpu: Vcpu, sp: ShadowPage, i: int) -> int:
     access = protect_clean_gpte(sp.access & gpte_access(gpte, is32), gpte)
     spte = sp.sptv[i]
     if S.is_mmio_spte(spte):  # sync_mmio_spte()
-        if gfn != S.get_mmio_spte_gfn(spte):
+        # KVM re-marks the spte with today's generation whenever the gpte still names its
+        # gfn; a stale one (a memslot update since, which may have made the gfn RAM) must go
+        # instead, so that the next access faults and finds out
+        # (kvm.sync-mmio-spte-refreshes-generation).
+        if gfn != S.get_mmio_spte_gfn(spte) or not (
+                check_mmio_spte(kvm, vcpu, spte) or kvm.bugs.sync_mmio_spte_refreshes_generation):
             sp.sptv[i] = 0
         else:
             mark_mmio_spte(kvm, vcpu, sp, i, gfn, access)

@@ -58,6 +58,10 @@ class MmuConfig:
     # the sptes. Not a program setting: the three-way verdicts (fuzzmmu/kvm/verdict.py) model
     # such a host with it.
     emulate_cpl0: bool = False
+    # KVM's enable_mmio_caching module parameter (mmio_caching=N on a kvm_pvm host): off, no
+    # MMIO sptes are made and every access to an MMIO gpa faults into KVM. Not a program
+    # setting either.
+    mmio_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.pte_write_policy not in ("zap", "update"):
@@ -73,4 +77,4 @@ class MmuConfig:
     @property
     def enable_mmio_caching(self) -> bool:
         # kvm_mmu_reset_all_pte_masks(): no reserved bit left for MMIO sptes at MAXPHYADDR 52.
-        return self.maxphyaddr < 52
+        return self.mmio_caching and self.maxphyaddr < 52
