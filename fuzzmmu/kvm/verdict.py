@@ -8,8 +8,9 @@ model infidelity (the model's claim and real KVM differ) and from a clean model 
 The model-as-KVM is a model of this host's KVM (``AS_HOST``): unsync pages on whatever the
 program's header says (real KVM may always make a last-level shadow page unsync), and every
 CPL0 access emulated (a kvm_pvm host runs no guest instruction at CPL0 natively:
-docs/kvm-target.md §1), and no MMIO sptes (its KVM runs with mmio_caching=N). The clean
-model runs the program as written.
+docs/kvm-target.md §1), no MMIO sptes (its KVM runs with mmio_caching=N), and a #PF of a CPL3
+access that drops the MMIO gva cache for the address whatever its error code (as measured
+there). The clean model runs the program as written.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def kvm_profile() -> tuple[str, ...]:
 def _make_as_host(program: Program, bugs: BugSet) -> Machine:
     h = program.header
     return Machine(MmuConfig(h.policy, h.mmio_gen_bits, h.maxphyaddr, h.mmu_pages, unsync=True,
-                             emulate_cpl0=True, mmio_caching=False), bugs)
+                             emulate_cpl0=True, mmio_caching=False,
+                             user_fault_clears_mmio_cache=True), bugs)
 
 
 AS_HOST = Target("model-as-kvm", _make_as_host, speculative=True)

@@ -110,6 +110,8 @@ class Vcpu:
         if (error_code & PFERR_P and not error_code & PFERR_RSVD) or not (
                 bugs.pf_invalidates_present_only or bugs.mmio_cache_outlives_walk):
             ctx.kvm_mmu_invalidate_addr(self.kvm, self, addr)
+        elif self.cpl == 3 and self.kvm.config.user_fault_clears_mmio_cache:
+            self.clear_mmio_info(addr)
         self.pending_pf = (addr, error_code)
         self.kvm.stat.pf_guest += 1
 

@@ -21,11 +21,13 @@ from fuzzmmu.kvm.verdict import (
     kvm_profile,
     three_way,
 )
-from fuzzmmu.model.bugs import CATALOG
-from fuzzmmu.oracle.executor import Outcome, run
+from fuzzmmu.model.bugs import CATALOG, BugSet
+from fuzzmmu.model.machine import Machine
+from fuzzmmu.model.mmu.internal import MmuConfig
+from fuzzmmu.oracle.executor import Outcome, Target, run
 from fuzzmmu.program.codec import decode, encode
 from fuzzmmu.program.files import read_program
-from fuzzmmu.program.ops import Access, Map
+from fuzzmmu.program.ops import Access, Map, Program
 from fuzzmmu.program.text import format_program, parse_program
 
 PROGRAMS = Path(__file__).with_name("programs")
@@ -149,3 +151,20 @@ def test_agreement_measures_and_writes_its_groups(tmp_path: Path,
     assert "three-way verdicts of 40" in out and "agreement of the model-as-KVM" in out
     assert (tmp_path / "b" / "agreement.json").exists()
     assert main(["agreement", "--programs", "0"]) == 2
+
+
+def test_this_host_drops_the_mmio_cache_at_a_user_fault() -> None:
+    """Without the host setting the model-as-KVM keeps the MMIO gva cache through the CPL3
+    not-present #PF (upstream KVM's rule) and op 10 goes to MMIO; with it, the read faults as
+    the SDM (and this host's KVM) say."""
+    program = read_program(PROGRAMS / "mmio-cache-dropped-by-a-user-fault.txt")
+
+    def upstream(p: Program, bugs: BugSet) -> Machine:
+        h = p.header
+        return Machine(MmuConfig(h.policy, h.mmio_gen_bits, h.maxphyaddr, h.mmu_pages,
+                                 unsync=True, emulate_cpl0=True, mmio_caching=False), bugs)
+
+    kept = run(program, kvm_profile(), target=Target("upstream", upstream, speculative=True))
+    assert kept.divergence is not None and kept.divergence.op_index == 10
+    assert kept.divergence.actual.startswith("MMIO")
+    assert run(program, kvm_profile(), target=AS_HOST).divergence is None

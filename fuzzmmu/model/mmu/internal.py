@@ -62,6 +62,11 @@ class MmuConfig:
     # MMIO sptes are made and every access to an MMIO gpa faults into KVM. Not a program
     # setting either.
     mmio_caching: bool = True
+    # A #PF of a CPL3 access drops the vCPU's MMIO gva cache for the address whatever its
+    # error code: what a kvm_pvm host does (its own fault path for user mode), where upstream
+    # KVM forgets the cache only with the invalidation of a present, non-reserved fault. Not a
+    # program setting either.
+    user_fault_clears_mmio_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.pte_write_policy not in ("zap", "update"):
