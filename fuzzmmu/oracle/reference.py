@@ -245,10 +245,10 @@ class ReferenceMachine:
         view = self.views[c.smm]
         res, leaf, walked = walk_leaf(view, cpu, gva, acc)
         self._walked(walked)
+        if not res.ok or not cpu.mode.value:
+            return  # a walk that faults sets no A flag: it depends on no earlier walk's
         if self.optional:
             self._settle(c.smm, _entries(walked))
-        if not res.ok or not cpu.mode.value:
-            return
         assert res.gpa is not None
         log: list[tuple[int, int, int, int]] = []
         set_accessed_dirty(view, cpu, walked, False, log)
@@ -332,8 +332,9 @@ class ReferenceMachine:
                     self.optional.append(OptionalWalk(c.smm, tuple(log), v, page, filled, at,
                                                       search, _entries(walked)))
             else:
-                if self.optional:
-                    self._settle(c.smm, _entries(walked))
+                # A walk that faults writes no A/D flag, and A/D flags never decide a fault
+                # (SDM §4.7, §4.8): it depends on nothing an optional walk wrote, which may
+                # still be taken back.
                 self._invalidate_page(c, page)
             return fresh == model, fresh
         for entry in c.tlb.cached(page):
