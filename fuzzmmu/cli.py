@@ -244,6 +244,7 @@ def _cmd_bugs(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_fuzz(args: argparse.Namespace, console: Console) -> int:
     from fuzzmmu.campaign.fuzz import Campaign, CampaignConfig, summary
+    from fuzzmmu.campaign.settings import SettingsError, read_suppressions, target_problem
 
     problem = _bug_error(args.bug)
     if problem:
@@ -252,6 +253,22 @@ def _cmd_fuzz(args: argparse.Namespace, console: Console) -> int:
         return _fail("--jobs must be at least 1")
     if args.max_time is not None and args.max_time < 1:
         return _fail("--max-time must be at least 1 second")
+    feedback = Feedback(args.feedback)
+    problem = target_problem(args.target, tuple(args.bug), args.audit, feedback)
+    if problem:
+        return _fail(f"--target {args.target}: {problem}")
+    suppress = Path(args.suppress) if args.suppress else None
+    if suppress is not None:
+        try:
+            read_suppressions(suppress)  # the target reads it again; a bad file fails here
+        except SettingsError as exc:
+            return _fail(str(exc))
+    if args.target == "kvm":
+        from fuzzmmu.kvm.support import kvm_problem
+
+        problem = kvm_problem()  # before libFuzzer starts: every input would fail
+        if problem:
+            return _fail(f"--target kvm: real KVM is not usable here: {problem}")
     extra = list(args.libfuzzer)
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -259,7 +276,8 @@ def _cmd_fuzz(args: argparse.Namespace, console: Console) -> int:
                          corpus=Path(args.corpus), crashes=Path(args.crashes), seed=args.seed,
                          keep_going=args.keep_going, libfuzzer_args=tuple(extra),
                          audit=args.audit, byte_share=args.byte_share, stats=Path(args.stats),
-                         dashboard=not args.no_dashboard, feedback=Feedback(args.feedback))
+                         dashboard=not args.no_dashboard, feedback=feedback,
+                         target=args.target, suppress=suppress)
     result = Campaign(cfg, console).run()
     summary(console, result)
     if result.divergences:
@@ -267,16 +285,20 @@ def _cmd_fuzz(args: argparse.Namespace, console: Console) -> int:
     return 3 if result.failed else 0
 
 
-def _load_crash(path: str, bugs: list[str]) -> Crash | None:
-    """A replayed crash file, or None after printing why it cannot be used."""
+def _load_crash(path: str, bugs: list[str], target: str | None) -> Crash | None:
+    """A replayed crash file, or None after printing why it cannot be used. ``target``
+    overrides the sidecar's."""
     from fuzzmmu.campaign.triage import CrashFileError, load_crash
 
     problem = _bug_error(bugs)
     if problem:
         _fail(problem)
         return None
+    if target == "kvm" and bugs:
+        _fail("--target kvm: mutants are for the model: real KVM runs its own code")
+        return None
     try:
-        return load_crash(Path(path), tuple(bugs) if bugs else None)
+        return load_crash(Path(path), tuple(bugs) if bugs else None, target)
     except (CrashFileError, ValueError) as exc:
         _fail(str(exc))
         return None
@@ -293,19 +315,20 @@ def _cmd_triage(args: argparse.Namespace, console: Console) -> int:
     problem = _bug_error(args.bug)
     if problem:
         return _fail(problem)
-    groups, errors = triage(directory, tuple(args.bug) if args.bug else None)
+    groups, errors = triage(directory, tuple(args.bug) if args.bug else None, args.target)
     if args.json:
-        print(json.dumps({"groups": [{"signature": g.signature, "kind": g.kind,
+        print(json.dumps({"groups": [{"target": g.target, "signature": g.signature,
+                                      "kind": g.kind,
                                       "count": len(g.members),
                                       "smallest": str(g.smallest.path),
                                       "smallest_ops": g.smallest.ops} for g in groups],
                           "errors": errors}))
         return 0
     table = Table(title=f"crash groups in {directory}", title_justify="left")
-    for col in ("count", "kind", "signature", "smallest member"):
+    for col in ("count", "target", "kind", "signature", "smallest member"):
         table.add_column(col, overflow="fold")
     for g in groups:
-        table.add_row(str(len(g.members)), g.kind, escape(g.signature),
+        table.add_row(str(len(g.members)), g.target, g.kind, escape(g.signature),
                       f"{g.smallest.path.name} ({g.smallest.ops} ops)")
     console.print(table)
     for e in errors:
@@ -315,13 +338,15 @@ def _cmd_triage(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_minimize(args: argparse.Namespace, console: Console) -> int:
     from fuzzmmu.campaign.minimize import NotDivergent, minimize
-    from fuzzmmu.campaign.triage import load_crash, write_sidecar
+    from fuzzmmu.campaign.triage import executor_target, load_crash, write_sidecar
     from fuzzmmu.program.files import write_program
     from fuzzmmu.program.text import format_program
 
-    crash = _load_crash(args.crash, args.bug)
+    crash = _load_crash(args.crash, args.bug, args.target)
     if crash is None:
         return 2
+    if crash.target == "kvm" and args.audit:
+        return _fail("--audit checks the model's internals: this crash replays on real KVM")
     start = time.monotonic()
 
     def progress(runs: int, ops: int) -> None:
@@ -330,11 +355,11 @@ def _cmd_minimize(args: argparse.Namespace, console: Console) -> int:
 
     try:
         result = minimize(crash.program, crash.bugs, max_runs=args.max_runs, progress=progress,
-                          audit=args.audit)
+                          audit=args.audit, target=executor_target(crash.target))
     except NotDivergent as exc:
         return _fail(f"{args.crash}: {exc}")
     write_program(args.output, result.program)
-    minimized = load_crash(Path(args.output), crash.bugs)
+    minimized = load_crash(Path(args.output), crash.bugs, crash.target)
     write_sidecar(minimized, None)
     console.print(format_program(result.program), highlight=False)
     console.print(f"minimized {result.ops_before} -> {result.ops_after} ops with "
@@ -347,14 +372,15 @@ def _cmd_minimize(args: argparse.Namespace, console: Console) -> int:
 def _cmd_export(args: argparse.Namespace, console: Console) -> int:
     from fuzzmmu.campaign.export import export
 
-    crash = _load_crash(args.crash, args.bug)
+    crash = _load_crash(args.crash, args.bug, args.target)
     if crash is None:
         return 2
     if crash.divergence is None:
-        return _fail(f"{args.crash} does not diverge with bugs "
-                     f"{list(crash.bugs)}: nothing to export")
+        where = "on real KVM" if crash.target == "kvm" else f"with bugs {list(crash.bugs)}"
+        return _fail(f"{args.crash} does not diverge {where}: nothing to export")
     out = Path(args.output)
-    export(crash.program, crash.bugs, crash.divergence, out, Path(args.crash).name)
+    export(crash.program, crash.bugs, crash.divergence, out, Path(args.crash).name,
+           crash.target)
     console.print(f"wrote {out} ({crash.divergence.signature}); run it with "
                   f"`python -m pytest {out}`", highlight=False)
     return 0
@@ -552,10 +578,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_replay)
 
     f = sub.add_parser("fuzz", help="run a coverage-guided campaign (libFuzzer via Atheris)",
-                       description="Fuzz the shadow-MMU model against the reference with "
+                       description="Fuzz the shadow-MMU model (or, with --target kvm, this "
+                                   "machine's real KVM) against the reference with "
                                    "libFuzzer. Stops at the first divergence unless "
                                    "--keep-going; Ctrl-C stops cleanly. Exit 1 when a "
                                    "divergence was found. Arguments after -- go to libFuzzer.")
+    f.add_argument("--target", choices=("model", "kvm"), default="model",
+                   help="what the programs run on: the shadow-MMU model (default) or real KVM "
+                        "through /dev/kvm (each program as the host can run it; no --bug, "
+                        "--audit or state feedback)")
+    f.add_argument("--suppress", metavar="FILE",
+                   help="a file of divergence signatures (one a line, # comment lines): such "
+                        "divergences are counted, not crashes, and the campaign goes on")
     f.add_argument("--bug", action="append", default=[], metavar="ID",
                    help="enable a historical KVM bug in the model (repeatable)")
     f.add_argument("--max-time", type=int, metavar="S", help="stop after S seconds")
@@ -589,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bug", action="append", default=[], metavar="ID",
                    help="bugs to replay with (default: each file's .json sidecar)")
     t.add_argument("--json", action="store_true", help="machine-readable groups")
+    t.add_argument("--target", choices=("model", "kvm"),
+                   help="replay every file there (default: each file's sidecar, else model)")
     t.set_defaults(func=_cmd_triage)
 
     m = sub.add_parser("minimize", help="shrink a divergent program, keeping its signature")
@@ -599,6 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-runs", type=int, default=3000, help="oracle run budget")
     m.add_argument("--audit", action="store_true",
                    help="replay with the structural audit (for what only the audit sees)")
+    m.add_argument("--target", choices=("model", "kvm"),
+                   help="replay and minimize there (default: the sidecar's target, else model)")
     m.set_defaults(func=_cmd_minimize)
 
     e = sub.add_parser("export", help="write a divergent program as a pytest regression test")
@@ -606,6 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bug", action="append", default=[], metavar="ID",
                    help="bugs the model runs with (default: the file's .json sidecar)")
     e.add_argument("-o", "--output", required=True, help="tests/regressions/test_NAME.py")
+    e.add_argument("--target", choices=("model", "kvm"),
+                   help="what the test runs on (default: the sidecar's target, else model)")
     e.set_defaults(func=_cmd_export)
 
     c = sub.add_parser("corpus", help="seed corpus: generate the per-configuration seeds, "

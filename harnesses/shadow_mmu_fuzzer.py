@@ -13,6 +13,12 @@ to libFuzzer:
                             code uninstrumented) or both
   FUZZMMU_CENSUS=dir        with state feedback: write the counters hit per feature family
                             there about once a second (features-PID.json)
+  FUZZMMU_TARGET=model      what the inputs run on: model, or kvm (this machine's /dev/kvm:
+                            each input as the host can run it, no bugs, line feedback from
+                            the reference walker and the KVM target's code)
+  FUZZMMU_SUPPRESS=file     divergence signatures (one a line, # comment lines) to record and
+                            go on from instead of raising
+  FUZZMMU_SUPPRESSED_LOG=f  where each suppressed divergence's signature is appended
 """
 
 import importlib.util
@@ -22,19 +28,22 @@ import sys
 
 import atheris
 
-# Coverage feedback comes from the system under test (fuzzmmu.model, fuzzmmu.world) and the
-# reference walker (fuzzmmu.arch). The decoder, executor, oracle, campaign and UI code would
-# only add noise to the coverage map and cost instrumentation time on every input (about 10%
-# of the throughput), so they are excluded. instrument_imports() honours only top-level
-# package names in `include` and exact module names in `exclude`: every module of those
-# packages is listed, found on disk without importing them.
+# Coverage feedback comes from the system under test (fuzzmmu.model, fuzzmmu.world, or with
+# FUZZMMU_TARGET=kvm the KVM target's code in fuzzmmu.kvm) and the reference walker
+# (fuzzmmu.arch). The decoder, executor, oracle, campaign and UI code would only add noise to
+# the coverage map and cost instrumentation time on every input (about 10% of the
+# throughput), so they are excluded; so is fuzzmmu.kvm.support, which adapts every input to
+# the host (its lines say which ops were dropped, not what KVM did). instrument_imports()
+# honours only top-level package names in `include` and exact module names in `exclude`:
+# every module of those packages is listed, found on disk without importing them.
 UNINSTRUMENTED_PACKAGES = ("program", "oracle", "campaign", "ui", "bench")
+UNINSTRUMENTED_MODULES = ("fuzzmmu.kvm.support",)
 
 
 def uninstrumented_modules() -> list[str]:
     spec = importlib.util.find_spec("fuzzmmu")  # a top-level package: nothing is imported
     assert spec is not None and spec.submodule_search_locations is not None
-    names = []
+    names = list(UNINSTRUMENTED_MODULES)
     for sub in UNINSTRUMENTED_PACKAGES:
         package = f"fuzzmmu.{sub}"
         paths = [os.path.join(root, sub) for root in spec.submodule_search_locations]
@@ -50,9 +59,13 @@ SETTINGS = settings_from_environment(os.environ)
 
 if SETTINGS.feedback.lines:
     with atheris.instrument_imports(include=["fuzzmmu"], exclude=uninstrumented_modules()):
-        from fuzzmmu.campaign.harness import crossover, mutate, test_one_input
+        from fuzzmmu.campaign.harness import Suppression, crossover, mutate, test_one_input
+
+        if SETTINGS.target == "kvm":
+            # Loaded here, not at the first input, so that its modules are instrumented.
+            import fuzzmmu.kvm.target  # noqa: F401
 else:
-    from fuzzmmu.campaign.harness import crossover, mutate, test_one_input
+    from fuzzmmu.campaign.harness import Suppression, crossover, mutate, test_one_input
 
 if SETTINGS.feedback.state:
     from fuzzmmu.campaign.feedback import CounterMap
@@ -62,8 +75,13 @@ else:
     COUNTERS = None
 
 
+SUPPRESS = (Suppression(frozenset(SETTINGS.suppress), SETTINGS.suppressed_log)
+            if SETTINGS.suppress else None)
+
+
 def TestOneInput(data: bytes) -> None:
-    test_one_input(data, SETTINGS.bugs, SETTINGS.audit, COUNTERS)
+    test_one_input(data, SETTINGS.bugs, SETTINGS.audit, COUNTERS, target=SETTINGS.target,
+                   suppress=SUPPRESS)
 
 
 def CustomMutator(data: bytes, max_size: int, seed: int) -> bytes:

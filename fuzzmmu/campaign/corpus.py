@@ -7,6 +7,7 @@ import collections
 import itertools
 import random
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,8 +132,10 @@ def program_features(p: Program) -> tuple[list[str], list[str]]:
     return ops, sorted(modes)
 
 
-def corpus_stats(directory: Path, limit: int = 2000) -> CorpusStats:
-    """What the (newest ``limit``) programs of a corpus directory exercise."""
+def corpus_stats(directory: Path, limit: int = 2000,
+                 adapt: Callable[[Program], Program] | None = None) -> CorpusStats:
+    """What the (newest ``limit``) programs of a corpus directory exercise; with ``adapt``,
+    what they exercise as the target runs them (fuzzmmu.kvm.support.host_program)."""
     stats = CorpusStats()
     dated = []
     for p in directory.iterdir():
@@ -149,6 +152,8 @@ def corpus_stats(directory: Path, limit: int = 2000) -> CorpusStats:
             program = decode(path.read_bytes())
         except OSError:
             continue
+        if adapt is not None:
+            program = adapt(program)
         ops, modes = program_features(program)
         stats.ops.update(set(ops))
         stats.modes.update(modes)

@@ -1,5 +1,11 @@
 """`fuzzmmu fuzz`: a campaign around libFuzzer, with a live dashboard.
 
+The inputs run on the model (the default) or on this machine's real KVM (``target="kvm"``:
+each input as the host can run it, fuzzmmu.kvm.support.host_program); the crash files replay
+on the target that found them. Divergences whose signature the suppression file lists are
+recorded by the target (one line each in ``suppressed.log`` beside the statistics) and the
+campaign goes on past them.
+
 libFuzzer (through the Atheris target in harnesses/) owns scheduling, corpus management and
 forking: ``--jobs N`` (or ``--keep-going``) runs it in fork mode. This driver prepares the
 corpus (seeded from corpus/ when empty, resumed otherwise), starts the target, reads its status
@@ -23,6 +29,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,9 +42,10 @@ from rich.table import Table
 from fuzzmmu.campaign.corpus import HARNESS, SEEDS, binary_seeds, corpus_stats
 from fuzzmmu.campaign.feedback import read_census
 from fuzzmmu.campaign.processes import STOP_SIGNALS, ProcessTree, handling
-from fuzzmmu.campaign.settings import Feedback, TargetSettings
+from fuzzmmu.campaign.settings import ENV_SUPPRESS, Feedback, TargetSettings
 from fuzzmmu.campaign.triage import Crash, is_crash_file, load_crash, write_sidecar
 from fuzzmmu.program.codec import HEADER_SIZE, MAX_OPS, RECORD_SIZE
+from fuzzmmu.program.ops import Program
 
 MAX_LEN = HEADER_SIZE + RECORD_SIZE * MAX_OPS
 DICTIONARY = HARNESS.with_suffix(".dict")
@@ -64,6 +72,8 @@ class CampaignConfig:
     stats: Path = Path(".fuzzmmu/stats.jsonl")
     seeds: Path = SEEDS
     dashboard: bool = True
+    target: str = "model"  # or "kvm": this machine's /dev/kvm (fuzzmmu.campaign.settings)
+    suppress: Path | None = None  # a file of divergence signatures to record and go on from
 
 
 @dataclass
@@ -78,6 +88,7 @@ class Stats:
     tree_rss: float | None = None  # MB resident in libFuzzer's process tree, when last measured
     processes: int = 0  # in that tree
     first_divergence: float | None = None
+    suppressed: int = 0  # divergences the target recorded instead of raising
     lines: deque[str] = field(default_factory=lambda: deque(maxlen=6))
 
     @property
@@ -143,8 +154,12 @@ def target_command(cfg: CampaignConfig) -> list[str]:
 def target_environment(cfg: CampaignConfig) -> dict[str, str]:
     env = dict(os.environ)
     census = census_dir(cfg) if cfg.feedback.state else None
-    env.update(TargetSettings(cfg.bugs, cfg.audit, cfg.byte_share, cfg.feedback,
-                              census).environment())
+    env.update(TargetSettings(cfg.bugs, cfg.audit, cfg.byte_share, cfg.feedback, census,
+                              cfg.target, suppressed_log=suppressed_log(cfg)).environment())
+    if cfg.suppress is not None:  # the target reads the signatures from the file itself
+        env[ENV_SUPPRESS] = str(cfg.suppress.absolute())
+    else:
+        env.pop(ENV_SUPPRESS, None)  # one set in the caller's environment is not this campaign's
     # Fork mode re-executes the target by its path: its shebang must find this Python.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     env["PYTHONUNBUFFERED"] = "1"
@@ -156,6 +171,11 @@ def census_dir(cfg: CampaignConfig) -> Path:
     return cfg.stats.parent / "census"
 
 
+def suppressed_log(cfg: CampaignConfig) -> Path:
+    """Where the target processes append the signature of each suppressed divergence."""
+    return cfg.stats.parent / "suppressed.log"
+
+
 def prepare(cfg: CampaignConfig) -> int:
     """Create the directories; seed an empty corpus. Returns how many seeds were copied."""
     cfg.corpus.mkdir(parents=True, exist_ok=True)
@@ -165,6 +185,7 @@ def prepare(cfg: CampaignConfig) -> int:
     census.mkdir(exist_ok=True)
     for old in census.glob("features-*.json"):  # an earlier campaign's counts
         old.unlink(missing_ok=True)
+    suppressed_log(cfg).write_bytes(b"")  # so is an earlier campaign's log
     if any(cfg.corpus.iterdir()):
         return 0
     seeds = binary_seeds(cfg.seeds) if cfg.seeds.is_dir() else []
@@ -185,6 +206,13 @@ class Campaign:
         self.corpus_files = 0
         self.state_features: dict[str, int] = {}
         self._next_corpus_scan = 0.0
+        self._suppressed_read = 0  # bytes of the suppressed log counted so far
+        # The corpus as the target runs it: on real KVM, each program as the host can run it.
+        self._adapt: Callable[[Program], Program] | None = None
+        if cfg.target == "kvm":
+            from fuzzmmu.kvm.support import host_program
+
+            self._adapt = host_program
         self.stop_signal: signal.Signals | None = None
         self._target: ProcessTree | None = None
         self.tail: deque[str] = deque(maxlen=40)  # libFuzzer's last lines, for a failure report
@@ -209,7 +237,7 @@ class Campaign:
                 continue
             self.known.add(path.name)
             try:
-                crash = load_crash(path, self.cfg.bugs)
+                crash = load_crash(path, self.cfg.bugs, self.cfg.target)
             except ValueError as exc:
                 self.stats.lines.append(f"could not replay {path.name}: {exc}")
                 self.unreadable.append(f"{path}: {exc}")
@@ -225,10 +253,23 @@ class Campaign:
         if time.monotonic() < self._next_corpus_scan:
             return
         self._next_corpus_scan = time.monotonic() + 5
-        st = corpus_stats(self.cfg.corpus, limit=400)
+        st = corpus_stats(self.cfg.corpus, limit=400, adapt=self._adapt)
         self.ops, self.modes, self.corpus_files = st.ops, st.modes, st.files
         if self.cfg.feedback.state:
             self.state_features = read_census(census_dir(self.cfg))
+
+    def _count_suppressed(self) -> None:
+        """Count the suppressed log's new complete lines (one per suppressed divergence); only
+        what was added since the last count is read."""
+        try:
+            with suppressed_log(self.cfg).open("rb") as f:
+                f.seek(self._suppressed_read)
+                new = f.read()
+        except FileNotFoundError:
+            return
+        complete = new[:new.rfind(b"\n") + 1]  # a line being written is counted next time
+        self.stats.suppressed += complete.count(b"\n")
+        self._suppressed_read += len(complete)
 
     def _measure_memory(self) -> None:
         mem = self._target.memory() if self._target is not None else None
@@ -242,7 +283,8 @@ class Campaign:
                 "ft": s.ft, "corpus": s.corpus, "rss_mb": s.rss, "tree_rss_mb": s.tree_rss,
                 "processes": s.processes,
                 "divergences": sum(1 for c in self.crashes.values() if c.divergence),
-                "signatures": dict(sigs), "first_divergence_s": s.first_divergence}
+                "signatures": dict(sigs), "first_divergence_s": s.first_divergence,
+                "suppressed": s.suppressed}
         if self.state_features:
             line["state_features"] = dict(self.state_features)
         out.write(json.dumps(line) + "\n")  # type: ignore[attr-defined]
@@ -265,13 +307,19 @@ class Campaign:
                      memory)
         first = "-" if s.first_divergence is None else f"{s.first_divergence:.1f}s"
         head.add_row("jobs", str(cfg.jobs), "first divergence", first)
+        if cfg.suppress is not None:
+            head.add_row("suppressed", f"{s.suppressed:,} divergences", "signatures from",
+                         escape(str(cfg.suppress)))
         if cfg.feedback.state:
             fams = self.state_features
             head.add_row("state features", f"{sum(fams.values()):,}" if fams else "-",
                          "by family", ", ".join(f"{k} {n:,}" for k, n in fams.items() if n)
                          or "-")
-        bugs = ", ".join(cfg.bugs) or "none (the clean model)"
-        top = Panel(head, title=f"fuzzmmu campaign - bugs: {escape(bugs)}", title_align="left")
+        if cfg.target == "kvm":
+            title = "target: real KVM (/dev/kvm)"
+        else:
+            title = f"target: model - bugs: {', '.join(cfg.bugs) or 'none (the clean model)'}"
+        top = Panel(head, title=f"fuzzmmu campaign - {escape(title)}", title_align="left")
         div = Table(title="divergences", title_justify="left", expand=True)
         for col in ("kind", "signature", "count", "first at", "smallest file"):
             div.add_column(col, overflow="fold")
@@ -319,8 +367,11 @@ class Campaign:
         interrupted = False
         next_record = 0.0
         with cfg.stats.open("a") as out:
-            out.write(json.dumps({"campaign": "start", "bugs": list(cfg.bugs), "jobs": cfg.jobs,
-                                  "corpus": str(cfg.corpus), "max_time": cfg.max_time}) + "\n")
+            out.write(json.dumps({"campaign": "start", "target": cfg.target,
+                                  "bugs": list(cfg.bugs), "jobs": cfg.jobs,
+                                  "corpus": str(cfg.corpus), "max_time": cfg.max_time,
+                                  "suppress": None if cfg.suppress is None
+                                  else str(cfg.suppress)}) + "\n")
             live = Live(self.render(), console=self.console, auto_refresh=False,
                         transient=False) if cfg.dashboard else None
             try:
@@ -336,6 +387,7 @@ class Campaign:
                     if time.monotonic() >= next_record or done:
                         if not done:
                             self._measure_memory()
+                        self._count_suppressed()
                         self._record(out)
                         next_record = time.monotonic() + 1
                         if live is None:
@@ -355,6 +407,7 @@ class Campaign:
                 target.close()
                 reader.join(timeout=5)
                 self._scan_crashes(final=True)
+                self._count_suppressed()
                 self._record(out)
                 if live is not None:
                     live.update(self.render(), refresh=True)
@@ -385,9 +438,11 @@ class Campaign:
 
     def _progress(self) -> None:
         s = self.stats
-        self.console.print(f"[{s.elapsed:5.0f}s] programs {s.execs} ({s.rate}/s) cov {s.cov} "
-                           f"ft {s.ft} corpus {s.corpus} divergences "
+        self.console.print(f"[{s.elapsed:5.0f}s] {self.cfg.target}: programs {s.execs} "
+                           f"({s.rate}/s) cov {s.cov} ft {s.ft} corpus {s.corpus} divergences "
                            f"{sum(1 for c in self.crashes.values() if c.divergence)}"
+                           + (f" suppressed {s.suppressed}"
+                              if self.cfg.suppress is not None else "")
                            + (f" state features {sum(self.state_features.values())}"
                               if self.state_features else ""), highlight=False)
 
@@ -400,6 +455,9 @@ def summary(console: Console, result: CampaignResult) -> None:
     console.print(f"{how} after {s.elapsed:.0f}s: "
                   f"{s.execs:,} programs ({s.rate}/s at the end), coverage {s.cov} edges, "
                   f"corpus {s.corpus}", highlight=False)
+    if s.suppressed:
+        console.print(f"{s.suppressed:,} divergence(s) with a suppressed signature recorded and "
+                      "passed over", highlight=False)
     for bad in result.unreadable:
         console.print(f"[red]could not replay[/] {escape(bad)}", highlight=False)
     if result.failure is not None:

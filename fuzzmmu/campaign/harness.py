@@ -2,7 +2,10 @@
 
 ``test_one_input`` decodes the bytes, runs model and reference, and raises only when they
 diverge: a distinct exception class per divergence kind, raised from a distinct function, so
-that libFuzzer/ClusterFuzz crash grouping by the top stack frames separates bug classes.
+that libFuzzer/ClusterFuzz crash grouping by the top stack frames separates bug classes. With
+target "kvm" the program runs on this machine's real KVM instead of the model (as the host can
+run it: fuzzmmu.kvm.support.host_program). Divergences with a suppressed signature (known
+findings) are recorded instead of raised, so a campaign goes on past them.
 
 The mutator edits programs at the op level (records of the binary form), stacking a few of:
 insert an op aimed at the program's addresses and tables, delete, duplicate, swap, change one
@@ -16,10 +19,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from fuzzmmu.campaign.feedback import CounterMap, StateFeedback
+from fuzzmmu.campaign.settings import SettingsError
 from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
-from fuzzmmu.oracle.executor import run
+from fuzzmmu.oracle.executor import Outcome, run
 from fuzzmmu.program import world as W
 from fuzzmmu.program.codec import (
     HEADER_SIZE,
@@ -149,18 +154,56 @@ RAISERS: dict[DivergenceKind, Callable[[Divergence], None]] = {
 }
 
 
+@dataclass(frozen=True)
+class Suppression:
+    """Divergence signatures a campaign records and goes on from, and the file each one's
+    signature is appended to (a line per divergent input; None: not recorded)."""
+
+    signatures: frozenset[str]
+    log: Path | None = None
+
+    def hides(self, d: Divergence) -> bool:
+        """Whether ``d`` is suppressed; if so, it is recorded. One short write in append mode:
+        fork mode's jobs append to the same file without tearing each other's lines."""
+        if d.signature not in self.signatures:
+            return False
+        if self.log is not None:
+            with self.log.open("a") as f:
+                f.write(d.signature + "\n")
+        return True
+
+
 def test_one_input(data: bytes, bugs: Sequence[str] = (), audit: bool = False,
-                   counters: CounterMap | None = None) -> None:
+                   counters: CounterMap | None = None, *, target: str = "model",
+                   suppress: Suppression | None = None) -> None:
     """Deterministic: the same bytes always give the same program and outcome. With
-    ``counters``, the run's state features are reported to libFuzzer through them."""
-    if counters is None:
+    ``counters``, the run's state features are reported to libFuzzer through them. With
+    ``target="kvm"`` the program runs on real KVM (no bugs, audit or state features: those
+    are the model's); a program the host cannot run is skipped, which is not a crash."""
+    if target == "kvm":
+        outcome = _run_on_kvm(data, bugs, audit, counters)
+    elif counters is None:
         outcome = run(decode(data), bugs, audit=audit)
     else:
         feedback = StateFeedback()
         outcome = run(decode(data), bugs, audit=audit, observe=feedback)
         counters.report(feedback.features)
-    if outcome.divergence is not None:
-        RAISERS[outcome.divergence.kind](outcome.divergence)
+    d = outcome.divergence
+    if d is not None and (suppress is None or not suppress.hides(d)):
+        RAISERS[d.kind](d)
+
+
+def _run_on_kvm(data: bytes, bugs: Sequence[str], audit: bool,
+                counters: CounterMap | None) -> Outcome:
+    if bugs or audit or counters is not None:
+        raise SettingsError("bugs, the audit and state feedback are the model's: real KVM "
+                            "runs its own code")
+    # Imported here: a campaign on the model never loads the KVM target (nor iced-x86); the
+    # Atheris target imports it first, under instrumentation, when it fuzzes real KVM.
+    from fuzzmmu.kvm.support import host_program
+    from fuzzmmu.kvm.target import KVM
+
+    return run(host_program(decode(data)), target=KVM)
 
 
 # ---------------------------------------------------------------------- mutation

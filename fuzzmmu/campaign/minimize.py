@@ -7,7 +7,9 @@
 3. repeated until nothing changes, then a last pass that removes each op alone, so the result
    is 1-minimal: removing any single op loses the divergence.
 
-Every candidate is a Program (never raw bytes), run on model and reference; results are cached.
+Every candidate is a Program (never raw bytes), run on the machine under test (the model, or
+real KVM for a crash a KVM campaign found) and the reference; results are cached. A candidate
+the target cannot run (skipped) does not keep the divergence.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
-from fuzzmmu.oracle.executor import run
+from fuzzmmu.oracle.executor import MODEL, Target, run
 from fuzzmmu.program.codec import decode_record, op_record, record_digits, record_from_digits
 from fuzzmmu.program.ops import Header, Interleave, Op, Program
 
@@ -36,9 +38,11 @@ class MinimizeResult:
 
 class _Oracle:
     def __init__(self, bugs: Sequence[str], signature: str, budget: int,
-                 progress: Callable[[int, int], None] | None, audit: bool) -> None:
+                 progress: Callable[[int, int], None] | None, audit: bool,
+                 target: Target) -> None:
         self.bugs = tuple(bugs)
         self.audit = audit
+        self.target = target
         self.signature = signature
         self.budget = budget
         self.runs = 0
@@ -53,7 +57,7 @@ class _Oracle:
         if self.runs >= self.budget:
             return False
         self.runs += 1
-        d = run(p, self.bugs, audit=self.audit).divergence
+        d = run(p, self.bugs, audit=self.audit, target=self.target).divergence
         ok = d is not None and d.signature == self.signature
         self.cache[p] = ok
         if self.progress is not None:
@@ -126,13 +130,15 @@ def _field_variants(op: Op) -> list[Op]:
 
 def minimize(program: Program, bugs: Sequence[str] = (), *, max_runs: int = 3000,
              progress: Callable[[int, int], None] | None = None,
-             audit: bool = False) -> MinimizeResult:
+             audit: bool = False, target: Target = MODEL) -> MinimizeResult:
     """``audit``: candidates run with the structural audit, so that an audit violation (which
-    only the audit sees) can be minimized too."""
-    first = run(program, bugs, audit=audit).divergence
+    only the audit sees) can be minimized too. ``target``: what candidates run on (the KVM
+    target: a divergence of real KVM, minimized on real KVM)."""
+    first = run(program, bugs, audit=audit, target=target).divergence
     if first is None:
-        raise NotDivergent("the program does not diverge (with these bugs)")
-    oracle = _Oracle(bugs, first.signature, max_runs, progress, audit)
+        where = "(with these bugs)" if target is MODEL else f"on the {target.name} target"
+        raise NotDivergent(f"the program does not diverge {where}")
+    oracle = _Oracle(bugs, first.signature, max_runs, progress, audit, target)
     header = program.header
     ops = list(program.ops)
 

@@ -16,6 +16,13 @@ ENV_AUDIT = "FUZZMMU_AUDIT"
 ENV_BYTE_SHARE = "FUZZMMU_BYTE_SHARE"
 ENV_FEEDBACK = "FUZZMMU_FEEDBACK"
 ENV_CENSUS = "FUZZMMU_CENSUS"
+ENV_TARGET = "FUZZMMU_TARGET"
+ENV_SUPPRESS = "FUZZMMU_SUPPRESS"
+ENV_SUPPRESSED_LOG = "FUZZMMU_SUPPRESSED_LOG"
+
+# What the inputs run on against the reference: the model of KVM's shadow MMU, or this
+# machine's real KVM through /dev/kvm (fuzzmmu.kvm).
+TARGETS = ("model", "kvm")
 
 
 class Feedback(enum.Enum):
@@ -47,13 +54,52 @@ class TargetSettings:
     byte_share: float = 0.2
     feedback: Feedback = Feedback.LINES
     census: Path | None = None  # where the target writes its state-feature counts
+    target: str = "model"  # one of TARGETS
+    # Divergence signatures to record and go on from (known findings): not raised.
+    suppress: tuple[str, ...] = ()
+    suppressed_log: Path | None = None  # where each suppressed divergence's signature goes
 
     def environment(self) -> dict[str, str]:
+        """The settings as the target reads them, but for ``suppress``: the target reads the
+        signatures from a file (``FUZZMMU_SUPPRESS``), which the caller names."""
         env = {ENV_BUGS: ",".join(self.bugs), ENV_AUDIT: "1" if self.audit else "0",
-               ENV_BYTE_SHARE: str(self.byte_share), ENV_FEEDBACK: self.feedback.value}
+               ENV_BYTE_SHARE: str(self.byte_share), ENV_FEEDBACK: self.feedback.value,
+               ENV_TARGET: self.target}
         if self.census is not None:
             env[ENV_CENSUS] = str(self.census)
+        if self.suppressed_log is not None:
+            env[ENV_SUPPRESSED_LOG] = str(self.suppressed_log)
         return env
+
+
+def read_suppressions(path: Path) -> tuple[str, ...]:
+    """The signatures of a suppression file: one a line; a line starting with ``#`` is a
+    comment (only a whole line: signatures hold ``#``, as in ``#PF(U)``)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else "not a text file"
+        raise SettingsError(f"suppression file {path}: {why}") from exc
+    lines = (line.strip() for line in text.splitlines())
+    return tuple(line for line in lines if line and not line.startswith("#"))
+
+
+def target_problem(target: str, bugs: tuple[str, ...], audit: bool,
+                   feedback: Feedback) -> str | None:
+    """Why these settings cannot go together, or None: real KVM runs its own code, so it has
+    no mutants, no model internals to audit, and no model state to give as feedback."""
+    if target not in TARGETS:
+        return f"the target must be one of {', '.join(TARGETS)}, not {target!r}"
+    if target != "kvm":
+        return None
+    if bugs:
+        return "mutants are for the model: real KVM runs its own code"
+    if audit:
+        return "the audit checks the model's internals: real KVM has none to check"
+    if feedback.state:
+        return ("state feedback is the model's state, and the model does not run on real KVM's "
+                "inputs (use line feedback)")
+    return None
 
 
 def settings_from_environment(env: Mapping[str, str]) -> TargetSettings:
@@ -81,5 +127,13 @@ def settings_from_environment(env: Mapping[str, str]) -> TargetSettings:
         raise SettingsError(f"{ENV_FEEDBACK} must be one of "
                             f"{', '.join(f.value for f in Feedback)}") from exc
     census = env.get(ENV_CENSUS)
-    return TargetSettings(tuple(bugs), env.get(ENV_AUDIT, "0") not in ("", "0"), share, feedback,
-                          Path(census) if census else None)
+    audit = env.get(ENV_AUDIT, "0") not in ("", "0")
+    target = env.get(ENV_TARGET, "model")
+    problem = target_problem(target, tuple(bugs), audit, feedback)
+    if problem is not None:
+        raise SettingsError(f"{ENV_TARGET}={target}: {problem}")
+    suppress = env.get(ENV_SUPPRESS)
+    log = env.get(ENV_SUPPRESSED_LOG)
+    return TargetSettings(tuple(bugs), audit, share, feedback, Path(census) if census else None,
+                          target, read_suppressions(Path(suppress)) if suppress else (),
+                          Path(log) if log else None)

@@ -7,6 +7,9 @@ caller can report "skipped: REASON" instead of a result. Some limits show only w
 (an access through a 1 GiB page, a memslot update that would unmap the agent's root, a
 MAXPHYADDR above the host's): those are
 raised as ``Unsupported`` by the KVM machine itself.
+
+``host_program`` adapts any program to what the host runs (a campaign's inputs, its crash
+files), and ``kvm_problem`` says whether this machine's KVM can be used at all.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from fuzzmmu.oracle.executor import Unsupported
+from fuzzmmu.oracle.executor import Unsupported, run
 from fuzzmmu.program import world as W
 from fuzzmmu.program.generate import Generator
 from fuzzmmu.program.ops import (
@@ -35,6 +38,7 @@ from fuzzmmu.program.ops import (
     Shrink,
     Smi,
 )
+from fuzzmmu.program.text import parse_program
 from fuzzmmu.world.observe import AccessKind
 
 
@@ -68,6 +72,33 @@ def program_unsupported(program: Program) -> str | None:
         why = op_unsupported(op)
         if why is not None:
             return f"op {i} ({op.KIND}): {why}"
+    return None
+
+
+def host_program(program: Program) -> Program:
+    """``program`` as this host can run it: booted in 4-level paging (the other header fields
+    kept), without the ops the host cannot do, 1 GiB maps made 2 MiB ones (``_for_host``).
+    Deterministic, and idempotent: a campaign on real KVM adapts every decoded input and every
+    crash file the same way, so a crash file replays as the program that diverged."""
+    return Program(replace(program.header, boot=GuestMode.LONG4), _for_host(program.ops))
+
+
+def kvm_problem() -> str | None:
+    """Why real KVM cannot be used here, or None: the device opens and a booted VM runs the
+    agent's first operation (a device that opens may still be a module that cannot run the
+    agent). Creates one VM: cheap, but callers that ask often should keep the answer."""
+    try:  # here, not above: the target imports this module, and needs iced-x86
+        from fuzzmmu.kvm.device import KvmError
+        from fuzzmmu.kvm.target import KVM
+    except ImportError as exc:  # iced-x86 missing, say
+        return f"cannot import the KVM target: {exc}"
+    probe = parse_program("config boot=4level\nread cpu0 0xffffff80c0000000+0x0 cpl=0\n")
+    try:
+        outcome = run(probe, target=KVM)
+    except KvmError as exc:
+        return str(exc)
+    if outcome.skipped or outcome.divergence is not None:
+        return f"the agent does not run: {outcome.skipped or outcome.divergence}"
     return None
 
 

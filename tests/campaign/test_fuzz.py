@@ -122,3 +122,83 @@ def test_a_state_feedback_campaign_counts_its_features_by_family(tmp_path: Path)
     last = counted[-1]
     assert last["path"] > 0 and last["edge"] > 0 and last["gfn"] > 0
     assert re.search(r"state\s+features\s+\d+", res.stdout)  # the progress lines
+
+
+def test_the_target_and_suppressions_from_the_environment(tmp_path: Path) -> None:
+    from fuzzmmu.campaign.settings import TargetSettings
+
+    assert settings_from_environment({}).target == "model"
+    sup = tmp_path / "known"
+    sup.write_text("# known findings\n  missing-fault:access/read:4level:#PF(U)->ram  \n\n"
+                   "# another\nwrong-result:cr/cr4:4level:done->#GP\n")
+    s = settings_from_environment({"FUZZMMU_TARGET": "kvm", "FUZZMMU_SUPPRESS": str(sup),
+                                   "FUZZMMU_SUPPRESSED_LOG": str(tmp_path / "log")})
+    assert s.target == "kvm" and s.suppressed_log == tmp_path / "log"
+    # a '#' inside a signature is no comment: only lines starting with one are
+    assert s.suppress == ("missing-fault:access/read:4level:#PF(U)->ram",
+                          "wrong-result:cr/cr4:4level:done->#GP")
+    assert settings_from_environment({"FUZZMMU_SUPPRESS": str(sup)}).suppress == s.suppress
+    env = TargetSettings(target="kvm", suppressed_log=tmp_path / "log").environment()
+    again = settings_from_environment(env)
+    assert (again.target, again.suppressed_log, again.suppress) == ("kvm", tmp_path / "log", ())
+    with pytest.raises(SettingsError, match="model, kvm"):
+        settings_from_environment({"FUZZMMU_TARGET": "qemu"})
+    with pytest.raises(SettingsError, match="mutants are for the model"):
+        settings_from_environment({"FUZZMMU_TARGET": "kvm", "FUZZMMU_BUGS": "cr0wp-not-in-role"})
+    for feedback in ("state", "both"):
+        with pytest.raises(SettingsError, match="state feedback"):
+            settings_from_environment({"FUZZMMU_TARGET": "kvm", "FUZZMMU_FEEDBACK": feedback})
+    with pytest.raises(SettingsError, match="audit"):
+        settings_from_environment({"FUZZMMU_TARGET": "kvm", "FUZZMMU_AUDIT": "1"})
+    with pytest.raises(SettingsError, match="suppression file"):
+        settings_from_environment({"FUZZMMU_SUPPRESS": str(tmp_path / "missing")})
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(SettingsError, match="suppression file"):
+        settings_from_environment({"FUZZMMU_SUPPRESS": str(tmp_path / "binary")})
+
+
+def test_the_campaign_names_its_target_and_suppressions_to_the_fuzz_target(
+        tmp_path: Path) -> None:
+    from fuzzmmu.campaign.fuzz import target_environment
+
+    known = tmp_path / "known.txt"
+    known.write_text("missing-fault:access/read:4level:#PF(U)->ram\n")
+    cfg = CampaignConfig(target="kvm", suppress=known, stats=tmp_path / "stats.jsonl")
+    s = settings_from_environment(target_environment(cfg))
+    assert s.target == "kvm" and s.suppress == ("missing-fault:access/read:4level:#PF(U)->ram",)
+    assert s.suppressed_log == tmp_path / "suppressed.log"
+    assert "FUZZMMU_SUPPRESS" not in target_environment(CampaignConfig())
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--target", "kvm", "--bug", "cr0wp-not-in-role"], "mutants are for the model"),
+    (["--target", "kvm", "--feedback", "state"], "state feedback"),
+    (["--target", "kvm", "--feedback", "both"], "state feedback"),
+    (["--target", "kvm", "--audit"], "audit"),
+    (["--suppress", "/nonexistent/known.txt"], "suppression file"),
+])
+def test_what_a_kvm_campaign_cannot_do_is_an_error_before_it_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+        message: str) -> None:
+    from fuzzmmu.cli import main
+
+    corpus = tmp_path / "corpus"
+    assert main(["fuzz", "--corpus", str(corpus), "--crashes", str(tmp_path / "crashes"),
+                 "--stats", str(tmp_path / "stats.jsonl"), "--no-dashboard", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not corpus.exists()  # nothing was started
+
+
+def test_a_kvm_campaign_without_a_usable_dev_kvm_is_an_error_before_it_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fuzzmmu.cli import main
+
+    monkeypatch.setattr("fuzzmmu.kvm.device.KVM_PATH", "/nonexistent/kvm")
+    corpus = tmp_path / "corpus"
+    assert main(["fuzz", "--target", "kvm", "--corpus", str(corpus), "--no-dashboard",
+                 "--crashes", str(tmp_path / "crashes"),
+                 "--stats", str(tmp_path / "stats.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "real KVM is not usable here" in err and "/nonexistent/kvm" in err
+    assert not corpus.exists()

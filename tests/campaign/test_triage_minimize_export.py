@@ -61,6 +61,19 @@ def test_corrupt_sidecar_is_a_clear_error(tmp_path: Path) -> None:
     assert not groups and len(errors) == 1
 
 
+def test_a_sidecar_without_a_target_is_a_model_crash(tmp_path: Path) -> None:
+    """Sidecars written before campaigns could run on real KVM have no "target"."""
+    d = _crash_dir(tmp_path, {"cr0wp-not-in-role": "cr0wp-not-in-role"})
+    side = next(d.glob("*.json"))
+    doc = json.loads(side.read_text())
+    assert doc.pop("target") == "model"
+    side.write_text(json.dumps(doc))
+    crash = load_crash(d / side.name.removesuffix(".json"))
+    assert crash.target == "model" and crash.divergence is not None
+    groups, errors = triage(d)
+    assert not errors and groups[0].target == "model"
+
+
 @pytest.mark.parametrize("name", ["misaligned-pt-write-two-sptes", "inherited-access-shared-pt",
                                   "stale-gpte-revalidation-skipped"])
 def test_minimized_program_is_1_minimal_with_the_same_signature(name: str) -> None:

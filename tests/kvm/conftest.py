@@ -8,30 +8,14 @@ import functools
 
 import pytest
 
+from fuzzmmu.kvm.support import kvm_problem
 
-@functools.cache
-def kvm_problem() -> str | None:
-    """Why real KVM cannot be used here, or None: the device opens and a booted VM runs the
-    agent's first operation."""
-    try:
-        from fuzzmmu.kvm.device import KvmError
-        from fuzzmmu.kvm.target import KVM
-        from fuzzmmu.oracle.executor import run
-        from fuzzmmu.program.text import parse_program
-    except ImportError as exc:  # iced-x86 missing, say
-        return f"cannot import the KVM target: {exc}"
-    probe = parse_program("config boot=4level\nread cpu0 0xffffff80c0000000+0x0 cpl=0\n")
-    try:
-        outcome = run(probe, target=KVM)
-    except KvmError as exc:
-        return str(exc)
-    if outcome.skipped or outcome.divergence is not None:
-        return f"the agent does not run: {outcome.skipped or outcome.divergence}"
-    return None
+# Probed once per test process: the answer does not change while the tests run.
+_problem = functools.cache(kvm_problem)
 
 
 @pytest.fixture
 def kvm() -> None:
-    problem = kvm_problem()
+    problem = _problem()
     if problem is not None:
         pytest.skip(f"real KVM is not usable here: {problem}")

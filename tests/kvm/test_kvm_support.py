@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import replace
+from pathlib import Path
 
-from fuzzmmu.kvm.support import program_unsupported
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fuzzmmu.kvm.support import host_program, program_unsupported
 from fuzzmmu.model.machine import Machine
 from fuzzmmu.oracle.executor import MODEL, Target, Unsupported, run
+from fuzzmmu.program.codec import decode
+from fuzzmmu.program.files import read_program
+from fuzzmmu.program.ops import GuestMode, Map
 from fuzzmmu.program.text import parse_program
 
 BASE = "config boot=4level\n"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(("text", "why"), [
@@ -79,3 +88,44 @@ def test_another_target_runs_programs_and_skips_what_needs_the_models_internals(
     outcome = run(interleaved, target=proxy)
     assert "interleave point" in outcome.skipped
     assert "model's internals" in run(plain, target=proxy, audit=True).skipped
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_host_program_makes_any_input_one_the_host_can_try(data: bytes) -> None:
+    """What a KVM campaign runs: every decoded input adapted, the same way every time, and
+    adapting twice changes nothing (a crash file replays as the program that diverged)."""
+    program = decode(data)
+    adapted = host_program(program)
+    assert program_unsupported(adapted) is None
+    assert adapted == host_program(decode(data))
+    assert host_program(adapted) == adapted
+    assert adapted.header == replace(program.header, boot=GuestMode.LONG4)
+    assert not any(isinstance(op, Map) and op.level == 3 for op in adapted.ops)
+    assert len(adapted.ops) <= len(program.ops)
+
+
+@pytest.mark.parametrize("path", [*sorted((ROOT / "tests" / "kvm" / "programs").glob("*.txt")),
+                                  ROOT / "corpus" / "4level-basic.txt"])
+def test_host_program_leaves_a_supported_program_as_it_is(path: Path) -> None:
+    program = read_program(path)
+    assert program_unsupported(program) is None
+    assert host_program(program) == program
+
+
+def test_host_program_drops_what_the_host_cannot_do_and_keeps_the_rest() -> None:
+    program = parse_program("""\
+config policy=update maxphyaddr=36 mmu-pages=64 boot=pae unsync
+map cpu0 root=current current 0x0 -> 0x0 P|W level=3 upper=W pool=0x8
+smi cpu0
+read cpu0 0x0+0x0 width=8 cpl=0
+interleave at=walked
+  read cpu0 0x0+0x0
+  zap-all
+""")
+    adapted = host_program(program)
+    h = adapted.header
+    assert (h.policy, h.maxphyaddr, h.mmu_pages, h.unsync, h.boot) == (
+        "update", 36, 64, True, GuestMode.LONG4)
+    assert [op.KIND for op in adapted.ops] == ["map", "access"]
+    assert replace(program.ops[0], level=2) == adapted.ops[0]
