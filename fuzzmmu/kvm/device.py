@@ -137,11 +137,13 @@ class Vm:
 
 
 class Watchdog:
-    """A wall-clock limit on KVM_RUN: SIGALRM's handler raises, the blocked ioctl returns
+    """A limit on the CPU time of one KVM_RUN: SIGPROF's handler raises, the ioctl returns
     EINTR and Python propagates the exception (PEP 475 retries only when the handler
-    returns). The handler is installed while the VM exists (the previous one is restored at
-    close); each KVM_RUN only arms and disarms the timer. Signals reach only the main thread:
-    elsewhere there is no watchdog."""
+    returns). A guest that loops burns CPU time, in the guest or in KVM, so the profiling
+    timer (ITIMER_PROF) sees it; SIGALRM and the real-time timer stay libFuzzer's, whose
+    -timeout runs on them. The handler is installed while the VM exists (the previous one is
+    restored at close); each KVM_RUN only arms and disarms the timer. Signals reach only the
+    main thread: elsewhere there is no watchdog."""
 
     def __init__(self) -> None:
         self.armed = False
@@ -155,24 +157,27 @@ class Watchdog:
 
     def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGALRM, self._fire)
+            self._previous = signal.signal(signal.SIGPROF, self._fire)
             self.installed = True
 
     def uninstall(self) -> None:
         if self.installed:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self._previous)  # type: ignore[arg-type]
+            signal.setitimer(signal.ITIMER_PROF, 0)
+            # None: the previous handler was not installed from Python; the default is the
+            # closest to it (SIGPROF is nobody else's here).
+            previous = self._previous if self._previous is not None else signal.SIG_DFL
+            signal.signal(signal.SIGPROF, previous)  # type: ignore[arg-type]
             self.installed = False
 
     def arm(self, seconds: float) -> None:
         if self.installed:
             self.armed = True
-            signal.setitimer(signal.ITIMER_REAL, seconds)
+            signal.setitimer(signal.ITIMER_PROF, seconds)
 
     def disarm(self) -> None:
         if self.armed:
             self.armed = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.setitimer(signal.ITIMER_PROF, 0)
 
 
 class Vcpu:

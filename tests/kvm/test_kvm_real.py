@@ -152,3 +152,25 @@ def test_random_programs_of_what_kvm_supports_agree() -> None:
         assert outcome.divergence is None, (seed, outcome.divergence)
         ran += not outcome.skipped
     assert ran >= 10
+
+
+def test_the_watchdog_leaves_sigalrm_and_the_real_timer_to_libfuzzer() -> None:
+    """libFuzzer's -timeout runs on SIGALRM and ITIMER_REAL: a KVM program must leave both as
+    it found them (the watchdog uses SIGPROF and the profiling timer)."""
+    import signal
+
+    fired: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        fired.append(signum)
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 60)
+        assert run(read_program(PROGRAMS / "sdm-tour.txt"), target=KVM).divergence is None
+        assert signal.getsignal(signal.SIGALRM) is handler
+        assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 60
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not fired
