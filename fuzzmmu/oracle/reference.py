@@ -329,8 +329,13 @@ class ReferenceMachine:
                     if c.tlb.fill(page, made):
                         filled = made
                 if cached is not None or search is not None:
-                    self.optional.append(OptionalWalk(c.smm, tuple(log), v, page, filled, at,
-                                                      search, _entries(walked)))
+                    # By host address: taking it back after a memslot change must reach the
+                    # memory it wrote, whatever the guest-physical addresses mean by then.
+                    self.optional.append(OptionalWalk(
+                        tuple((self._host(c.smm, gpa), size, old, new)
+                              for gpa, size, old, new in log),
+                        v, page, filled, at, search,
+                        frozenset(self._host(c.smm, gpa) for gpa, _ in walked)))
             else:
                 # A walk that faults writes no A/D flag, and A/D flags never decide a fault
                 # (SDM §4.7, §4.8): it depends on nothing an optional walk wrote, which may
@@ -438,17 +443,17 @@ class ReferenceMachine:
         record; the executor takes the walk back only if the state comparison needs it, e.g. a
         write through a translation cached while the leaf was dirty, after the guest rewrote
         the leaf clean without an invalidation: no D is due then (SDM §4.8, §4.10.2.3)."""
+        backing = self.phys.backing
         while self.optional:  # the latest first: no later access depends on it
             opt = self.optional.pop()
-            view = self.views[opt.as_id]
-            _undo(view, opt.writes)
+            _undo(backing, opt.writes)
             if opt.search is not None:
                 cpu, acc, gva, write, width, value, model, start = opt.search
                 if self._speculative_match(opt.vcpu, cpu, acc, opt.page, gva, write, width,
                                            value, model, start, opt.journal_at) is None:
-                    _redo(view, opt.writes)
+                    _redo(backing, opt.writes)
                     # It is final after all, and so is every earlier walk it read through.
-                    self._settle(opt.as_id, opt.reads)
+                    self._settle_host(opt.reads)
                     continue
             del self.journal[opt.journal_at:opt.journal_at + len(opt.writes)]  # never happened
             if opt.filled is not None:
@@ -456,16 +461,25 @@ class ReferenceMachine:
             return True
         return False
 
+    def _host(self, as_id: int, gpa: int) -> int:
+        """The host address of ``gpa`` in address space ``as_id`` (-1 outside RAM)."""
+        pfn = self.phys.gfn_to_pfn(as_id, gpa >> PAGE_SHIFT)
+        return (pfn << PAGE_SHIFT) | (gpa & 0xFFF) if pfn >= 0 else -1
+
     def _settle(self, as_id: int, read: frozenset[int] | tuple[()],
                 data_gpa: int | None = None, width: int = 0) -> None:
         """An access that reads what an optional walk wrote (walking through its entries, or
-        reading them as data) depends on that walk: it is final from now on."""
+        reading them as data) depends on that walk: it is final from now on. ``read`` and
+        ``data_gpa`` are guest-physical in ``as_id``."""
+        self._settle_host(frozenset(self._host(as_id, gpa) for gpa in read),
+                          None if data_gpa is None else self._host(as_id, data_gpa), width)
+
+    def _settle_host(self, read: frozenset[int], data: int | None = None, width: int = 0
+                     ) -> None:
         keep = []
         for opt in self.optional:
-            if opt.as_id == as_id and any(
-                    gpa in read or (data_gpa is not None
-                                    and data_gpa - size < gpa < data_gpa + width)
-                    for gpa, size, _old, _new in opt.writes):
+            if any(addr in read or (data is not None and data - size < addr < data + width)
+                   for addr, size, _old, _new in opt.writes):
                 continue
             keep.append(opt)
         self.optional = keep
@@ -597,9 +611,11 @@ class ReferenceMachine:
             return Observation(ObsKind.REJECTED, detail=str(exc))
         if new is not old:
             self.phys.slots.install(old, new)
-            # The walks before it are final: their entries' guest-physical addresses may mean
-            # other memory now (or none).
-            self.optional.clear()
+            # An optional walk is kept by host address, which a memslot change does not move:
+            # it may still be taken back, unless that needs a search for a speculative
+            # translation, whose walks over the journal would read the tables through memslots
+            # that were not those of its time.
+            self.optional = [opt for opt in self.optional if opt.search is None]
             if upd.change is not MemslotChange.CREATE:
                 # Walks replayed over the journal read the tables through today's memslots:
                 # none reaches back past a change that moved or removed guest memory. A new
@@ -622,8 +638,8 @@ class ReferenceMachine:
 class OptionalWalk(NamedTuple):
     """A walk an access did that a cached translation made unnecessary."""
 
-    as_id: int
-    writes: tuple[tuple[int, int, int, int], ...]  # the A/D writes: (gpa, size, old, new)
+    writes: tuple[tuple[int, int, int, int], ...]  # the A/D writes: (host address, size, old,
+    # new)
     vcpu: int
     page: int
     filled: TlbEntry | None  # the translation it cached, if that one was new
@@ -632,7 +648,7 @@ class OptionalWalk(NamedTuple):
     # (cpu state, access, address, write, width, value, the model's outcome, where the
     # search starts: the page's last invalidation as it was then).
     search: tuple[CpuState, Access, int, bool, int, int, Observation, int] | None
-    reads: frozenset[int]  # the entries the walk read (guest-physical)
+    reads: frozenset[int]  # the entries the walk read (host addresses)
 
 
 def _entries(walked: Walked) -> frozenset[int]:
