@@ -292,10 +292,10 @@ class ReferenceMachine:
                     if page in c.tlb.entries:
                         # Could a cached translation have served the access with no A/D
                         # write at all (SDM §4.10.2.3)? Asked of the memory before the writes.
-                        _undo(view, log)
+                        undone = _undo(view, log)
                         cached = self._cached_match(v, cpu, acc, page, gva, write, width, value,
                                                     model)
-                        _redo(view, log)
+                        _redo(view, undone)
                     fresh = self._outcome(v, res.gpa, write, width, value)  # data may be an entry
                 if cached is not None and fresh != model:
                     _undo(view, log)
@@ -316,7 +316,10 @@ class ReferenceMachine:
                     # its data.
                     served = cached is not None or search is not None or (
                         self._cached_match(v, cpu, acc, page, gva, write, width, value, model)
-                        is not None)
+                        is not None) or (
+                        self.speculative and not log
+                        and self._speculative_without_optional(v, cpu, acc, page, gva, write,
+                                                               width, value, model))
                     self._settle(c.smm, () if served else _entries(walked), res.gpa, width)
                 at = len(self.journal)
                 if self.speculative:
@@ -415,6 +418,29 @@ class ReferenceMachine:
                 return spec, entry.gpa_page
         return None
 
+    def _speculative_without_optional(self, v: int, cpu: CpuState, acc: Access, page: int,
+                                      gva: int, write: bool, width: int, value: int,
+                                      model: Observation) -> bool:
+        """Whether a speculative translation explains the access with this op's optional
+        walks taken back (their A/D writes undone and out of the journal): then the access
+        need not have walked through what they wrote, and they stay optional. (Another vCPU's
+        walk set A, the guest rewrote the leaf clean, and this vCPU uses a translation it may
+        have cached speculatively in between: SDM §4.10.2.3.)"""
+        backing, journal = self.phys.backing, self.journal
+        skipped = {i for opt in self.optional
+                   for i in range(opt.journal_at, opt.journal_at + len(opt.writes))}
+        start = self._search_start(self.cpus[v], page)
+        start -= sum(1 for i in skipped if i < start)
+        undone = [_undo(backing, opt.writes) for opt in reversed(self.optional)]
+        self.journal = [e for i, e in enumerate(journal) if i not in skipped]
+        try:
+            return self._speculative_match(v, cpu, acc, page, gva, write, width, value, model,
+                                           start) is not None
+        finally:
+            self.journal = journal
+            for writes in reversed(undone):
+                _redo(backing, writes)
+
     def _cached_match(self, v: int, cpu: CpuState, acc: Access, page: int, gva: int,
                       write: bool, width: int, value: int, model: Observation
                       ) -> tuple[Observation, int] | None:
@@ -446,12 +472,12 @@ class ReferenceMachine:
         backing = self.phys.backing
         while self.optional:  # the latest first: no later access depends on it
             opt = self.optional.pop()
-            _undo(backing, opt.writes)
+            undone = _undo(backing, opt.writes)
             if opt.search is not None:
                 cpu, acc, gva, write, width, value, model, start = opt.search
                 if self._speculative_match(opt.vcpu, cpu, acc, opt.page, gva, write, width,
                                            value, model, start, opt.journal_at) is None:
-                    _redo(backing, opt.writes)
+                    _redo(backing, undone)
                     # It is final after all, and so is every earlier walk it read through.
                     self._settle_host(opt.reads)
                     continue
@@ -655,10 +681,17 @@ def _entries(walked: Walked) -> frozenset[int]:
     return frozenset(gpa for gpa, _value in walked)
 
 
-def _undo(mem: Memory, writes: Iterable[tuple[int, int, int, int]]) -> None:
-    for gpa, size, old, new in reversed(tuple(writes)):
-        if mem.read(gpa, size) == new:  # an entry rewritten since keeps its new value
-            mem.write(gpa, size, old)
+def _undo(mem: Memory, writes: Iterable[tuple[int, int, int, int]]
+          ) -> list[tuple[int, int, int, int]]:
+    """Take ``writes`` back, the last first; returns those it took back (for ``_redo``)."""
+    undone = []
+    for write in reversed(tuple(writes)):
+        addr, size, old, new = write
+        if mem.read(addr, size) == new:  # an entry rewritten since keeps its new value
+            mem.write(addr, size, old)
+            undone.append(write)
+    undone.reverse()
+    return undone
 
 
 def _redo(mem: Memory, writes: Iterable[tuple[int, int, int, int]]) -> None:
