@@ -28,6 +28,24 @@ def test_name(out: Path) -> str:
     return name
 
 
+# The end of every exported test: the message names what the divergence still is.
+_ASSERT_AGREES = [
+    "    assert outcome.divergence is None, (",
+    '        f"{outcome.divergence.kind.value} at op {outcome.divergence.op_index}: "',
+    '        f"expected {outcome.divergence.expected}, got {outcome.divergence.actual} "',
+    '        f"[{outcome.divergence.signature}]")',
+    "",
+]
+
+
+def _program_literal(program: Program) -> list[str]:
+    """``PROGRAM = (...)``: the text form as string literals, one a line (repr: any text is a
+    safe literal)."""
+    return ["PROGRAM = (",
+            *(f"    {line!r}" for line in format_program(program).splitlines(keepends=True)),
+            ")"]
+
+
 def render_test(program: Program, bugs: tuple[str, ...], divergence: Divergence,
                 source: str, name: str, target: str = "model") -> str:
     if target == "kvm":
@@ -54,18 +72,12 @@ def render_test(program: Program, bugs: tuple[str, ...], divergence: Divergence,
         "",
         f"BUGS = {tuple(bugs)!r}",
         f"SIGNATURE = {d.signature!r}",
-        "PROGRAM = (",
-        *(f"    {line!r}" for line in format_program(program).splitlines(keepends=True)),
-        ")",
+        *_program_literal(program),
         "",
         "",
         f"def {name}() -> None:",
         "    outcome = run(parse_program(PROGRAM), BUGS)",
-        "    assert outcome.divergence is None, (",
-        '        f"{outcome.divergence.kind.value} at op {outcome.divergence.op_index}: "',
-        '        f"expected {outcome.divergence.expected}, got {outcome.divergence.actual} "',
-        '        f"[{outcome.divergence.signature}]")',
-        "",
+        *_ASSERT_AGREES,
     ]
     return "\n".join(lines)
 
@@ -95,9 +107,7 @@ def _render_kvm_test(program: Program, divergence: Divergence, source: str, name
         "from fuzzmmu.program.text import parse_program",
         "",
         f"SIGNATURE = {d.signature!r}",
-        "PROGRAM = (",
-        *(f"    {line!r}" for line in format_program(program).splitlines(keepends=True)),
-        ")",
+        *_program_literal(program),
         "",
         "",
         f"def {name}() -> None:",
@@ -109,11 +119,7 @@ def _render_kvm_test(program: Program, divergence: Divergence, source: str, name
         "    outcome = run(parse_program(PROGRAM), target=KVM)",
         "    if outcome.skipped:",
         '        pytest.skip(f"this host cannot run the program: {outcome.skipped}")',
-        "    assert outcome.divergence is None, (",
-        '        f"{outcome.divergence.kind.value} at op {outcome.divergence.op_index}: "',
-        '        f"expected {outcome.divergence.expected}, got {outcome.divergence.actual} "',
-        '        f"[{outcome.divergence.signature}]")',
-        "",
+        *_ASSERT_AGREES,
     ]
     return "\n".join(lines)
 
