@@ -487,6 +487,24 @@ class ReferenceMachine:
             return True
         return False
 
+    def _decide_searches(self) -> None:
+        """Each optional walk that a speculative translation must explain: explained (it stays
+        optional, with nothing left to search) or not (it is final)."""
+        backing = self.phys.backing
+        decided = []
+        for opt in self.optional:
+            if opt.search is not None:
+                undone = _undo(backing, opt.writes)
+                cpu, acc, gva, write, width, value, model, start = opt.search
+                found = self._speculative_match(opt.vcpu, cpu, acc, opt.page, gva, write, width,
+                                                value, model, start, opt.journal_at)
+                _redo(backing, undone)
+                if found is None:
+                    continue
+                opt = opt._replace(search=None)
+            decided.append(opt)
+        self.optional = decided
+
     def _host(self, as_id: int, gpa: int) -> int:
         """The host address of ``gpa`` in address space ``as_id`` (-1 outside RAM)."""
         pfn = self.phys.gfn_to_pfn(as_id, gpa >> PAGE_SHIFT)
@@ -636,12 +654,12 @@ class ReferenceMachine:
         except MemslotError as exc:
             return Observation(ObsKind.REJECTED, detail=str(exc))
         if new is not old:
-            self.phys.slots.install(old, new)
             # An optional walk is kept by host address, which a memslot change does not move:
-            # it may still be taken back, unless that needs a search for a speculative
-            # translation, whose walks over the journal would read the tables through memslots
-            # that were not those of its time.
-            self.optional = [opt for opt in self.optional if opt.search is None]
+            # it may still be taken back after it. One that needs a search for a speculative
+            # translation is decided now, while the walks over the journal still read the
+            # tables through the memslots of its time.
+            self._decide_searches()
+            self.phys.slots.install(old, new)
             if upd.change is not MemslotChange.CREATE:
                 # Walks replayed over the journal read the tables through today's memslots:
                 # none reaches back past a change that moved or removed guest memory. A new
@@ -653,11 +671,18 @@ class ReferenceMachine:
         slot = self.phys.slots.lookup(as_id, gfn)
         if slot is None:
             return Observation(ObsKind.REJECTED, detail=f"gfn {gfn:#x} is not RAM")
-        self.optional.clear()  # the walks before a host page migration are final
+        self._decide_searches()  # as for a memslot change: the journal is about to move
         old, new = self.phys.migrate(slot.gfn_to_hva(gfn))
-        # The contents moved with the page: so does its history.
-        self.journal = [((new << PAGE_SHIFT) | (addr & 0xFFF) if addr >> PAGE_SHIFT == old
-                         else addr, size, value) for addr, size, value in self.journal]
+
+        def moved(addr: int) -> int:
+            return (new << PAGE_SHIFT) | (addr & 0xFFF) if addr >> PAGE_SHIFT == old else addr
+
+        # The contents moved with the page: so do its history and the optional walks' writes.
+        self.journal = [(moved(addr), size, value) for addr, size, value in self.journal]
+        self.optional = [opt._replace(writes=tuple((moved(a), size, o, n)
+                                                   for a, size, o, n in opt.writes),
+                                      reads=frozenset(moved(a) for a in opt.reads))
+                         for opt in self.optional]
         return DONE
 
 
