@@ -97,8 +97,8 @@ class AgreementResult:
 
     def rates(self) -> tuple[float, float, float]:
         """Programs per second of the clean model, the model-as-KVM and real KVM."""
-        return tuple(self.programs / s if s > 0 else 0.0  # type: ignore[return-value]
-                     for s in self.seconds)
+        clean, as_kvm, kvm = (self.programs / s if s > 0 else 0.0 for s in self.seconds)
+        return clean, as_kvm, kvm
 
     def to_json(self) -> dict[str, Any]:
         clean, as_kvm, kvm = self.rates()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+from fuzzmmu.arch.bits import PTE_A, PTE_D, PTE_P, PTE_U, PTE_W
 from fuzzmmu.oracle.executor import Unsupported, run
 from fuzzmmu.program import world as W
 from fuzzmmu.program.generate import Generator
@@ -115,11 +116,8 @@ SUPPORTED_KINDS = ("access", "map", "pte", "store", "invlpg", "cr3", "set", "mem
 
 def random_supported_program(rng: random.Random, n_ops: int = 16) -> Program:
     """A random 4-level program of what the host supports (the generator's, with what it
-    cannot run left out, ``_for_host``): zap policy (modern KVM), unsync on (real KVM always
-    may), the MMIO generation bits of current KVM, a MAXPHYADDR and page limit of the
-    generator's."""
-    header = Header("zap", 19, rng.choice((40, 36, 46)), rng.choice((2000, 64)),
-                    GuestMode.LONG4, True)
+    cannot run left out, ``_for_host``), on a header of ``_random_header``'s."""
+    header = _random_header(rng)
     program = Generator(rng, header, kinds=SUPPORTED_KINDS).program(n_ops)
     return Program(header, _for_host(program.ops))
 
@@ -132,7 +130,14 @@ def _for_host(ops: tuple[Op, ...]) -> tuple[Op, ...]:
                  for op in ops if op_unsupported(op) is None)
 
 
-_P, _W, _U, _A, _D = 1, 1 << 1, 1 << 2, 1 << 5, 1 << 6
+def _random_header(rng: random.Random, mmu_pages: int | None = None) -> Header:
+    """Zap policy (modern KVM), the MMIO generation bits of current KVM, unsync on (real KVM
+    always may), a MAXPHYADDR this host offers, ``mmu_pages`` (default: a random limit)."""
+    maxphyaddr = rng.choice((40, 36, 46))
+    pages = rng.choice((2000, 64)) if mmu_pages is None else mmu_pages
+    return Header("zap", 19, maxphyaddr, pages, GuestMode.LONG4, True)
+
+
 _LOW_VAS = tuple(va for va in W.VAS if (va >> 39) & 511 not in (300, 511))  # not the agent's
 # or the kernel's PML4 slot: a map there takes fresh tables from its pool
 
@@ -153,12 +158,13 @@ def random_unsync_program(rng: random.Random, n_ops: int = 16) -> Program:
     (a fresh PML4 slot gets its tables at pool, pool+1 and pool+2, the last-level one), the
     alias of pool+2, a CPL3 read of the first and a CPL3 store through the alias, then
     generated ops aimed at those addresses."""
-    header = Header("zap", 19, rng.choice((40, 36, 46)), 2000, GuestMode.LONG4, True)
+    header = _random_header(rng, 2000)
     pool = rng.choice(W.POOLS)
     data, alias = rng.sample(_LOW_VAS, 2)
-    user = _P | _W | _U | _A | _D
-    prelude = (Map(0, None, None, data, Entry(rng.randrange(64), user), 1, _W | _U | _A, pool),
-               Map(1, None, None, alias, Entry(pool + 2, user), 1, _W | _U | _A, pool),
+    user = PTE_P | PTE_W | PTE_U | PTE_A | PTE_D
+    upper = PTE_W | PTE_U | PTE_A
+    prelude = (Map(0, None, None, data, Entry(rng.randrange(64), user), 1, upper, pool),
+               Map(1, None, None, alias, Entry(pool + 2, user), 1, upper, pool),
                # A CPL3 read shadows the tables; a CPL3 store into the last-level one follows.
                Access(0, AccessKind.READ, data, 0, 8, 3, False, 0),
                Access(1, AccessKind.WRITE, alias, _slot_offset(rng, data), 8, 3, False,

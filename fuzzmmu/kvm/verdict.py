@@ -63,14 +63,14 @@ class Verdict(enum.Enum):
         return self in (Verdict.KVM_UNPREDICTED, Verdict.MODEL_ONLY)
 
 
-class _UnsyncSeen:
+class UnsyncSeen:
     """Whether the model made a shadow page unsync at some op (KVM's mmu_unsync counter)."""
 
     def __init__(self) -> None:
         self.seen = False
 
     def __call__(self, op: Op, model: Machine, ref: ReferenceMachine) -> None:
-        self.seen = self.seen or model.kvm.stat.mmu_unsync > 0
+        self.end(model, ref)
 
     def end(self, model: Machine, ref: ReferenceMachine) -> None:
         self.seen = self.seen or model.kvm.stat.mmu_unsync > 0
@@ -114,7 +114,7 @@ def three_way(program: Program, bugs: tuple[str, ...] | None = None) -> ThreeWay
     t0 = time.perf_counter()
     clean = run(program)
     t1 = time.perf_counter()
-    seen = _UnsyncSeen()
+    seen = UnsyncSeen()
     as_kvm = run(program, kvm_profile() if bugs is None else bugs, observe=seen,
                  target=AS_HOST)
     t2 = time.perf_counter()

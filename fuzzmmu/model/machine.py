@@ -72,17 +72,14 @@ class Machine:
         fetch = kind is AccessKind.FETCH
         kvm = self.kvm
         prev = kvm.current_vcpu
+        # A host that runs no guest code at CPL0 natively emulates the access at once.
+        emulated = cpl == 0 and kvm.config.emulate_cpl0
         try:
-            if cpl == 0 and kvm.config.emulate_cpl0:
-                kvm.current_vcpu = vcpu
-                vcpu.service_requests()
-                kvm.stat.insn_emulation += 1
-                obs = emulate_access(kvm, vcpu, gva, write, fetch, width, value)
-                vcpu.pending_pf = None  # a fault of the emulated access is ``obs``
-                return obs
             for _ in range(MAX_GUEST_ENTRIES):
                 kvm.current_vcpu = vcpu
                 vcpu.service_requests()
+                if emulated:
+                    break
                 pfn, code = translate(kvm, vcpu, gva, write, fetch)
                 if pfn >= 0:
                     return self._ram(pfn, gva, write, width, value)
@@ -93,12 +90,14 @@ class Machine:
                     return Observation(ObsKind.PF, cr2, 0, error_code)
                 if r == RET_PF_EMULATE:
                     kvm.point(Point.EMULATE, vcpu)
-                    kvm.stat.insn_emulation += 1
-                    obs = emulate_access(kvm, vcpu, gva, write, fetch, width, value)
-                    vcpu.pending_pf = None  # a fault of the emulated access is ``obs``
-                    return obs
-            return Observation(ObsKind.HANG, gva, 0, 0, "the access faulted "
-                               f"{MAX_GUEST_ENTRIES} times without completing")
+                    break
+            else:
+                return Observation(ObsKind.HANG, gva, 0, 0, "the access faulted "
+                                   f"{MAX_GUEST_ENTRIES} times without completing")
+            kvm.stat.insn_emulation += 1
+            obs = emulate_access(kvm, vcpu, gva, write, fetch, width, value)
+            vcpu.pending_pf = None  # a fault of the emulated access is ``obs``
+            return obs
         except VmError as exc:
             self.dead = str(exc)
             return Observation(ObsKind.VM_ERROR, detail=self.dead)

@@ -472,15 +472,11 @@ class ReferenceMachine:
         backing = self.phys.backing
         while self.optional:  # the latest first: no later access depends on it
             opt = self.optional.pop()
-            undone = _undo(backing, opt.writes)
-            if opt.search is not None:
-                cpu, acc, gva, write, width, value, model, start = opt.search
-                if self._speculative_match(opt.vcpu, cpu, acc, opt.page, gva, write, width,
-                                           value, model, start, opt.journal_at) is None:
-                    _redo(backing, undone)
-                    # It is final after all, and so is every earlier walk it read through.
-                    self._settle_host(opt.reads)
-                    continue
+            if opt.search is not None and not self._explained_without(opt):
+                # It is final after all, and so is every earlier walk it read through.
+                self._settle_host(opt.reads)
+                continue
+            _undo(backing, opt.writes)
             del self.journal[opt.journal_at:opt.journal_at + len(opt.writes)]  # never happened
             if opt.filled is not None:
                 self.cpus[opt.vcpu].tlb.discard(opt.page, opt.filled)
@@ -490,20 +486,27 @@ class ReferenceMachine:
     def _decide_searches(self) -> None:
         """Each optional walk that a speculative translation must explain: explained (it stays
         optional, with nothing left to search) or not (it is final)."""
-        backing = self.phys.backing
         decided = []
         for opt in self.optional:
             if opt.search is not None:
-                undone = _undo(backing, opt.writes)
-                cpu, acc, gva, write, width, value, model, start = opt.search
-                found = self._speculative_match(opt.vcpu, cpu, acc, opt.page, gva, write, width,
-                                                value, model, start, opt.journal_at)
-                _redo(backing, undone)
-                if found is None:
+                if not self._explained_without(opt):
                     continue
                 opt = opt._replace(search=None)
             decided.append(opt)
         self.optional = decided
+
+    def _explained_without(self, opt: OptionalWalk) -> bool:
+        """Whether a speculative translation explains ``opt``'s access without its A/D writes
+        (searched with them undone; the memory is as it was afterwards)."""
+        assert opt.search is not None
+        backing = self.phys.backing
+        undone = _undo(backing, opt.writes)
+        cpu, acc, gva, write, width, value, model, start = opt.search
+        try:
+            return self._speculative_match(opt.vcpu, cpu, acc, opt.page, gva, write, width,
+                                           value, model, start, opt.journal_at) is not None
+        finally:
+            _redo(backing, undone)
 
     def _host(self, as_id: int, gpa: int) -> int:
         """The host address of ``gpa`` in address space ``as_id`` (-1 outside RAM)."""

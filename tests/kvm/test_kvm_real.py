@@ -15,12 +15,10 @@ from fuzzmmu.arch.bits import PagingMode
 from fuzzmmu.kvm.agent import AGENT_LINK, AGENT_LINK_OFFSET, POISON
 from fuzzmmu.kvm.guest import Guest
 from fuzzmmu.kvm.machine import KvmMachine
-from fuzzmmu.kvm.support import op_unsupported
+from fuzzmmu.kvm.support import random_supported_program
 from fuzzmmu.kvm.target import KVM
 from fuzzmmu.oracle.executor import run
 from fuzzmmu.program.files import read_program
-from fuzzmmu.program.generate import Generator
-from fuzzmmu.program.ops import GuestMode, Header, Program
 from fuzzmmu.program.text import parse_program
 from fuzzmmu.world.layout import DIRECT_MAP, DM_LINK, new_world
 from fuzzmmu.world.observe import mmio_read_value
@@ -141,14 +139,7 @@ def test_random_programs_of_what_kvm_supports_agree() -> None:
     none hits a known deviation, and every one that runs agrees with the reference."""
     ran = 0
     for seed in range(20):
-        rng = random.Random(seed)
-        header = Header("zap", 19, rng.choice((40, 36, 46)), rng.choice((2000, 64)),
-                        GuestMode.LONG4, rng.random() < 0.5)
-        gen = Generator(rng, header, kinds=("access", "map", "pte", "store", "invlpg", "cr3",
-                                            "set", "memslot", "host"))
-        program = gen.program(16)
-        program = Program(header, tuple(op for op in program.ops if op_unsupported(op) is None))
-        outcome = run(program, target=KVM)
+        outcome = run(random_supported_program(random.Random(seed)), target=KVM)
         assert outcome.divergence is None, (seed, outcome.divergence)
         ran += not outcome.skipped
     assert ran >= 10
