@@ -3,7 +3,7 @@
 uninstrumented executor, each pair run at the same time on the same machine.
 
     python bench/throughput.py OLD_CHECKOUT NEW_CHECKOUT [--seconds 60] [--programs 3000]
-                               [--feedback lines,state]
+                               [--feedback lines,state] [--native]
 
 For the harness: each checkout's harnesses/shadow_mmu_fuzzer.py under libFuzzer for
 ``--seconds`` from a copy of the same seed corpus (NEW_CHECKOUT/corpus) with the same seed,
@@ -12,7 +12,9 @@ stops at a divergence says so and keeps its directory). For a
 NEW feedback other than ``lines`` (FUZZMMU_FEEDBACK), the new harness runs once more beside
 the old one. Uninstrumented: the same ``--programs`` programs (campaign-like mutants of the
 seed corpus, bench/outcomes.py's sample) through ``run()``, in CPU seconds, with steps/s.
-Both checkouts need the same Python environment (this interpreter's).
+With ``--native`` the new checkout runs its compiled model (FUZZMMU_NATIVE=1, built first with
+``fuzzmmu compile``) wherever no line of it is watched: the uninstrumented loop and the harness
+with state feedback. Both checkouts need the same Python environment (this interpreter's).
 """
 
 from __future__ import annotations
@@ -41,15 +43,17 @@ print(f"{len(programs) / took:.1f} {steps / took:.1f}")
 """
 
 
-def _env(checkout: Path, feedback: str = "lines") -> dict[str, str]:
+def _env(checkout: Path, feedback: str = "lines", native: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUZZMMU_")}
     env["PYTHONPATH"] = str(checkout)
     env["FUZZMMU_FEEDBACK"] = feedback
+    if native and feedback == "state":
+        env["FUZZMMU_NATIVE"] = "1"
     return env
 
 
-def harness_pair(old: Path, new: Path, seconds: int, feedback: str, seeds: list[Path]
-                 ) -> tuple[float, float]:
+def harness_pair(old: Path, new: Path, seconds: int, feedback: str, seeds: list[Path],
+                 native: bool = False) -> tuple[float, float]:
     """Both harnesses at once; their programs/s."""
     procs = []
     for checkout in (old, new):
@@ -63,7 +67,8 @@ def harness_pair(old: Path, new: Path, seconds: int, feedback: str, seeds: list[
         fb = feedback if checkout == new else "lines"
         # stderr to a file: a pipe read only after the other run ends would fill and stall it
         with (work / "stderr").open("w") as log:
-            procs.append((subprocess.Popen(cmd, cwd=work, env=_env(checkout, fb),
+            procs.append((subprocess.Popen(cmd, cwd=work,
+                                           env=_env(checkout, fb, native and checkout == new),
                                            stdout=subprocess.DEVNULL, stderr=log), work))
     rates = []
     for proc, work in procs:
@@ -82,8 +87,12 @@ def harness_pair(old: Path, new: Path, seconds: int, feedback: str, seeds: list[
     return rates[0], rates[1]
 
 
-def loop_pair(old: Path, new: Path, sample: Path) -> list[tuple[float, float]]:
-    procs = [subprocess.Popen([sys.executable, "-c", _LOOP, str(sample)], env=_env(c),
+def loop_pair(old: Path, new: Path, sample: Path, native: bool = False
+              ) -> list[tuple[float, float]]:
+    # The loop watches no line: "state" stands for that in _env.
+    procs = [subprocess.Popen([sys.executable, "-c", _LOOP, str(sample)],
+                              env=_env(c, "state" if native and c == new else "lines",
+                                       native and c == new),
                               cwd=tempfile.gettempdir(), stdout=subprocess.PIPE, text=True)
              for c in (old, new)]
     out = []
@@ -102,18 +111,20 @@ def main() -> int:
     ap.add_argument("--programs", type=int, default=3000)
     ap.add_argument("--feedback", default="lines", help="comma-separated FUZZMMU_FEEDBACK "
                     "values for the new harness")
+    ap.add_argument("--native", action="store_true",
+                    help="the new checkout runs its compiled model where no line is watched")
     args = ap.parse_args()
     old, new = args.old.resolve(), args.new.resolve()
     seeds = sorted(p for p in (new / "corpus").iterdir() if p.suffix == "")
     sample = Path(tempfile.mkdtemp(prefix="fuzzmmu-tp-")) / "inputs.hex"
     subprocess.run([sys.executable, str(new / "bench" / "outcomes.py"), "inputs",
                     str(args.programs), "-o", str(sample)], env=_env(new), check=True)
-    (o_rate, o_steps), (n_rate, n_steps) = loop_pair(old, new, sample)
+    (o_rate, o_steps), (n_rate, n_steps) = loop_pair(old, new, sample, args.native)
     print(f"uninstrumented run(), {args.programs} programs (CPU time, side by side):")
     print(f"  old {o_rate:8.1f} programs/s {o_steps:9.1f} steps/s")
     print(f"  new {n_rate:8.1f} programs/s {n_steps:9.1f} steps/s   ({n_rate / o_rate:.2f}x)")
     for feedback in args.feedback.split(","):
-        o, n = harness_pair(old, new, args.seconds, feedback, seeds)
+        o, n = harness_pair(old, new, args.seconds, feedback, seeds, args.native)
         print(f"harness under libFuzzer, {args.seconds} s side by side, new with "
               f"FUZZMMU_FEEDBACK={feedback}:")
         print(f"  old {o:8.1f} programs/s\n  new {n:8.1f} programs/s   ({n / o:.2f}x)")

@@ -19,6 +19,8 @@ to libFuzzer:
   FUZZMMU_SUPPRESS=file     divergence signatures (one a line, # comment lines) to record and
                             go on from instead of raising
   FUZZMMU_SUPPRESSED_LOG=f  where each suppressed divergence's signature is appended
+  FUZZMMU_NATIVE=1          run the compiled model (fuzzmmu.native, `fuzzmmu compile`) where
+                            it is built for these sources; state feedback only
 """
 
 import importlib.util

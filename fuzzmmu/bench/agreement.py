@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fuzzmmu.kvm.support import random_supported_program, random_unsync_program
+from fuzzmmu.kvm.target import KVM_POOLED
 from fuzzmmu.kvm.verdict import ThreeWay, Verdict, explain, kvm_profile, three_way
 from fuzzmmu.program.ops import Program
 from fuzzmmu.program.text import format_program
@@ -131,7 +132,7 @@ def measure(programs: int, seed: int = 1, n_ops: int = 16, bugs: tuple[str, ...]
     next_report = time.monotonic() + every_s
     for k in range(programs):
         program = make_program(seed + k, k, n_ops)
-        result.add(three_way(program, chosen))
+        result.add(three_way(program, chosen, kvm_target=KVM_POOLED))
         if progress is not None and time.monotonic() >= next_report:
             next_report = time.monotonic() + every_s
             progress(result)

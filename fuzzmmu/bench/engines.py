@@ -10,7 +10,8 @@
 - ``hypothesis``: the stateful test of fuzzmmu.bench.stateful.
 
 The in-process engines (random, hypothesis) live here; they run in a worker process of their
-own (fuzzmmu.bench.worker) so that trials run side by side, one per core.
+own (fuzzmmu.bench.worker) so that trials run side by side, one per core. So does
+``kvm_throughput``: programs/s of real KVM, next to the model's on the same programs.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import enum
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from hypothesis import HealthCheck, Phase, Verbosity, seed, settings
 from hypothesis.stateful import run_state_machine_as_test
 
 from fuzzmmu.bench.stateful import DivergenceError, ShadowMmuMachine
 from fuzzmmu.oracle.divergence import Divergence
-from fuzzmmu.oracle.executor import run
+from fuzzmmu.oracle.executor import Target, run
 from fuzzmmu.program.codec import HEADER_SIZE, MAX_OPS, RECORD_SIZE, decode
 from fuzzmmu.program.ops import Program
 
@@ -115,3 +117,48 @@ def hypothesis_search(bugs: Sequence[str], seed_: int, budget: float) -> Search:
     if progress.found is not None:
         return progress.found
     return Search(False, time.monotonic() - start, progress.programs)
+
+
+@dataclass(frozen=True)
+class KvmThroughput:
+    """Programs/s of real KVM (/dev/kvm, the pooled target: one VM per process reset in place)
+    and of the clean model on the same random programs of what the host supports (16 ops,
+    fuzzmmu.kvm.support.random_supported_program), the two run in turn; or why KVM was
+    skipped."""
+
+    kvm: float = 0.0
+    model: float = 0.0
+    programs: int = 0
+    skipped: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> KvmThroughput:
+        return cls(**doc)
+
+
+def kvm_throughput(seconds: float, seed: int) -> KvmThroughput:
+    """Run programs on real KVM and on the model in turn for ``seconds`` in all. Only from
+    the main thread: the KVM watchdog needs its signals."""
+    from fuzzmmu.kvm.support import kvm_problem, random_supported_program
+
+    problem = kvm_problem()
+    if problem is not None:
+        return KvmThroughput(skipped=f"real KVM is not usable here: {problem}")
+    from fuzzmmu.kvm.target import KVM_POOLED
+    from fuzzmmu.oracle.executor import MODEL
+
+    machines: tuple[tuple[str, Target], ...] = (("kvm", KVM_POOLED), ("model", MODEL))
+    spent = dict.fromkeys(("kvm", "model"), 0.0)
+    programs = 0
+    start = time.monotonic()
+    while time.monotonic() - start < seconds or not programs:
+        program = random_supported_program(random.Random(seed + programs))
+        for name, target in machines[::-1] if programs % 2 else machines:
+            t = time.perf_counter()
+            run(program, target=target)
+            spent[name] += time.perf_counter() - t
+        programs += 1
+    return KvmThroughput(programs / spent["kvm"], programs / spent["model"], programs)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 
+from fuzzmmu.bench.engines import KvmThroughput
 from fuzzmmu.bench.trial import TrialResult
 from fuzzmmu.model.bugs import CATALOG
 
@@ -180,6 +181,15 @@ def goals(table: dict[tuple[str, str], Cell], summaries: Sequence[EngineSummary]
     return out
 
 
+def kvm_line(kvm: KvmThroughput) -> str:
+    """Real KVM's programs/s next to the model's, or why they were not measured."""
+    if kvm.skipped:
+        return f"real KVM: skipped ({kvm.skipped})"
+    return (f"real KVM (/dev/kvm, one VM reset in place): {kvm.kvm:,.0f} programs/s; the clean "
+            f"model {kvm.model:,.0f} programs/s on the same {kvm.programs:,} random programs "
+            "of what the host supports")
+
+
 def _time(c: Cell) -> str:
     return f"> {c.budget:g}s" if c.censored else f"{c.median_s:.1f}s"
 
@@ -227,7 +237,9 @@ def _rows(trials: Sequence[TrialResult], engines: Sequence[str], *, with_max: bo
     return _Rows(mutants, rows, goals(table, summaries, minimize_summary(trials)))
 
 
-def show(console: Console, trials: Sequence[TrialResult], engines: Sequence[str]) -> None:
+def show(console: Console, trials: Sequence[TrialResult], engines: Sequence[str],
+         kvm: KvmThroughput | None = None) -> None:
+    """``kvm``: real KVM's throughput (None: not measured)."""
     rows = _rows(trials, engines, with_max=True)
     t = Table(title="time to first divergence: found/trials, median (max) seconds, "
                     "median programs; ratio of the median to atheris's",
@@ -245,6 +257,8 @@ def show(console: Console, trials: Sequence[TrialResult], engines: Sequence[str]
     for r in rows.engines:
         s.add_row(*r)
     console.print(s)
+    if kvm is not None:
+        console.print(kvm_line(kvm), highlight=False)
     for goal, met, why in rows.goals:
         console.print(f"{'[green]met[/]   ' if met else '[red]missed[/]'} {goal}: {why}",
                       highlight=False)
@@ -258,7 +272,8 @@ def show(console: Console, trials: Sequence[TrialResult], engines: Sequence[str]
                       highlight=False)
 
 
-def markdown(trials: Sequence[TrialResult], engines: Sequence[str]) -> str:
+def markdown(trials: Sequence[TrialResult], engines: Sequence[str],
+             kvm: KvmThroughput | None = None) -> str:
     """The report as Markdown tables, for a README or a pull request: the figures of
     :func:`show`, the found cells in bold."""
     rows = _rows(trials, engines, with_max=False)
@@ -276,13 +291,16 @@ def markdown(trials: Sequence[TrialResult], engines: Sequence[str]) -> str:
               "|---|" + "---:|" * (len(_SUMMARY_COLUMNS) - 1)]
     lines += ["| " + " | ".join(md(x) for x in r) + " |" for r in rows.engines]
     lines.append("")
+    if kvm is not None:
+        lines.append(f"* {kvm_line(kvm)}")
     lines += [f"* {'met' if met else '**missed**'}: {goal}: {why}" for goal, met, why in rows.goals]
     lines += [f"* **the clean model diverged** under {c.engine} (trial {c.trial}): {c.kind} "
               f"`{c.signature}`" for c in clean_divergences(trials)]
     return "\n".join(lines) + "\n"
 
 
-def summary_json(trials: Sequence[TrialResult], engines: Sequence[str]) -> dict[str, object]:
+def summary_json(trials: Sequence[TrialResult], engines: Sequence[str],
+                 kvm: KvmThroughput | None = None) -> dict[str, object]:
     table = cells(trials)
     thr = throughput(trials)
     summaries = engine_summaries(table, engines, thr)
@@ -300,6 +318,7 @@ def summary_json(trials: Sequence[TrialResult], engines: Sequence[str]) -> dict[
                    "ratio_is_lower_bound": bool(r and r[1])} for c in table.values()],
         "engines": [vars(s) for s in summaries],
         "throughput": thr,
+        "kvm_throughput": None if kvm is None else kvm.to_json(),
         "minimize": vars(mini) if mini else None,
         "goals": [{"goal": g, "met": m, "figures": w} for g, m, w in
                   goals(table, summaries, mini)],

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fuzzmmu import __version__
-from fuzzmmu.bench.engines import Engine
+from fuzzmmu.bench.engines import Engine, KvmThroughput, kvm_throughput
 from fuzzmmu.bench.plot import PlotUnavailable, survival_plot
 from fuzzmmu.bench.report import markdown, show, summary_json
 from fuzzmmu.bench.trial import TrialResult, TrialSpec, run_trial
@@ -44,9 +44,10 @@ class BenchConfig:
     jobs: int = 2
     out: Path = Path("bench-results")
     seed: int = 1  # trial k of every cell uses seed + k (libFuzzer takes 0 as "pick one")
-    throughput_time: float = 20.0  # 0: no throughput runs on the clean model
+    throughput_time: float = 20.0  # 0: no throughput runs (the clean model's, real KVM's)
     minimize_runs: int = 3000  # 0: do not minimize what is found
     resume: bool = False
+    native: bool = False  # the engines that watch no line run the compiled model
 
     def settings(self) -> dict[str, Any]:
         """What must match for ``--resume`` to mix old and new trials."""
@@ -56,9 +57,9 @@ class BenchConfig:
 
 def plan(cfg: BenchConfig) -> list[TrialSpec]:
     """Throughput runs first, then trial by trial, each mutant under every engine in turn."""
-    specs = [TrialSpec(None, e, 0, cfg.seed, cfg.throughput_time)
+    specs = [TrialSpec(None, e, 0, cfg.seed, cfg.throughput_time, cfg.native)
              for e in cfg.engines if cfg.throughput_time > 0]
-    specs += [TrialSpec(bug, e, k, cfg.seed + k, cfg.budget)
+    specs += [TrialSpec(bug, e, k, cfg.seed + k, cfg.budget, cfg.native)
               for k in range(cfg.trials) for bug in cfg.bugs for e in cfg.engines]
     return specs
 
@@ -107,6 +108,10 @@ def run_bench(cfg: BenchConfig, console: Console) -> list[TrialResult]:
     started = time.monotonic()
     lock = threading.Lock()
     tally = _Tally()
+    kvm = None
+    if cfg.throughput_time > 0:  # here, alone: in the main thread, without trials beside it
+        console.print(f"real KVM's throughput: {cfg.throughput_time:g} s", highlight=False)
+        kvm = kvm_throughput(cfg.throughput_time, cfg.seed)
     work = Path(tempfile.mkdtemp(prefix="fuzzmmu-bench-"))
     stop = threading.Event()
 
@@ -165,23 +170,23 @@ def run_bench(cfg: BenchConfig, console: Console) -> list[TrialResult]:
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_outputs(cfg, results, time.monotonic() - started, console)
+    write_outputs(cfg, results, time.monotonic() - started, console, kvm)
     return results
 
 
 def write_outputs(cfg: BenchConfig, results: list[TrialResult], wall: float,
-                  console: Console) -> None:
+                  console: Console, kvm: KvmThroughput | None = None) -> None:
     engines = [e.value for e in cfg.engines]
     meta = {"fuzzmmu": __version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count(), "jobs": cfg.jobs,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(wall, 1),
             "trials": cfg.trials, "engines": engines, "bugs": list(cfg.bugs),
-            **cfg.settings()}
+            "compiled_model": cfg.native, **cfg.settings()}
     results = sorted(results, key=lambda t: (t.bug or "", t.engine, t.trial))
     (cfg.out / "bench.json").write_text(json.dumps(
-        {"meta": meta, "summary": summary_json(results, engines),
+        {"meta": meta, "summary": summary_json(results, engines, kvm),
          "trials": [t.to_json() for t in results]}, indent=1, allow_nan=False))
-    show(console, results, engines)
+    show(console, results, engines, kvm)
     try:
         png = survival_plot(results, engines, cfg.out / "survival.png",
                             f"fuzzmmu {__version__}: {len(cfg.bugs)} mutants x "
@@ -199,10 +204,12 @@ def report_from(out: Path, console: Console, *, as_markdown: bool = False) -> No
         data = json.loads(path.read_text())
         trials = [TrialResult.from_json(t) for t in data["trials"]]
         engines = data["meta"]["engines"]
+        measured = data["summary"].get("kvm_throughput")  # absent before it was measured
+        kvm = KvmThroughput.from_json(measured) if measured else None
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise BenchError(f"cannot read a benchmark from {path}: {exc}") from exc
     if as_markdown:
-        print(markdown(trials, engines), end="")
+        print(markdown(trials, engines, kvm), end="")
     else:
-        show(console, trials, engines)
+        show(console, trials, engines, kvm)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from fuzzmmu.campaign.fuzz import CampaignConfig, prepare, target_command, targe
 from fuzzmmu.campaign.processes import parent_death_signal
 from fuzzmmu.campaign.settings import Feedback
 from fuzzmmu.campaign.triage import is_crash_file, load_crash
+from fuzzmmu.native import ENV_NATIVE
 from fuzzmmu.program.text import format_program
 
 _STAT = re.compile(r"stat::(\w+):\s*(\d+)")
@@ -43,6 +45,9 @@ class TrialSpec:
     trial: int
     seed: int
     budget: float
+    # Engines that watch no line of the model run it compiled (fuzzmmu.native), as a campaign
+    # with state feedback does; the result does not depend on it, only the speed.
+    native: bool = False
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -81,13 +86,14 @@ class TrialResult:
         return TrialResult(**d)
 
 
-def _worker(task: dict[str, Any], timeout: float) -> dict[str, Any]:
+def _worker(task: dict[str, Any], timeout: float, native: bool = False) -> dict[str, Any]:
     # Trial processes stay in the benchmark's process group (Ctrl-C reaches them as before);
     # should the benchmark die without stopping them (SIGTERM, SIGKILL), the kernel stops them.
     # This thread waits for the process, so it outlives it, as the parent-death signal needs.
+    env = {**os.environ, ENV_NATIVE: "1" if native else "0"}
     proc = subprocess.run([sys.executable, "-m", "fuzzmmu.bench.worker", json.dumps(task)],
                           capture_output=True, text=True, timeout=timeout, check=False,
-                          preexec_fn=parent_death_signal())
+                          preexec_fn=parent_death_signal(), env=env)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         raise TrialError(f"worker {task['task']} exited {proc.returncode}: "
@@ -101,13 +107,19 @@ LIBFUZZER_ENGINES = (Engine.ATHERIS, Engine.ATHERIS_BYTES, Engine.ATHERIS_STATE,
 _FEEDBACK = {Engine.ATHERIS_STATE: Feedback.STATE, Engine.ATHERIS_BOTH: Feedback.BOTH}
 
 
+def watches_lines(engine: Engine) -> bool:
+    """Whether the engine's feedback is the model's Python lines (it cannot run compiled)."""
+    return engine in LIBFUZZER_ENGINES and _FEEDBACK.get(engine, Feedback.LINES).lines
+
+
 def _atheris(spec: TrialSpec, workdir: Path) -> TrialResult:
     bugs = (spec.bug,) if spec.bug else ()
     cfg = CampaignConfig(bugs=bugs, max_time=max(1, math.ceil(spec.budget)), seed=spec.seed,
                          corpus=workdir / "corpus", crashes=workdir / "crashes",
                          stats=workdir / "stats.jsonl", dashboard=False,
                          byte_share=1.0 if spec.engine is Engine.ATHERIS_BYTES else 0.2,
-                         feedback=_FEEDBACK.get(spec.engine, Feedback.LINES))
+                         feedback=_FEEDBACK.get(spec.engine, Feedback.LINES),
+                         native=spec.native and not watches_lines(spec.engine))
     prepare(cfg)
     launched = time.monotonic()
     # Not fork mode (one job): libFuzzer has no children, the parent-death signal covers it.
@@ -173,7 +185,7 @@ def run_trial(spec: TrialSpec, workdir: Path, *, minimize_runs: int = 3000) -> T
         task = {"task": "search", "engine": spec.engine.value,
                 "bugs": [spec.bug] if spec.bug else [], "seed": spec.seed,
                 "budget": spec.budget}
-        out = _worker(task, spec.budget + _GRACE)
+        out = _worker(task, spec.budget + _GRACE, native=spec.native)
         result = TrialResult(spec.bug, spec.engine.value, spec.trial, spec.seed, spec.budget,
                              out["found"], out["seconds"], out["programs"], kind=out["kind"],
                              signature=out["signature"], program=out["program"])

@@ -74,6 +74,7 @@ class CampaignConfig:
     dashboard: bool = True
     target: str = "model"  # or "kvm": this machine's /dev/kvm (fuzzmmu.campaign.settings)
     suppress: Path | None = None  # a file of divergence signatures to record and go on from
+    native: bool = False  # the target processes run the compiled model (fuzzmmu.native)
 
 
 @dataclass
@@ -155,7 +156,8 @@ def target_environment(cfg: CampaignConfig) -> dict[str, str]:
     env = dict(os.environ)
     census = census_dir(cfg) if cfg.feedback.state else None
     env.update(TargetSettings(cfg.bugs, cfg.audit, cfg.byte_share, cfg.feedback, census,
-                              cfg.target, suppressed_log=suppressed_log(cfg)).environment())
+                              cfg.target, suppressed_log=suppressed_log(cfg),
+                              native=cfg.native).environment())
     if cfg.suppress is not None:  # the target reads the signatures from the file itself
         env[ENV_SUPPRESS] = str(cfg.suppress.absolute())
     else:
@@ -318,7 +320,8 @@ class Campaign:
         if cfg.target == "kvm":
             title = "target: real KVM (/dev/kvm)"
         else:
-            title = f"target: model - bugs: {', '.join(cfg.bugs) or 'none (the clean model)'}"
+            title = (f"target: {'compiled ' if cfg.native else ''}model - bugs: "
+                     f"{', '.join(cfg.bugs) or 'none (the clean model)'}")
         top = Panel(head, title=f"fuzzmmu campaign - {escape(title)}", title_align="left")
         div = Table(title="divergences", title_justify="left", expand=True)
         for col in ("kind", "signature", "count", "first at", "smallest file"):
@@ -369,6 +372,8 @@ class Campaign:
         with cfg.stats.open("a") as out:
             out.write(json.dumps({"campaign": "start", "target": cfg.target,
                                   "bugs": list(cfg.bugs), "jobs": cfg.jobs,
+                                  "feedback": cfg.feedback.value,
+                                  "compiled_model": cfg.native,
                                   "corpus": str(cfg.corpus), "max_time": cfg.max_time,
                                   "suppress": None if cfg.suppress is None
                                   else str(cfg.suppress)}) + "\n")

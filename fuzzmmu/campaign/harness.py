@@ -201,9 +201,11 @@ def _run_on_kvm(data: bytes, bugs: Sequence[str], audit: bool,
     # Imported here: a campaign on the model never loads the KVM target (nor iced-x86); the
     # Atheris target imports it first, under instrumentation, when it fuzzes real KVM.
     from fuzzmmu.kvm.support import host_program
-    from fuzzmmu.kvm.target import KVM
+    from fuzzmmu.kvm.target import KVM_POOLED
 
-    return run(host_program(decode(data)), target=KVM)
+    # One VM per process, reset in place between inputs (fuzzmmu.kvm.pool); the campaign's
+    # replay of a crash file runs on a fresh VM (fuzzmmu.kvm.target.KVM).
+    return run(host_program(decode(data)), target=KVM_POOLED)
 
 
 # ---------------------------------------------------------------------- mutation

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fuzzmmu import native
 from fuzzmmu.model.bugs import BugSet
 
 ENV_BUGS = "FUZZMMU_BUGS"
@@ -58,13 +59,15 @@ class TargetSettings:
     # Divergence signatures to record and go on from (known findings): not raised.
     suppress: tuple[str, ...] = ()
     suppressed_log: Path | None = None  # where each suppressed divergence's signature goes
+    native: bool = False  # the compiled model (fuzzmmu.native): only where no line is watched
+
 
     def environment(self) -> dict[str, str]:
         """The settings as the target reads them, but for ``suppress``: the target reads the
         signatures from a file (``FUZZMMU_SUPPRESS``), which the caller names."""
         env = {ENV_BUGS: ",".join(self.bugs), ENV_AUDIT: "1" if self.audit else "0",
                ENV_BYTE_SHARE: str(self.byte_share), ENV_FEEDBACK: self.feedback.value,
-               ENV_TARGET: self.target}
+               ENV_TARGET: self.target, native.ENV_NATIVE: "1" if self.native else "0"}
         if self.census is not None:
             env[ENV_CENSUS] = str(self.census)
         if self.suppressed_log is not None:
@@ -132,8 +135,13 @@ def settings_from_environment(env: Mapping[str, str]) -> TargetSettings:
     problem = target_problem(target, tuple(bugs), audit, feedback)
     if problem is not None:
         raise SettingsError(f"{ENV_TARGET}={target}: {problem}")
+    compiled = env.get(native.ENV_NATIVE, "0") == "1"
+    if compiled and feedback.lines:
+        # Atheris instruments Python bytecode: the compiled model has no lines to watch.
+        raise SettingsError(f"{native.ENV_NATIVE}=1 (the compiled model) has no lines for "
+                            f"line feedback: use {ENV_FEEDBACK}=state, or {native.ENV_NATIVE}=0")
     suppress = env.get(ENV_SUPPRESS)
     log = env.get(ENV_SUPPRESSED_LOG)
     return TargetSettings(tuple(bugs), audit, share, feedback, Path(census) if census else None,
                           target, read_suppressions(Path(suppress)) if suppress else (),
-                          Path(log) if log else None)
+                          Path(log) if log else None, compiled)

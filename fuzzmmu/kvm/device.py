@@ -141,42 +141,55 @@ class Watchdog:
     EINTR and Python propagates the exception (PEP 475 retries only when the handler
     returns). A guest that loops burns CPU time, in the guest or in KVM, so the profiling
     timer (ITIMER_PROF) sees it; SIGALRM and the real-time timer stay libFuzzer's, whose
-    -timeout runs on them. The handler is installed while the VM exists (the previous one is
-    restored at close); each KVM_RUN only arms and disarms the timer. Signals reach only the
-    main thread: elsewhere there is no watchdog."""
+    -timeout runs on them. Each VM's watchdog is installed while the VM is in use (from its
+    creation, or from leaving a pool, to its closing or return to the pool); each KVM_RUN only
+    arms and disarms the timer. One handler serves every installed watchdog, in whatever
+    order they come and go: it is set when the first is installed and the previous one is
+    restored when the last goes (only one KVM_RUN runs at a time: signals reach only the main
+    thread, and elsewhere there is no watchdog)."""
+
+    _users = 0  # installed watchdogs
+    _previous: object = None  # SIGPROF's handler before the first was installed
+    _armed = False  # a KVM_RUN is under the timer
 
     def __init__(self) -> None:
-        self.armed = False
         self.installed = False
-        self._previous: object = None
 
-    def _fire(self, signum: int, frame: FrameType | None) -> None:
-        if self.armed:
-            self.armed = False
+    @staticmethod
+    def _fire(signum: int, frame: FrameType | None) -> None:
+        if Watchdog._armed:
+            Watchdog._armed = False
             raise KvmTimeout("KVM_RUN did not return in time")
 
     def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGPROF, self._fire)
-            self.installed = True
+        if self.installed or threading.current_thread() is not threading.main_thread():
+            return
+        if Watchdog._users == 0:
+            Watchdog._previous = signal.signal(signal.SIGPROF, Watchdog._fire)
+        Watchdog._users += 1
+        self.installed = True
 
     def uninstall(self) -> None:
-        if self.installed:
+        if not self.installed:
+            return
+        self.installed = False
+        Watchdog._users -= 1
+        if Watchdog._users == 0:
             signal.setitimer(signal.ITIMER_PROF, 0)
+            Watchdog._armed = False
             # None: the previous handler was not installed from Python; the default is the
             # closest to it (SIGPROF is nobody else's here).
-            previous = self._previous if self._previous is not None else signal.SIG_DFL
+            previous = Watchdog._previous if Watchdog._previous is not None else signal.SIG_DFL
             signal.signal(signal.SIGPROF, previous)  # type: ignore[arg-type]
-            self.installed = False
 
     def arm(self, seconds: float) -> None:
         if self.installed:
-            self.armed = True
+            Watchdog._armed = True
             signal.setitimer(signal.ITIMER_PROF, seconds)
 
     def disarm(self) -> None:
-        if self.armed:
-            self.armed = False
+        if Watchdog._armed:
+            Watchdog._armed = False
             signal.setitimer(signal.ITIMER_PROF, 0)
 
 

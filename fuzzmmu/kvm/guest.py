@@ -11,14 +11,12 @@ from __future__ import annotations
 import ctypes
 import mmap
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fuzzmmu.kvm import abi
 from fuzzmmu.kvm.agent import (
     AGENT_GPA,
-    AGENT_LINK,
-    AGENT_LINK_OFFSET,
     AGENT_PAGES,
     AGENT_VA,
     DONE,
@@ -61,10 +59,25 @@ class OpResult:
     exits: int = 0
 
 
+@dataclass(frozen=True)
+class WorldSlot:
+    """A memslot of the world's guest memory: ``npages`` gfns from ``gfn``, backed by the
+    host pages of ``memory`` from ``host_page``."""
+
+    slot: int
+    gfn: int
+    npages: int
+    host_page: int
+
+
 class Guest:
     """The VM, its memory and its vCPUs. ``memory`` is the world's guest memory (host pages
     0..n-1 of the mapping; memslots say which gfns they back); the agent has its own mapping
-    and memslot."""
+    and memslot.
+
+    A Guest can be reset in place (``reset``) and run the next program as a fresh one would:
+    ``spoiled`` says why it must not be (a run that hung or failed), ``runs`` counts the
+    operations it ran and ``programs`` the programs (fuzzmmu.kvm.pool decides from both)."""
 
     def __init__(self, world_pages: int, vcpus: int,
                  mmio_read: Callable[[int, int], int]) -> None:
@@ -76,19 +89,27 @@ class Guest:
         self.vcpus: list[Vcpu] = []
         self.layouts = [VcpuLayout(v) for v in range(vcpus)]
         self.codes = [agent_code(v) for v in range(vcpus)]
+        self.world_slots: dict[int, WorldSlot] = {}  # the world's memslots now in KVM
         self.ran = False  # after the first KVM_RUN the host must not edit page tables
         self.run_timeout = RUN_TIMEOUT
+        self.spoiled = ""  # why this VM cannot be reset for another program
+        self.runs = 0  # agent operations run (each one or more KVM_RUNs)
+        self.programs = 0  # programs run on this VM
+        self.maxphyaddr = 0  # the vCPUs' CPUID's, once set_cpuid has set it
         try:
             self._check_host()
             self.vm = self.kvm.create_vm()
             self.memory_base = self._address(self.memory)
             self.agent_base = self._address(self.agent)
-            self.agent[:] = agent_image(vcpus)
+            self.agent_image = agent_image(vcpus)
+            self.agent[:] = self.agent_image
             self.vm.set_memory_region(AGENT_SLOT, AGENT_GPA, AGENT_PAGES * PAGE, self.agent_base)
             self.cpuid = self.kvm.supported_cpuid()
             self.host_maxphyaddr = self._address_sizes().eax & 0xFF
             for _ in range(vcpus):
                 self.vcpus.append(self.vm.create_vcpu())
+            # What a reset loads back: the special registers of a vCPU that has never run.
+            self._initial_sregs = [vcpu.get_sregs() for vcpu in self.vcpus]
         except BaseException:
             self.close()
             raise
@@ -123,6 +144,7 @@ class Guest:
                 e.ebx, e.edx, e.ecx = struct.unpack("<3I", b"GenuineIntel")
         for vcpu in self.vcpus:
             vcpu.set_cpuid(self.cpuid)
+        self.maxphyaddr = maxphyaddr
 
     @staticmethod
     def _address(m: mmap.mmap) -> int:
@@ -135,13 +157,16 @@ class Guest:
     # ------------------------------------------------------------------ memory
 
     def map_world(self, slot: int, gfn: int, npages: int, host_page: int) -> None:
+        """Create the memslot, or move it (KVM_MR_MOVE: same slot, size and memory)."""
         assert self.vm is not None
         self.vm.set_memory_region(slot, gfn * PAGE, npages * PAGE,
                                   self.memory_base + host_page * PAGE)
+        self.world_slots[slot] = WorldSlot(slot, gfn, npages, host_page)
 
     def unmap_world(self, slot: int) -> None:
         assert self.vm is not None
         self.vm.set_memory_region(slot, 0, 0, 0)
+        del self.world_slots[slot]
 
     def zap_all(self) -> None:
         """Delete and re-create the agent's memslot while no vCPU runs: deleting a memslot
@@ -152,12 +177,45 @@ class Guest:
         self.vm.set_memory_region(AGENT_SLOT, 0, 0, 0)
         self.vm.set_memory_region(AGENT_SLOT, AGENT_GPA, AGENT_PAGES * PAGE, self.agent_base)
 
-    def link_agent(self, root_page: int) -> None:
-        """Write the agent's PML4E into a root frame; only before the first KVM_RUN (host
-        edits of guest tables are invisible to KVM's shadow pages afterwards)."""
-        if self.ran:
-            raise KvmError("the agent can be linked into a root only before the first run")
-        struct.pack_into("<Q", self.memory, root_page * PAGE + AGENT_LINK_OFFSET, AGENT_LINK)
+    def reset(self, image: bytes, frames: Iterable[int], slots: Sequence[WorldSlot]) -> None:
+        """Make this VM what a fresh one is before its first run: the world's memory ``image``
+        back in ``frames`` (those that changed since it was fresh), the agent's memory, the
+        world's memslots as ``slots`` (those a program deleted, moved or created put back),
+        every vCPU's registers as at its creation. The CPUID, set per vCPU, stays (KVM refuses
+        a different one after the first KVM_RUN); the shadow-page limit is the next program's
+        to set.
+
+        Why the host may write guest tables again, although KVM_RUN has run (``ran`` goes back
+        to False): ``zap_all`` deletes a memslot, and kvm_set_memslot(KVM_MR_DELETE) ->
+        kvm_arch_flush_shadow_memslot() -> kvm_mmu_zap_all_fast() zaps every shadow page of
+        the VM (a new mmu_valid_gen makes them all obsolete, roots included; their sptes, rmaps
+        and the write-protection of the guest tables they shadowed go, and KVM flushes the
+        TLBs). That is KVM_X86_QUIRK_SLOT_ZAP_ALL, on unless the VMM disables it
+        (KVM_CAP_DISABLE_QUIRKS2, which this one never does), and what every kernel since 5.4
+        did before the quirk existed. The MMIO gva cache of a vCPU goes with the memslot
+        generation (vcpu_match_mmio_gen()), and KVM_SET_SREGS with paging off unloads the
+        vCPU's roots (kvm_mmu_reset_context()). Nothing built from the old tables is left: the
+        next program's shadow pages are built at its faults, from the memory written here."""
+        self.zap_all()
+        for f in frames:
+            self.memory[f * PAGE:(f + 1) * PAGE] = image[f * PAGE:(f + 1) * PAGE]
+        self.agent[:] = self.agent_image
+        want = {s.slot: s for s in slots}
+        for slot, now in sorted(self.world_slots.items()):
+            if want.get(slot) != now:
+                self.unmap_world(slot)
+        for s in slots:
+            if s.slot not in self.world_slots:
+                self.map_world(s.slot, s.gfn, s.npages, s.host_page)
+        for vcpu, sregs in zip(self.vcpus, self._initial_sregs, strict=True):
+            vcpu.set_sregs(sregs)
+            # A fresh vCPU's sync-register area is zeros (KVM fills it at the first exit) and
+            # the first operation loads it whole: R11-R15 as zeros, not as a program left them.
+            run = vcpu.kvm_run
+            run.kvm_dirty_regs = 0
+            ctypes.memset(ctypes.addressof(run.s), 0, ctypes.sizeof(run.s))
+        self.ran = False
+        self.run_timeout = RUN_TIMEOUT
 
     # ------------------------------------------------------------------ vCPUs
 
@@ -195,11 +253,22 @@ class Guest:
         return self._run(v)
 
     def _run(self, v: int) -> OpResult:
+        self.ran = True
+        self.runs += 1
+        try:
+            result = self._exits(v)
+        except BaseException as exc:
+            self.spoiled = f"a run ended with {type(exc).__name__}: {exc}"
+            raise
+        if result.end in ("hang", "shutdown", "error"):
+            self.spoiled = describe(result)
+        return result
+
+    def _exits(self, v: int) -> OpResult:
         vcpu = self.vcpus[v]
         run = vcpu.kvm_run
         exits = self.codes[v].exits
         mmio: list[tuple[int, int, bool, int]] = []
-        self.ran = True
         for n in range(1, MAX_EXITS + 1):
             try:
                 reason = vcpu.run(self.run_timeout)
@@ -302,4 +371,4 @@ def describe(result: OpResult) -> str:
     return result.end + (f": {result.detail}" if result.detail else "")
 
 
-__all__ = ["Guest", "OpResult", "describe"]
+__all__ = ["Guest", "OpResult", "WorldSlot", "describe"]

@@ -28,6 +28,9 @@ does), so a stale translation to a frame with the same bytes looks like the curr
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Iterable
+
 import numpy as np
 
 from fuzzmmu.arch.bits import (
@@ -53,19 +56,34 @@ from fuzzmmu.kvm.agent import (
     RFLAGS_TF,
 )
 from fuzzmmu.kvm.device import KvmError
-from fuzzmmu.kvm.guest import Guest, OpResult, describe
+from fuzzmmu.kvm.guest import OpResult, describe
+from fuzzmmu.kvm.pool import AGENT_ROOTS, NUM_VCPUS, GuestPool, new_guest, world_image
 from fuzzmmu.oracle.executor import Unsupported
 from fuzzmmu.program.ops import Program
-from fuzzmmu.program.world import ROOTS
-from fuzzmmu.world.layout import BACKING_FRAMES, DEFAULT_SLOTS, new_world
+from fuzzmmu.world.layout import new_world
 from fuzzmmu.world.memslots import MemslotError, MemslotUpdate, PhysMemory
 from fuzzmmu.world.observe import DONE, GP, AccessKind, Observation, ObsKind, mmio_read_value
 
-NUM_VCPUS = 2
 MIN_MMU_PAGES = 64  # KVM_MIN_ALLOC_MMU_PAGES: KVM_SET_NR_MMU_PAGES refuses fewer
 PF_VECTOR, UD_VECTOR, GP_VECTOR = 14, 6, 13
 UNKNOWN_FRAME = 0xFFFF_FFFF_FFFF_F000  # the address of a RAM access whose frame is unknown
-_AGENT_ROOTS = sorted(set(ROOTS))  # every frame a program can load into CR3
+
+
+_libc = ctypes.CDLL(None)
+_memcmp = _libc.memcmp
+_memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_memcmp.restype = ctypes.c_int
+
+
+def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Half-open ranges, overlapping ones merged, in order."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(hi, out[-1][1]))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 class _NoPdptrs:
@@ -93,25 +111,21 @@ class KvmVcpuState:
 
 
 class KvmMachine:
-    """Real KVM behind the executor's machine interface."""
+    """Real KVM behind the executor's machine interface. With a ``pool`` the VM comes from it
+    and goes back to it (reset in place) at ``destroy`` when the program left it fit to run
+    another; without one it is a fresh VM, closed at ``destroy``."""
 
-    def __init__(self, program: Program) -> None:
+    def __init__(self, program: Program, pool: GuestPool | None = None) -> None:
         h = program.header
         backing, slots, host = new_world()
         self.maxphyaddr = h.maxphyaddr
         self.dead = ""  # why the VM stopped
-        self.guest = Guest(BACKING_FRAMES, NUM_VCPUS, mmio_read_value)
         try:
-            try:
-                self.guest.set_cpuid(h.maxphyaddr)
-            except ValueError as exc:
-                raise Unsupported(f"maxphyaddr={h.maxphyaddr}: {exc}") from exc
-            self.guest.memory[:] = backing.array.tobytes()
-            for root in _AGENT_ROOTS:
-                self.guest.link_agent(root)
-            for slot in DEFAULT_SLOTS:
-                if slot.as_id == 0:
-                    self.guest.map_world(slot.slot_id, slot.base_gfn, slot.npages, slot.hva)
+            self.guest = new_guest(h.maxphyaddr) if pool is None else pool.take(h.maxphyaddr)
+        except ValueError as exc:
+            raise Unsupported(f"maxphyaddr={h.maxphyaddr}: {exc}") from exc
+        self._pool = pool
+        try:
             self._set_mmu_pages(h.mmu_pages)
         except BaseException:
             self.guest.close()
@@ -119,7 +133,10 @@ class KvmMachine:
         # ``phys.backing`` is what the executor compares: a copy of KVM's guest memory, taken
         # after every operation, with the agent's root entries hidden (``_sync``).
         self.phys = PhysMemory(backing, slots, host)
-        self._seen: np.ndarray = np.frombuffer(self.guest.memory, dtype=np.uint8).copy()
+        self._seen: np.ndarray = np.frombuffer(world_image(), dtype=np.uint8).copy()
+        self._seen_base = self._seen.ctypes.data
+        self._changed: set[int] = set()  # frames of guest memory changed since it was fresh
+        self._synced_runs = self.guest.runs  # the guest's runs that _sync has looked after
         self.vcpus = [KvmVcpuState() for _ in range(NUM_VCPUS)]
         self.ambiguous = 0  # RAM accesses whose frame more than one frame could explain
         # The frame each (vCPU, linear page) last reached: the translation a stale TLB entry
@@ -128,7 +145,15 @@ class KvmMachine:
         self._last_frame: dict[tuple[int, int], int] = {}
 
     def destroy(self) -> None:
-        self.guest.close()
+        """Give the VM back to the pool, or close it: one that a program left in doubt (a run
+        that hung or failed, a dead vCPU or VM, guest writes ``_sync`` has not seen) is never
+        reused."""
+        fit = (not self.dead and not self.guest.spoiled and self._synced_runs == self.guest.runs
+               and not any(c.dead for c in self.vcpus))
+        if self._pool is not None and fit:
+            self._pool.give_back(self.guest, self._changed)
+        else:
+            self.guest.close()
 
     def regs(self, v: int) -> tuple[int, int, int, int, int]:
         c = self.vcpus[v]
@@ -138,25 +163,41 @@ class KvmMachine:
 
     def _sync(self) -> dict[int, bytes]:
         """Copy the frames KVM's guest memory changed in since the last look into
-        ``phys.backing`` (and its ``dirty`` set); return their previous contents."""
-        now = np.frombuffer(self.guest.memory, dtype=np.uint8)
+        ``phys.backing`` (and its ``dirty`` set); return their previous contents.
+
+        Only the frames a memslot maps now can have changed since the last look (after every
+        guest operation; a memslot update runs no guest code): per memslot, one memcmp says
+        whether any did (nothing did after some 40% of operations) and numpy finds which."""
+        now = np.frombuffer(self.guest.memory, dtype=np.uint64)
         try:
             seen = self._seen
-            pages = seen.size >> PAGE_SHIFT
-            # np.not_equal, not `!=`: under a KVM campaign this module is instrumented, and
-            # Atheris's hook on a comparison operator keeps the array it returns (a leak of
-            # the memory's size on every step, libFuzzer's RSS limit within a minute).
-            changed = np.flatnonzero(np.not_equal(now.view(np.uint64), seen.view(np.uint64)
-                                                  ).reshape(pages, -1).any(axis=1))
+            seen64 = seen.view(np.uint64)
+            words = PAGE // 8
+            changed: list[int] = []
+            for lo, hi in _merged((s.host_page, s.host_page + s.npages)
+                                  for s in self.guest.world_slots.values()):
+                if not _memcmp(self.guest.memory_base + lo * PAGE,
+                               self._seen_base + lo * PAGE, (hi - lo) * PAGE):
+                    continue
+                # np.not_equal, not `!=`: under a KVM campaign this module is instrumented,
+                # and Atheris's hook on a comparison operator keeps the array it returns (a
+                # leak of the memory's size on every step, libFuzzer's RSS limit within a
+                # minute).
+                diff = np.not_equal(now[lo * words:hi * words], seen64[lo * words:hi * words])
+                changed += (np.flatnonzero(diff.reshape(hi - lo, words).any(axis=1)) + lo
+                            ).tolist()
+            self._synced_runs = self.guest.runs
+            self._changed.update(changed)
             before: dict[int, bytes] = {}
             backing = self.phys.backing
-            for f in changed.tolist():
+            mem = now.view(np.uint8)
+            for f in changed:
                 lo, hi = f << PAGE_SHIFT, (f + 1) << PAGE_SHIFT
-                before[f] = self._seen[lo:hi].tobytes()
-                self._seen[lo:hi] = now[lo:hi]
+                before[f] = seen[lo:hi].tobytes()
+                seen[lo:hi] = mem[lo:hi]
                 page = backing.page(f)
-                page[:] = now[lo:hi]
-                if f in _AGENT_ROOTS:
+                page[:] = mem[lo:hi]
+                if f in AGENT_ROOTS:
                     page[AGENT_LINK_OFFSET:AGENT_LINK_OFFSET + 8] = 0
                 backing.dirty.add(f)
             return before
@@ -171,8 +212,10 @@ class KvmMachine:
         c = self.vcpus[v]
         return CpuState(cr0=c.cr0, cr3=c.cr3, cr4=c.cr4, efer=c.efer, maxphyaddr=self.maxphyaddr)
 
-    def _walk(self, v: int, gva: int, kind: AccessKind, cpl: int) -> int | None:
-        """The gpa the current guest tables give for this access (None: they fault). Raises
+    def _walk(self, v: int, gva: int, kind: AccessKind, cpl: int,
+              entries: set[int] | None = None) -> int | None:
+        """The gpa the current guest tables give for this access (None: they fault); the host
+        byte addresses of the entries the walk reads go into ``entries`` if given. Raises
         Unsupported for a walk through a 1 GiB page, which this host's CPUID does not offer
         (a PDPTE with PS=1 faults with RSVD here, while the reference allows it), and for a
         walk that reads a table in, or translates to, the agent's memory (MMIO to the
@@ -188,6 +231,10 @@ class KvmMachine:
             if step.level == 3 and step.value & PTE_P and step.value & PTE_PS:
                 raise Unsupported(f"the access at {gva:#x} walks a 1 GiB page (PDPTE "
                                   f"{step.value:#x}), which this host does not offer")
+            if entries is not None and step.entry_gpa is not None:
+                frame = self.phys.gfn_to_pfn(0, step.entry_gpa >> PAGE_SHIFT)
+                if frame >= 0:  # a table in MMIO is no memory the guest could change
+                    entries.add((frame << PAGE_SHIFT) | (step.entry_gpa & (PAGE - 1)))
         return res.gpa if res.ok else None
 
     def _frame(self, v: int, gpa: int | None, gva: int, width: int, value: int, write: bool,
@@ -257,7 +304,8 @@ class KvmMachine:
             return self._access_paging_off(gva, kind, width, value)
         if not c.efer & EFER_LMA:
             raise Unsupported("an access outside long mode")
-        gpa = self._walk(v, gva, kind, cpl)
+        path: set[int] = set()
+        gpa = self._walk(v, gva, kind, cpl, path if kind is AccessKind.FETCH else None)
         write = kind is AccessKind.WRITE
         layout, code = self.guest.layouts[v], self.guest.codes[v]
         if kind is AccessKind.FETCH:
@@ -265,7 +313,7 @@ class KvmMachine:
             result = self.guest.run_op(
                 v, "to_user_poisoned" if cpl == 3 else "to_kernel_poisoned", r9=gva,
                 r8=layout.scratch_top, r10=RFLAGS_FIXED | RFLAGS_TF)
-            self._check_fetch_wrote_nothing(gva, self._sync())
+            self._check_fetch_wrote_nothing(gva, self._sync(), path)
             if result.end == "error" and result.detail.startswith("KVM_EXIT_INTERNAL_ERROR"):
                 # KVM fetched the bytes and could not emulate them (kvm_pvm emulates CPL0).
                 self._after(v, OpResult("done"))
@@ -297,10 +345,12 @@ class KvmMachine:
             return Observation(ObsKind.PF, result.cr2, 0, result.error_code)
         return self._unexpected(v, result)
 
-    def _check_fetch_wrote_nothing(self, gva: int, before: dict[int, bytes]) -> None:
+    def _check_fetch_wrote_nothing(self, gva: int, before: dict[int, bytes], path: set[int]
+                                   ) -> None:
         """The instruction a fetch executes runs with every register non-canonical, but one
         with an absolute or RIP-relative operand still reaches memory: if it wrote anything
-        beyond A/D bits (which the fetch's own walk sets), the program cannot be compared."""
+        beyond A/D bits, or A/D bits of an entry off the fetch's own walk (``path``, host byte
+        addresses: its data access walked elsewhere), the program cannot be compared."""
         for f, old in before.items():
             was = np.frombuffer(old, dtype=np.uint64)
             now = self._seen[f << PAGE_SHIFT:(f + 1) << PAGE_SHIFT].view(np.uint64)
@@ -308,6 +358,11 @@ class KvmMachine:
             if other.size:
                 raise Unsupported(f"the instruction fetched at {gva:#x} wrote guest memory "
                                   f"(frame {f:#x} offset {int(other[0]) * 8:#x})")
+            for i in np.flatnonzero(was ^ now).tolist():
+                if (f << PAGE_SHIFT) | (i * 8) not in path:
+                    raise Unsupported(f"the instruction fetched at {gva:#x} reached memory: "
+                                      f"A/D bits of an entry off the fetch's walk changed "
+                                      f"(frame {f:#x} offset {i * 8:#x})")
 
     def _fetched(self, gva: int, width: int, gpa: int | None, result: OpResult
                  ) -> Observation:
@@ -386,7 +441,7 @@ class KvmMachine:
         mode = paging_mode(cr0, c.cr4, c.efer | EFER_LMA)
         if mode is not PagingMode.LONG4:
             raise Unsupported(f"booting into {mode.label} paging; this host runs long mode only")
-        if c.cr3 >> PAGE_SHIFT not in _AGENT_ROOTS:
+        if c.cr3 >> PAGE_SHIFT not in AGENT_ROOTS:
             raise Unsupported(f"CR3 {c.cr3:#x} is not a root the agent is linked into")
         try:
             self.guest.boot(v, cr0, c.cr3, c.cr4, c.efer | EFER_LMA)
@@ -405,7 +460,7 @@ class KvmMachine:
         if not self.vcpus[v].booted:
             self.vcpus[v].cr3 = value
             return DONE
-        if value >> PAGE_SHIFT not in _AGENT_ROOTS:
+        if value >> PAGE_SHIFT not in AGENT_ROOTS:
             raise Unsupported(f"CR3 {value:#x} is not a root the agent is linked into")
         return self._cr_op(v, "mov_cr3", value)
 

@@ -107,10 +107,12 @@ def classify(clean: Outcome, as_kvm: Outcome, kvm: Outcome) -> Verdict:
     return Verdict.KVM_FINDING if same_divergence(k, m) else Verdict.KVM_UNPREDICTED
 
 
-def three_way(program: Program, bugs: tuple[str, ...] | None = None) -> ThreeWay:
+def three_way(program: Program, bugs: tuple[str, ...] | None = None, *,
+              kvm_target: Target = KVM) -> ThreeWay:
     """Run ``program`` on the clean model, the model-as-KVM (``bugs``, default
     ``kvm_profile()``) and real KVM (which may raise fuzzmmu.kvm.device.KvmError when the
-    host has no usable /dev/kvm)."""
+    host has no usable /dev/kvm): a fresh VM, or ``kvm_target``'s (``KVM_POOLED`` for a
+    measurement of many programs)."""
     t0 = time.perf_counter()
     clean = run(program)
     t1 = time.perf_counter()
@@ -118,7 +120,7 @@ def three_way(program: Program, bugs: tuple[str, ...] | None = None) -> ThreeWay
     as_kvm = run(program, kvm_profile() if bugs is None else bugs, observe=seen,
                  target=AS_HOST)
     t2 = time.perf_counter()
-    kvm = run(program, target=KVM)
+    kvm = run(program, target=kvm_target)
     t3 = time.perf_counter()
     return ThreeWay(program, clean, as_kvm, kvm, classify(clean, as_kvm, kvm), seen.seen,
                     (t1 - t0, t2 - t1, t3 - t2))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from fuzzmmu.arch.bits import (
     CR0_PE,
@@ -165,6 +165,9 @@ MODEL = Target("model", _make_model)
 # ---------------------------------------------------------------------- steps
 
 
+NO_VCPU = -1
+
+
 class Step:
     """One guest instruction or VMM/host call, run on both machines. ``text`` describes it
     for traces and divergences; it is built only when asked for."""
@@ -172,7 +175,7 @@ class Step:
     __slots__ = ("kind", "vcpu")
 
     kind: str
-    vcpu: int | None
+    vcpu: int  # NO_VCPU: a VMM or host call (one type in every subclass, as mypyc needs)
 
     @property
     def text(self) -> str:
@@ -190,8 +193,6 @@ _ACCESS_STEP_KIND = {k: f"access/{k.value}" for k in AccessKind}
 
 class AccessStep(Step):
     __slots__ = ("ac", "akind", "cpl", "gva", "value", "why", "width")
-
-    vcpu: int  # a guest instruction runs on a vCPU
 
     def __init__(self, vcpu: int, gva: int, akind: AccessKind, cpl: int, ac: bool, width: int,
                  value: int, why: str) -> None:
@@ -250,8 +251,6 @@ class CrStep(Step):
 
     __slots__ = ("value",)
 
-    vcpu: int
-
     def __init__(self, vcpu: int, reg: str, value: int) -> None:
         self.kind = reg
         self.vcpu = vcpu
@@ -274,7 +273,7 @@ class CallStep(Step):
 
     __slots__ = ("describe", "model_call", "ref_call")
 
-    def __init__(self, kind: str, vcpu: int | None, describe: Callable[[], str],
+    def __init__(self, kind: str, vcpu: int, describe: Callable[[], str],
                  model_call: Callable[[TargetMachine], Observation],
                  ref_call: Callable[[ReferenceMachine], Observation]) -> None:
         self.kind = kind
@@ -303,7 +302,7 @@ def _same_outcome(expected: Observation, got: Observation) -> bool:
 def host_step(kind: str, describe: Callable[[], str],
               model_call: Callable[[TargetMachine], Observation],
               ref_call: Callable[[ReferenceMachine], Observation] = lambda r: DONE) -> CallStep:
-    return CallStep(kind, None, describe, model_call, ref_call)
+    return CallStep(kind, NO_VCPU, describe, model_call, ref_call)
 
 
 # ---------------------------------------------------------------------- lowering
@@ -501,7 +500,7 @@ class Outcome:
     steps_run: int = 0
     trace: list[TraceEntry] = field(default_factory=list)
     div_step: int = -1  # index (counting every step run) of the step that diverged
-    view: object = None  # what ``explain`` captured before that step
+    view: Any = None  # what ``explain`` captured before that step
     skipped: str = ""  # why the target could not run the program (Unsupported): no result
 
 
@@ -747,7 +746,7 @@ class Executor:
         fault path; the same vCPU cannot run anything else. What cannot run now runs after."""
         faulting = getattr(vcpu, "id", None)
         for step in steps:
-            if step.vcpu is not None and step.vcpu == faulting:
+            if step.vcpu == faulting:
                 return False
             if step.kind == "memslot":
                 return False
@@ -764,7 +763,7 @@ class Executor:
         self.outcome.trace.append(TraceEntry(i, step.text, str(got), str(expected), ok))
 
     def _mode_at(self, v: int | None) -> ModeAt:
-        return None if v is None else self.ref.regs(v)
+        return None if v is None or v == NO_VCPU else self.ref.regs(v)
 
     def _step_divergence(self, i: int, op: Op, step: Step, expected: Observation,
                          got: Observation, mode: ModeAt) -> Divergence:

@@ -46,12 +46,12 @@ _SPECIAL_TARGETS = (
 )
 TARGETS: tuple[int, ...] = tuple(range(NUM_GFNS)) + _SPECIAL_TARGETS
 
-WIDTHS = (1, 2, 4, 8)
+WIDTHS: tuple[int, ...] = (1, 2, 4, 8)
 
 # Frames a program uses as roots (CR3 and the tables it maps in): a few, so that programs
 # switch between the same address spaces and map into the one they run on. Frame 1 is the
 # boot root and repeats (an index into this table stands for its first occurrence).
-ROOTS = (1, 1, 1, 2, 2, 3, 4, 40)
+ROOTS: tuple[int, ...] = (1, 1, 1, 2, 2, 3, 4, 40)
 BOOT_ROOT = 1
 # Where a map goes: None is the vCPU's current root (what a kernel maps into most of the time).
 MAP_ROOTS: tuple[int | None, ...] = (None, None, None, None, None, None, 2, 40)

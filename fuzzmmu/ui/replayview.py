@@ -42,7 +42,6 @@ def capture(model: Machine, ref: ReferenceMachine, step: Step) -> AccessView | N
     if not isinstance(step, AccessStep):
         return None
     v = step.vcpu
-    assert v is not None
     c = ref.cpus[v]
     gva = step.gva if c.efer & EFER_LMA else step.gva & 0xFFFFFFFF
     cpu = ref.cpu_state(v, step.ac)

@@ -94,8 +94,7 @@ class Memslots:
         self.irregular = False
 
     def copy(self) -> Memslots:
-        other = Memslots.__new__(Memslots)
-        other.host_pages = self.host_pages
+        other = Memslots(self.host_pages)
         other.spaces = [dict(s) for s in self.spaces]
         other.generation = list(self.generation)
         other.by_gfn = [dict(m) for m in self.by_gfn]

@@ -95,6 +95,16 @@ def test_bad_flags_are_clear_errors(capsys: pytest.CaptureFixture[str], argv: li
     assert message in capsys.readouterr().err
 
 
+def test_engines_that_watch_no_line_run_the_compiled_model() -> None:
+    from fuzzmmu.bench.trial import watches_lines
+
+    cfg = BenchConfig(("a",), tuple(Engine), trials=1, throughput_time=0, native=True)
+    assert all(s.native for s in plan(cfg))
+    assert not any(s.native for s in plan(BenchConfig(("a",), tuple(Engine), trials=1)))
+    assert {e for e in Engine if watches_lines(e)} == {
+        Engine.ATHERIS, Engine.ATHERIS_BYTES, Engine.ATHERIS_BOTH}
+
+
 def test_plan_puts_throughput_first_then_interleaves_engines() -> None:
     cfg = BenchConfig(("a", "b"), (Engine.ATHERIS, Engine.RANDOM), trials=2, seed=5,
                       throughput_time=3)

@@ -114,9 +114,14 @@ def test_target_settings_from_the_environment(tmp_path: Path) -> None:
 
 
 def test_a_state_feedback_campaign_counts_its_features_by_family(tmp_path: Path) -> None:
+    from fuzzmmu import native
+
     res = _fuzz(tmp_path, "--feedback", "state", "--max-time", "8")
     assert res.returncode == 0, res.stdout + res.stderr
     lines = [json.loads(x) for x in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    # --model auto: the compiled model wherever one can be built (built first if need be)
+    assert lines[0]["feedback"] == "state"
+    assert lines[0]["compiled_model"] is (native.compiler_problem() is None)
     counted = [x["state_features"] for x in lines if "state_features" in x]
     assert counted, lines[-3:]
     last = counted[-1]

@@ -13,6 +13,7 @@ import pytest
 from fuzzmmu.bench.agreement import make_program, measure, write
 from fuzzmmu.cli import main
 from fuzzmmu.kvm.support import op_unsupported, random_supported_program, random_unsync_program
+from fuzzmmu.kvm.target import KVM, KVM_POOLED
 from fuzzmmu.kvm.verdict import (
     AS_HOST,
     UnsyncSeen,
@@ -105,9 +106,10 @@ def test_generated_programs_are_valid_and_runnable_here() -> None:
 
 
 @pytest.mark.usefixtures("kvm")
+@pytest.mark.parametrize("pool", [False, True], ids=["fresh-vm", "pooled-vm"])
 @pytest.mark.parametrize("name", DEVIATIONS)
-def test_each_confirmed_deviation_is_a_predicted_kvm_finding(name: str) -> None:
-    t = three_way(read_program(PROGRAMS / name))
+def test_each_confirmed_deviation_is_a_predicted_kvm_finding(name: str, pool: bool) -> None:
+    t = three_way(read_program(PROGRAMS / name), kvm_target=KVM_POOLED if pool else KVM)
     assert t.verdict is Verdict.KVM_FINDING, t
     assert explain(t)  # a mutant of the profile predicts it alone
 
