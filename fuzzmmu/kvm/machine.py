@@ -29,7 +29,7 @@ does), so a stale translation to a frame with the same bytes looks like the curr
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -61,6 +61,7 @@ from fuzzmmu.kvm.pool import AGENT_ROOTS, NUM_VCPUS, GuestPool, new_guest, world
 from fuzzmmu.oracle.executor import Unsupported
 from fuzzmmu.program.ops import Program
 from fuzzmmu.world.layout import new_world
+from fuzzmmu.world.memory import GuestMemoryError
 from fuzzmmu.world.memslots import MemslotError, MemslotUpdate, PhysMemory
 from fuzzmmu.world.observe import DONE, GP, AccessKind, Observation, ObsKind, mmio_read_value
 
@@ -90,6 +91,29 @@ class _NoPdptrs:
     """Long mode has no PDPTE registers: what the executor compares reads as zeros."""
 
     pdptrs = (0, 0, 0, 0)
+
+
+class _PastMemory:
+    """Address space 0 with some frames as they were earlier (the walker's Memory)."""
+
+    __slots__ = ("old", "phys")
+
+    def __init__(self, phys: PhysMemory, old: dict[int, bytes]) -> None:
+        self.phys = phys
+        self.old = old
+
+    def read(self, gpa: int, size: int) -> int:
+        frame = self.phys.gfn_to_pfn(0, gpa >> PAGE_SHIFT)
+        if frame < 0:
+            raise GuestMemoryError(f"gpa {gpa:#x} is not RAM")
+        off = gpa & (PAGE - 1)
+        page = self.old.get(frame)
+        if page is None:
+            return self.phys.backing.read((frame << PAGE_SHIFT) | off, size)
+        return int.from_bytes(page[off:off + size], "little")
+
+    def write(self, gpa: int, size: int, value: int) -> None:
+        raise AssertionError("the past is read only: walks of it set no A/D bits")
 
 
 class KvmVcpuState:
@@ -143,6 +167,9 @@ class KvmMachine:
         # or spte would still give, the first guess when the current tables do not explain a
         # read.
         self._last_frame: dict[tuple[int, int], int] = {}
+        # The earlier contents of the frames each look at memory found changed, oldest first:
+        # the guest tables of earlier moments, whose translations KVM may still hold.
+        self._past: list[dict[int, bytes]] = []
 
     def destroy(self) -> None:
         """Give the VM back to the pool, or close it: one that a program left in doubt (a run
@@ -200,6 +227,8 @@ class KvmMachine:
                 if f in AGENT_ROOTS:
                     page[AGENT_LINK_OFFSET:AGENT_LINK_OFFSET + 8] = 0
                 backing.dirty.add(f)
+            if before:
+                self._past.append(before)
             return before
         finally:
             del now  # no view of the mapping may outlive this call (mmap.close())
@@ -243,8 +272,9 @@ class KvmMachine:
         tells: for a write, the one frame whose bytes at the page offset changed to the value;
         else the frame of the current translation (``gpa``) if it holds the value; else the
         frame an earlier access to the page reached (this vCPU's, then the other's) if it holds
-        it; else the one frame that holds it, or the lowest (``ambiguous`` counts the
-        guesses); else UNKNOWN_FRAME."""
+        it; else a frame an earlier state of the tables gave, newest first, if it holds it;
+        else the one frame that holds it, or the lowest (``ambiguous`` counts the guesses);
+        else UNKNOWN_FRAME."""
         off = gva & 0xFFF
         want = value.to_bytes(width, "little")
         mem = self.phys.backing
@@ -263,10 +293,28 @@ class KvmMachine:
         for f in (fresh, *earlier):
             if holds(f):
                 return f
+        for f in self._past_frames(v, gva):
+            if holds(f):
+                return f
         holders = [f for f in self._ram_frames() if holds(f)]
         if len(holders) > 1:
             self.ambiguous += 1
         return holders[0] if holders else UNKNOWN_FRAME >> PAGE_SHIFT
+
+    def _past_frames(self, v: int, gva: int) -> Iterator[int]:
+        """The frames earlier states of the guest tables translated ``gva`` to, newest first:
+        a stale spte (an unsync page's) or TLB entry may still give one, and the SDM lets a
+        processor cache a translation it never used (§4.10.2.3). Without this a read that
+        several frames could explain was pinned on the lowest of them."""
+        old: dict[int, bytes] = {}
+        cpu = self._cpu(v)
+        for before in reversed(self._past):
+            old.update(before)  # going back in time: the older contents win
+            res, _ = walk_trace(_PastMemory(self.phys, old), cpu, gva, Access())
+            if res.ok and res.gpa is not None:
+                frame = self.phys.gfn_to_pfn(0, res.gpa >> PAGE_SHIFT)
+                if frame >= 0:
+                    yield frame
 
     # ------------------------------------------------------------------ guest operations
 
@@ -317,8 +365,8 @@ class KvmMachine:
             if result.end == "error" and result.detail.startswith("KVM_EXIT_INTERNAL_ERROR"):
                 # KVM fetched the bytes and could not emulate them (kvm_pvm emulates CPL0).
                 self._after(v, OpResult("done"))
-                return self._fetched(gva, width, gpa, result)
-            return self._after(v, result) or self._fetched(gva, width, gpa, result)
+                return self._fetched(v, gva, width, gpa, result)
+            return self._after(v, result) or self._fetched(v, gva, width, gpa, result)
         name = f"{'write' if write else 'read'}{width}"
         if cpl == 3:
             result = self.guest.run_op(v, "to_user", rdi=gva, rsi=value, r8=layout.ustack_top,
@@ -364,17 +412,27 @@ class KvmMachine:
                                       f"A/D bits of an entry off the fetch's walk changed "
                                       f"(frame {f:#x} offset {i * 8:#x})")
 
-    def _fetched(self, gva: int, width: int, gpa: int | None, result: OpResult
+    def _fetched(self, v: int, gva: int, width: int, gpa: int | None, result: OpResult
                  ) -> Observation:
         """A fetch faulted if a #PF came at the address itself with CR2 in its page;
         anything else (the single-step #DB, a fault of the fetched instruction, an emulation
         failure of KVM's) means the bytes were fetched. Their frame is the current
-        translation's: a fetch has no value to tell another one by."""
+        translation's: a fetch has no value to tell another one by. Where the current tables
+        fault, it is the most recent earlier translation's: the frame an access to the page
+        reached last (this vCPU's, then the other's), else the newest earlier state of the
+        tables' (the reference still decides whether the processor may have kept it)."""
         if (result.end == "exception" and result.vector == PF_VECTOR and result.rip == gva
                 and result.cr2 >> PAGE_SHIFT == gva >> PAGE_SHIFT):
             return Observation(ObsKind.PF, result.cr2, 0, result.error_code)
         if gpa is None:
-            return Observation(ObsKind.RAM, UNKNOWN_FRAME | (gva & 0xFFF), 0)
+            page = gva >> PAGE_SHIFT
+            earlier = [self._last_frame.get((u, page), -1)
+                       for u in sorted(range(len(self.vcpus)), key=lambda u: u != v)]
+            frame = next((f for f in (*earlier, *self._past_frames(v, gva)) if f >= 0), -1)
+            if frame < 0:
+                return Observation(ObsKind.RAM, UNKNOWN_FRAME | (gva & 0xFFF), 0)
+            hpa = (frame << PAGE_SHIFT) | (gva & 0xFFF)
+            return Observation(ObsKind.RAM, hpa, self.phys.backing.read(hpa, width))
         pfn = self.phys.gfn_to_pfn(0, gpa >> PAGE_SHIFT)
         if pfn < 0:
             return Observation(ObsKind.MMIO, gpa, mmio_read_value(gpa, width))

@@ -134,6 +134,26 @@ def test_what_the_host_cannot_do_while_running_skips_the_program() -> None:
     assert "mutants of the model" in run(one_gib, ["cr0wp-not-in-role"], target=KVM).skipped
 
 
+def test_a_read_through_a_translation_of_earlier_tables_is_placed_on_its_frame() -> None:
+    # cpu1's misaligned user store makes gpte 0 of the table reserved; cpu0 then reads
+    # 0x8080000010, which goes through the same table: KVM serves it from the unsync page's
+    # spte for gpte 0 (frame 0xa), a translation the SDM lets a processor have cached
+    # (§4.10.2.3). Frames 0 and 0xa both hold the zero it read: the target must place the read
+    # where the earlier tables sent it, not on the lowest frame that holds the value (found as
+    # a disagreement of the agreement run).
+    program = parse_program("config boot=4level unsync\n"
+                            "map cpu0 root=current current 0x8080200000 -> 0xa P|W|U|A|D level=1 "
+                            "upper=W|U|A pool=0x10\n"
+                            "map cpu1 root=current current 0x1ff000 -> 0x12 P|W|U|A|D level=1 "
+                            "upper=W|U|A pool=0x10\n"
+                            "read cpu0 0x8080200000+0x0 width=8 cpl=3\n"
+                            "write cpu1 0x1ff000+0x6 width=8 cpl=3 seed=0x11\n"
+                            "read cpu0 0x8080000000+0x10 width=1 cpl=3\n")
+    outcome = run(program, target=KVM, trace=True)
+    assert not outcome.skipped and outcome.divergence is None
+    assert outcome.trace[-1].model == "RAM hpa=0xa010 value=0x0"
+
+
 def test_a_fetched_instruction_that_reaches_memory_elsewhere_skips_the_program() -> None:
     # The fetch executes the byte it fetched: 0xa1 (the PDE it reads, with A set) is MOV EAX,
     # [moffs64 0]; its data read walks va 0 and sets A in PDPTE 0, off the fetch's own walk.

@@ -172,3 +172,4 @@ def test_this_host_drops_the_mmio_cache_at_a_user_fault() -> None:
     assert kept.divergence is not None and kept.divergence.op_index == 10
     assert kept.divergence.actual.startswith("MMIO")
     assert run(program, kvm_profile(), target=AS_HOST).divergence is None
+
