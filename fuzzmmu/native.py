@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import importlib.abc
 import importlib.machinery
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -88,9 +89,8 @@ def digest(package: Path | None = None) -> str:
 
 def _mypy_version() -> str:
     try:
-        from importlib.metadata import version
-        return version("mypy")
-    except Exception:  # not installed: no build can exist, the digest only has to be stable
+        return importlib.metadata.version("mypy")
+    except importlib.metadata.PackageNotFoundError:  # no build can exist: any stable name
         return "none"
 
 
