@@ -151,3 +151,18 @@ def test_the_compiled_model_must_come_before_its_modules(tmp_path: Path) -> None
                           text=True, env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT, check=False)
     assert proc.returncode != 0
     assert re.search(r"must be activated before fuzzmmu\.\S+ is imported", proc.stderr)
+
+
+def test_compile_check_says_whether_a_build_is_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FUZZMMU_NATIVE_CACHE", str(tmp_path))
+    assert main(["compile", "--check"]) == 1
+    assert "not built" in capsys.readouterr().out
+    build = native.build_dir()
+    assert build.parent == tmp_path
+    build.mkdir()
+    (build / native._DONE).write_text("")
+    assert main(["compile", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "built" in out and "not built" not in out
