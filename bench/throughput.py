@@ -47,7 +47,7 @@ def _env(checkout: Path, feedback: str = "lines", native: bool = False) -> dict[
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUZZMMU_")}
     env["PYTHONPATH"] = str(checkout)
     env["FUZZMMU_FEEDBACK"] = feedback
-    if native and feedback == "state":
+    if native:
         env["FUZZMMU_NATIVE"] = "1"
     return env
 
@@ -68,7 +68,8 @@ def harness_pair(old: Path, new: Path, seconds: int, feedback: str, seeds: list[
         # stderr to a file: a pipe read only after the other run ends would fill and stall it
         with (work / "stderr").open("w") as log:
             procs.append((subprocess.Popen(cmd, cwd=work,
-                                           env=_env(checkout, fb, native and checkout == new),
+                                           env=_env(checkout, fb, native and checkout == new
+                                                    and fb == "state"),
                                            stdout=subprocess.DEVNULL, stderr=log), work))
     rates = []
     for proc, work in procs:
@@ -89,10 +90,8 @@ def harness_pair(old: Path, new: Path, seconds: int, feedback: str, seeds: list[
 
 def loop_pair(old: Path, new: Path, sample: Path, native: bool = False
               ) -> list[tuple[float, float]]:
-    # The loop watches no line: "state" stands for that in _env.
     procs = [subprocess.Popen([sys.executable, "-c", _LOOP, str(sample)],
-                              env=_env(c, "state" if native and c == new else "lines",
-                                       native and c == new),
+                              env=_env(c, native=native and c == new),
                               cwd=tempfile.gettempdir(), stdout=subprocess.PIPE, text=True)
              for c in (old, new)]
     out = []

@@ -287,10 +287,7 @@ class KvmMachine:
             if len(moved) == 1:
                 return moved[0]
         fresh = self.phys.gfn_to_pfn(0, gpa >> PAGE_SHIFT) if gpa is not None else -1
-        page = gva >> PAGE_SHIFT
-        earlier = [self._last_frame.get((u, page), -1)
-                   for u in sorted(range(len(self.vcpus)), key=lambda u: u != v)]
-        for f in (fresh, *earlier):
+        for f in (fresh, *self._earlier_frames(v, gva)):
             if holds(f):
                 return f
         for f in self._past_frames(v, gva):
@@ -300,6 +297,13 @@ class KvmMachine:
         if len(holders) > 1:
             self.ambiguous += 1
         return holders[0] if holders else UNKNOWN_FRAME >> PAGE_SHIFT
+
+    def _earlier_frames(self, v: int, gva: int) -> list[int]:
+        """The frame an access to ``gva``'s page reached last, this vCPU's then the other's
+        (-1: none)."""
+        page = gva >> PAGE_SHIFT
+        return [self._last_frame.get((u, page), -1)
+                for u in sorted(range(len(self.vcpus)), key=lambda u: u != v)]
 
     def _past_frames(self, v: int, gva: int) -> Iterator[int]:
         """The frames earlier states of the guest tables translated ``gva`` to, newest first:
@@ -402,11 +406,12 @@ class KvmMachine:
         for f, old in before.items():
             was = np.frombuffer(old, dtype=np.uint64)
             now = self._seen[f << PAGE_SHIFT:(f + 1) << PAGE_SHIFT].view(np.uint64)
-            other = np.flatnonzero((was ^ now) & np.uint64(~(PTE_A | PTE_D) & (2**64 - 1)))
+            diff = was ^ now
+            other = np.flatnonzero(diff & np.uint64(~(PTE_A | PTE_D) & (2**64 - 1)))
             if other.size:
                 raise Unsupported(f"the instruction fetched at {gva:#x} wrote guest memory "
                                   f"(frame {f:#x} offset {int(other[0]) * 8:#x})")
-            for i in np.flatnonzero(was ^ now).tolist():
+            for i in np.flatnonzero(diff).tolist():
                 if (f << PAGE_SHIFT) | (i * 8) not in path:
                     raise Unsupported(f"the instruction fetched at {gva:#x} reached memory: "
                                       f"A/D bits of an entry off the fetch's walk changed "
@@ -425,10 +430,8 @@ class KvmMachine:
                 and result.cr2 >> PAGE_SHIFT == gva >> PAGE_SHIFT):
             return Observation(ObsKind.PF, result.cr2, 0, result.error_code)
         if gpa is None:
-            page = gva >> PAGE_SHIFT
-            earlier = [self._last_frame.get((u, page), -1)
-                       for u in sorted(range(len(self.vcpus)), key=lambda u: u != v)]
-            frame = next((f for f in (*earlier, *self._past_frames(v, gva)) if f >= 0), -1)
+            frame = next((f for f in (*self._earlier_frames(v, gva), *self._past_frames(v, gva))
+                          if f >= 0), -1)
             if frame < 0:
                 return Observation(ObsKind.RAM, UNKNOWN_FRAME | (gva & 0xFFF), 0)
             hpa = (frame << PAGE_SHIFT) | (gva & 0xFFF)

@@ -17,28 +17,24 @@ from fuzzmmu.oracle.executor import Target, Unsupported
 from fuzzmmu.program.ops import Program
 
 
-def _check(program: Program, bugs: BugSet) -> None:
-    if bugs.ids:
-        raise Unsupported("bugs are mutants of the model; real KVM runs its own code")
-    check_program(program)
+def _target(pool: GuestPool | None) -> Target:
+    """The KVM target on a fresh VM per program (``pool`` None) or on the VMs of ``pool``."""
 
+    def make(program: Program, bugs: BugSet) -> KvmMachine:
+        if bugs.ids:
+            raise Unsupported("bugs are mutants of the model; real KVM runs its own code")
+        check_program(program)
+        return KvmMachine(program, pool)
 
-def _make(program: Program, bugs: BugSet) -> KvmMachine:
-    _check(program, bugs)
-    return KvmMachine(program)
+    # Real KVM may make any last-level shadow page unsync (a CPL3 store to a page table):
+    # the reference accepts speculatively cached translations whatever the header says.
+    return Target("kvm", make, speculative=True)
 
 
 def pooled(pool: GuestPool) -> Target:
     """The KVM target on the VMs of ``pool``."""
-
-    def make(program: Program, bugs: BugSet) -> KvmMachine:
-        _check(program, bugs)
-        return KvmMachine(program, pool)
-
-    return Target("kvm", make, speculative=True)
+    return _target(pool)
 
 
-# Real KVM may make any last-level shadow page unsync (a CPL3 store to a page table): the
-# reference accepts speculatively cached translations whatever the header says.
-KVM = Target("kvm", _make, speculative=True)
+KVM = _target(None)
 KVM_POOLED = pooled(POOL)
