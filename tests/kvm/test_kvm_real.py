@@ -17,6 +17,7 @@ from fuzzmmu.kvm.guest import Guest
 from fuzzmmu.kvm.machine import KvmMachine
 from fuzzmmu.kvm.support import random_supported_program
 from fuzzmmu.kvm.target import KVM
+from fuzzmmu.kvm.verdict import Verdict, three_way
 from fuzzmmu.oracle.executor import run
 from fuzzmmu.program.files import read_program
 from fuzzmmu.program.text import parse_program
@@ -169,6 +170,42 @@ def test_a_fetched_instruction_that_reaches_memory_elsewhere_skips_the_program()
     assert outcome.divergence is None
     assert "A/D bits of an entry off the fetch's walk changed (frame 0xc offset 0x0)" in (
         outcome.skipped)
+
+
+def _fetch_after_an_unsync_store(instruction: int) -> str:
+    """cpu0 reads 0x8080000000 at CPL3 (an spte), cpu1's user store makes the page's gpte
+    reserved (the leaf table goes unsync, the spte stays), cpu0's CPL0 read of the page faults
+    with RSVD (which invalidates its translations, SDM 4.10.4.1, but not KVM's spte), cpu0
+    fetches the page at CPL3; the page is filled with ``instruction`` bytes first."""
+    return ("config maxphyaddr=36 boot=4level unsync\n"
+            "map cpu0 root=current current 0x8080000000 -> 0x2e P|W|U|A|D level=1 upper=W|U|A "
+            "pool=0x24\n"
+            "map cpu1 root=current current 0x1000 -> 0x26 P|W|U|A|D level=1 upper=W|U|A "
+            "pool=0x24\n"
+            f"write cpu0 0x8080000000+0x0 width=8 cpl=0 seed={instruction:#x}\n"
+            "read cpu0 0x8080000000+0x0 width=8 cpl=3\n"
+            "write cpu1 0x1000+0x0 width=8 cpl=3 seed=0xc1\n"
+            "read cpu0 0x8080000000+0xff8 width=8 cpl=0\n"
+            "fetch cpu0 0x8080000000+0x3 width=4 cpl=3\n")
+
+
+def test_a_user_fetch_of_an_instruction_that_raises_gp_is_walked_by_kvms_emulator() -> None:
+    """The one disagreement class of the agreement run explained (README "Real KVM"): a fetch
+    runs the instruction it fetched, and this host's KVM emulates a CPL3 instruction that
+    raises #GP (HLT, CLI, or any memory operand through the poisoned registers): the emulator
+    fetches its bytes again through a software walk of the current guest tables, so the fetch
+    faults on the reserved gpte (as the SDM wants after the #PF) where a NOP runs through the
+    unsync page's spte (kvm.not-present-pf-keeps-unsync-spte, a predicted finding). The
+    model-as-KVM does not execute the instruction and predicts the spte's answer for both."""
+    nop = three_way(parse_program(_fetch_after_an_unsync_store(0x90)))
+    hlt = three_way(parse_program(_fetch_after_an_unsync_store(0xF4)))
+    assert not hlt.kvm.skipped and hlt.kvm.divergence is None
+    served, faulted = (run(parse_program(_fetch_after_an_unsync_store(b)), target=KVM,
+                           trace=True).trace[-1].model for b in (0x90, 0xF4))
+    assert served == "RAM hpa=0x2e003 value=0x90909090"
+    assert faulted == "#PF cr2=0x8080000003 error=0xd (P|U|RSVD)"
+    assert nop.verdict is Verdict.KVM_FINDING
+    assert hlt.verdict is Verdict.MODEL_ONLY
 
 
 def test_random_programs_of_what_kvm_supports_agree() -> None:
