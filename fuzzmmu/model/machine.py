@@ -53,8 +53,10 @@ class Machine:
         """kvm_destroy_vm(), as far as memory goes: KVM lets go of its vCPUs. That is the one
         reference cycle of a machine, so a destroyed machine is freed as soon as it is dropped
         instead of at the next garbage collection (a fuzzer drops hundreds of machines a second,
-        and memory freed late comes back as fresh pages that fault). It cannot run anymore."""
+        and memory freed late comes back as fresh pages that fault); its guest memory goes to
+        the next machine's (GuestMemory.release). It cannot run anymore."""
         self.kvm.vcpus = []
+        self.phys.release()
 
     # ------------------------------------------------------------------ guest operations
 

@@ -716,21 +716,25 @@ class Executor:
             try:
                 for step, got in order:
                     ok, expected = step.on_ref(r, got)
-                    log.append(TraceEntry(i, step.text, str(got), str(expected), ok))
+                    if self.tracing:  # the texts cost more than the step
+                        log.append(TraceEntry(i, step.text, str(got), str(expected), ok))
                     if not ok:
                         div = self._step_divergence(i, op, step, expected, got,
                                                     self._mode_at(step.vcpu))
                         break
             except OutsideContract as exc:  # another order may stay inside it
                 breach = breach or exc
+                r.release()
                 continue
             if div is None:
                 div = self._state_divergence(r, i, op, mode)
             if div is None:
+                self.ref.release()
                 self.ref = r
                 if self.tracing:
                     self.outcome.trace.extend(log)
                 return None
+            r.release()
             attempts.append((div, log))
         if breach is not None:  # no order both explains the model and stays inside it
             raise breach
@@ -787,8 +791,8 @@ class Executor:
         div = self._state_divergence(self.ref, i, op, mode)
         if div is not None:
             return div
-        self.model.phys.backing.dirty.clear()
-        self.ref.phys.backing.dirty.clear()
+        self.model.phys.backing.settle()
+        self.ref.phys.backing.settle()
         if self.audit:
             from fuzzmmu.oracle.audit import audit  # the audit is optional per run
 
@@ -872,5 +876,6 @@ def run(program: Program, bugs: Iterable[str] = (), *, audit: bool = False,
     try:
         return executor.run()
     finally:
-        executor.model.destroy()  # nothing else holds it
+        executor.model.destroy()  # nothing else holds either machine
+        executor.ref.release()
 

@@ -136,6 +136,11 @@ class ReferenceMachine:
     def copy(self) -> ReferenceMachine:
         return ReferenceMachine(self.maxphyaddr, speculative=self.speculative, _copy_of=self)
 
+    def release(self) -> None:
+        """Done with this machine: its guest memory goes to a later copy (GuestMemory.release).
+        It cannot run anymore."""
+        self.phys.release()
+
     def regs(self, v: int) -> tuple[int, int, int, int, int]:
         c = self.cpus[v]
         return c.cr0, c.cr3, c.cr4, c.efer, c.smm

@@ -82,5 +82,5 @@ def _template() -> tuple[GuestMemory, Memslots, HostMap]:
         mem.write((DM_PT64 << PAGE_SHIFT) + 8 * gfn, 8, (gfn << PAGE_SHIFT) | leaf)
     mem.write(DM_PD64 << PAGE_SHIFT, 8, (DM_PT64 << PAGE_SHIFT) | PTE_P | PTE_W | PTE_A)
     mem.write((DM_PDPT << PAGE_SHIFT) + 3 * 8, 8, (DM_PD64 << PAGE_SHIFT) | PTE_P | PTE_W | PTE_A)
-    mem.dirty.clear()
+    mem.settle()
     return mem, slots, HostMap(HOST_PAGES, SPARE_FRAMES)

@@ -210,6 +210,10 @@ class PhysMemory:
     def copy(self) -> PhysMemory:
         return PhysMemory(self.backing.copy(), self.slots.copy(), self.host.copy())
 
+    def release(self) -> None:
+        """The owner is done with this memory (GuestMemory.release)."""
+        self.backing.release()
+
     def gfn_to_pfn(self, as_id: int, gfn: int) -> int:
         """Backing frame of ``gfn`` in address space ``as_id``; -1 when it is MMIO there."""
         hva = self.slots.hva_table[as_id].get(gfn, -1)

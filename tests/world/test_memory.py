@@ -242,3 +242,36 @@ def test_matches_a_bytearray_model(ops):
             with pytest.raises(GuestMemoryError):
                 mem.read(gpa, size)
     assert bytes(mem.array) == bytes(ref)
+
+
+def test_a_copy_is_independent_and_keeps_the_dirty_frames() -> None:
+    mem, ref = _filled(3)
+    mem.settle()
+    mem.write(PAGE_SIZE + 5, 2, 0xBEEF)
+    ref[PAGE_SIZE + 5:PAGE_SIZE + 7] = (0xBEEF).to_bytes(2, "little")
+    other = mem.copy()
+    assert other.array.tobytes() == bytes(ref) and other.dirty == {1}
+    other.write(0, 8, 0)
+    assert mem.array.tobytes() == bytes(ref)
+
+
+def test_a_released_memory_lends_its_array_to_the_next_copy() -> None:
+    mem, ref = _filled(3)
+    mem.settle()
+    done = mem.copy()
+    done.write(2 * PAGE_SIZE + 8, 8, 0x1122334455667788)
+    array = done.array
+    done.release()
+    with pytest.raises(ValueError):
+        done.read(0, 8)  # its entry views are released: no silent use after release
+    again = mem.copy()
+    assert again.array is array  # no fresh array
+    assert again.array.tobytes() == bytes(ref)  # the contents of what it copies, not its own
+    # a frame only the released memory wrote is zeroed when the source never wrote it
+    blank = GuestMemory(3)
+    blank.write(0, 1, 7)
+    spare = blank.copy()
+    spare.write(2 * PAGE_SIZE, 8, 0xFFFF)
+    spare.release()
+    fresh = blank.copy()
+    assert fresh.read(2 * PAGE_SIZE, 8) == 0 and fresh.read(0, 1) == 7

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from fuzzmmu.model.bugs import BugSet
 from fuzzmmu.model.mmu import spte as S
 from fuzzmmu.model.mmu.internal import MmuConfig, ModelError, Point
@@ -317,7 +315,7 @@ class KvmMmu:
         if not self.kvm_sync_page_check(vcpu, sp):
             ret = -1
         else:
-            for i in np.flatnonzero(sp.spt).tolist():
+            for i in sp.spt.nonzero()[0].tolist():
                 ret |= self.sync_spte(self, vcpu, sp, i)  # a -1 among them makes it -1
         if ret < 0:
             self.kvm_mmu_prepare_zap_page(sp, invalid_list)
@@ -449,7 +447,7 @@ class KvmMmu:
         self.emit("zap_sp", sp)
         self.stat.mmu_shadow_zapped += 1
         zapped_children = bool(self.mmu_zap_unsync_children(sp, invalid_list))
-        for i in np.flatnonzero(sp.spt).tolist():
+        for i in sp.spt.nonzero()[0].tolist():
             zapped_children |= self.mmu_page_zap_pte(sp, i)
         for parent in sorted(sp.parent_ptes, key=_sptep_key):
             self.drop_parent_pte(sp, parent)
