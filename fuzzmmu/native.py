@@ -76,12 +76,14 @@ def module_name(source: Path) -> str:
 
 
 def digest(package: Path | None = None) -> str:
-    """Names a build: the interpreter, mypy's version and every source file the compiled
-    modules are or import (those kept in Python too: compiled code inlines their constants)."""
+    """Names a build: the interpreter, mypy's version, which modules are compiled and how, and
+    every source file the compiled modules are or import (those kept in Python too: compiled
+    code inlines their constants)."""
     package = package or _PACKAGE
     h = hashlib.sha256()
     h.update(sys.version.encode())
     h.update(_mypy_version().encode())
+    h.update(repr((_COMPILED, sorted(_KEPT_PYTHON), _SETUP)).encode())  # what is built, how
     for path in _sources(_DIGESTED, package):
         h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:20]

@@ -58,6 +58,10 @@ def test_a_build_is_named_by_its_sources(tmp_path: Path, monkeypatch: pytest.Mon
     assert changed != before
     (copy / "model" / "mmu" / "spte.py").write_text("# compiled\n")
     assert native.digest() != changed
+    changed = native.digest()
+    # which modules are compiled names the build too, not only their sources
+    monkeypatch.setattr(native, "_COMPILED", (*native._COMPILED, "campaign/fuzz.py"))
+    assert native.digest() != changed
 
 
 def test_no_build_means_python(tmp_path: Path) -> None:
