@@ -34,6 +34,7 @@ from fuzzmmu.arch.bits import (
     PTE_A,
     PTE_D,
     PTE_PKEY_SHIFT,
+    PagingMode,
     bits,
 )
 from fuzzmmu.arch.tlb import Tlb, TlbEntry
@@ -250,7 +251,7 @@ class ReferenceMachine:
         view = self.views[c.smm]
         res, leaf, walked = walk_leaf(view, cpu, gva, acc)
         self._walked(walked)
-        if not res.ok or not cpu.mode.value:
+        if not res.ok or cpu.mode is PagingMode.OFF:
             return  # a walk that faults sets no A flag: it depends on no earlier walk's
         if self.optional:
             self._settle(c.smm, _entries(walked))
@@ -331,7 +332,7 @@ class ReferenceMachine:
                     self._journal_ad(c.smm, log)
                 self._perform(fresh, write, width, c.smm, res.gpa >> PAGE_SHIFT)
                 filled = None
-                if cpu.mode.value:
+                if cpu.mode is not PagingMode.OFF:
                     made = TlbEntry(res.gpa >> PAGE_SHIFT, res.rights,
                                     write or bool(leaf & PTE_D), (leaf >> PTE_PKEY_SHIFT) & 0xF)
                     if c.tlb.fill(page, made):

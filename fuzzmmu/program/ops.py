@@ -37,6 +37,7 @@ from fuzzmmu.world.observe import AccessKind
 
 class GuestMode(enum.Enum):
     """The paging modes a program switches a vCPU to."""
+    __hash__ = object.__hash__  # see fuzzmmu.world.observe.ObsKind
 
     OFF = "off"
     BIT32 = "32bit"
@@ -47,6 +48,7 @@ class GuestMode(enum.Enum):
 
 class CrBit(enum.Enum):
     """Control bits a program toggles on their own."""
+    __hash__ = object.__hash__  # see fuzzmmu.world.observe.ObsKind
 
     WP = "wp"  # CR0.WP
     NXE = "nxe"  # EFER.NXE
@@ -57,6 +59,7 @@ class CrBit(enum.Enum):
 
 class Extra(enum.Enum):
     """One more thing about an entry's value."""
+    __hash__ = object.__hash__  # see fuzzmmu.world.observe.ObsKind
 
     NONE = "none"
     RSVD = "rsvd"  # bit 51 (8-byte: reserved below MAXPHYADDR 52) or bit 21 (4-byte PSE PDE)

@@ -10,6 +10,11 @@ from fuzzmmu.arch.bits import pferr_str
 
 
 class ObsKind(enum.Enum):
+    # Members are singletons compared by identity, so identity is a valid hash. Enum's own
+    # __hash__ is a Python function (hash of the name), which the compiled model calls through
+    # the interpreter for every dict keyed by a member: ~50 calls a program. The hot enums say
+    # so with this line.
+    __hash__ = object.__hash__
     DONE = "done"  # the operation completed with nothing to observe
     RAM = "ram"  # a memory access at host frame address ``addr`` with ``value``
     MMIO = "mmio"  # an exit to the VMM's device model at guest-physical ``addr``
@@ -51,6 +56,7 @@ def mmio_read_value(gpa: int, size: int) -> int:
 
 
 class AccessKind(enum.Enum):
+    __hash__ = object.__hash__  # see fuzzmmu.world.observe.ObsKind
     READ = "read"
     WRITE = "write"
     FETCH = "fetch"

@@ -20,6 +20,7 @@ class Point(enum.Enum):
     """Places where another vCPU or the host can act while a vCPU is inside KVM. The ones
     marked locked are inside mmu_lock: only lock-free work (a guest store through an existing
     writable translation) can happen there."""
+    __hash__ = object.__hash__  # see fuzzmmu.world.observe.ObsKind
 
     WALKED = "walked"  # FNAME(page_fault): after the guest walk, before kvm_faultin_pfn
     FAULTIN = "faultin"  # after kvm_faultin_pfn recorded mmu_invalidate_seq, before mmu_lock
