@@ -254,7 +254,7 @@ class ReferenceMachine:
         if not res.ok or cpu.mode is PagingMode.OFF:
             return  # a walk that faults sets no A flag: it depends on no earlier walk's
         if self.optional:
-            self._settle(c.smm, _entries(walked))
+            self._settle(c.smm, cpu, walked, False)
         assert res.gpa is not None
         log: list[tuple[int, int, int, int]] = []
         set_accessed_dirty(view, cpu, walked, False, log)
@@ -326,7 +326,7 @@ class ReferenceMachine:
                         self.speculative and not log
                         and self._speculative_without_optional(v, cpu, acc, page, gva, write,
                                                                width, value, model))
-                    self._settle(c.smm, () if served else _entries(walked), res.gpa, width)
+                    self._settle(c.smm, cpu, () if served else walked, write, res.gpa, width)
                 at = len(self.journal)
                 if self.speculative:
                     self._journal_ad(c.smm, log)
@@ -343,8 +343,7 @@ class ReferenceMachine:
                     self.optional.append(OptionalWalk(
                         tuple((self._host(c.smm, gpa), size, old, new)
                               for gpa, size, old, new in log),
-                        v, page, filled, at, search,
-                        frozenset(self._host(c.smm, gpa) for gpa, _ in walked)))
+                        v, page, filled, at, search, self._needs(c.smm, cpu, walked, write)))
             else:
                 # A walk that faults writes no A/D flag, and A/D flags never decide a fault
                 # (SDM §4.7, §4.8): it depends on nothing an optional walk wrote, which may
@@ -480,10 +479,14 @@ class ReferenceMachine:
             opt = self.optional.pop()
             if opt.search is not None and not self._explained_without(opt):
                 # It is final after all, and so is every earlier walk it read through.
-                self._settle_host(opt.reads)
+                self._settle_host({a: (size, want) for a, size, want in opt.reads})
                 continue
             _undo(backing, opt.writes)
             del self.journal[opt.journal_at:opt.journal_at + len(opt.writes)]  # never happened
+            if opt.kept and self.speculative:
+                # The bits later walks kept were set by them, later than the journal could
+                # now say: search no speculative translation from before this point.
+                self.barrier = len(self.journal)
             if opt.filled is not None:
                 self.cpus[opt.vcpu].tlb.discard(opt.page, opt.filled)
             return True
@@ -519,21 +522,45 @@ class ReferenceMachine:
         pfn = self.phys.gfn_to_pfn(as_id, gpa >> PAGE_SHIFT)
         return (pfn << PAGE_SHIFT) | (gpa & 0xFFF) if pfn >= 0 else -1
 
-    def _settle(self, as_id: int, read: frozenset[int] | tuple[()],
-                data_gpa: int | None = None, width: int = 0) -> None:
-        """An access that reads what an optional walk wrote (walking through its entries, or
-        reading them as data) depends on that walk: it is final from now on. ``read`` and
-        ``data_gpa`` are guest-physical in ``as_id``."""
-        self._settle_host(frozenset(self._host(as_id, gpa) for gpa in read),
-                          None if data_gpa is None else self._host(as_id, data_gpa), width)
+    def _needs(self, as_id: int, cpu: CpuState, walked: Walked | tuple[()], write: bool
+               ) -> tuple[tuple[int, int, int], ...]:
+        """The entries of a successful walk as (host address, size, the A/D bits the walk
+        sets there: A in each, D in the leaf of a write; set_accessed_dirty())."""
+        last = len(walked) - 1
+        return tuple((self._host(as_id, gpa), cpu._p.esize,
+                      PTE_A | (PTE_D if write and i == last else 0))
+                     for i, (gpa, _entry) in enumerate(walked))
 
-    def _settle_host(self, read: frozenset[int], data: int | None = None, width: int = 0
-                     ) -> None:
+    def _settle(self, as_id: int, cpu: CpuState, walked: Walked | tuple[()], write: bool,
+                data_gpa: int | None = None, width: int = 0) -> None:
+        """``walked``: a later access's walk (guest-physical in ``as_id``, a ``write`` or not);
+        ``data_gpa``, ``width``: what it read or wrote as data (``_settle_host``)."""
+        needs: dict[int, tuple[int, int]] = {}
+        for addr, size, want in self._needs(as_id, cpu, walked, write):
+            needs[addr] = (size, needs.get(addr, (size, 0))[1] | want)
+        self._settle_host(needs, None if data_gpa is None else self._host(as_id, data_gpa),
+                          width)
+
+    def _settle_host(self, needs: dict[int, tuple[int, int]], data: int | None = None,
+                     width: int = 0) -> None:
+        """What a later access depends on. An optional walk that wrote where the access read
+        or wrote ``width`` bytes of data at ``data`` (host addresses) is final from now on. One
+        whose entries the access walked through (``needs``: host address -> entry size, the
+        A/D bits the walk sets there) stays optional, and taking it back keeps those bits:
+        the later walk would have set them itself, and A/D flags never decide a walk's
+        outcome (SDM §4.8). An entry walked in another format makes it final."""
         keep = []
         for opt in self.optional:
-            if any(addr in read or (data is not None and data - size < addr < data + width)
-                   for addr, size, _old, _new in opt.writes):
+            if data is not None and any(data - size < addr < data + width
+                                        for addr, size, _old, _new in opt.writes):
                 continue
+            if any(addr in needs for addr, _size, _old, _new in opt.writes):
+                if any(addr in needs and needs[addr][0] != size
+                       for addr, size, _old, _new in opt.writes):
+                    continue
+                opt = opt._replace(writes=tuple(
+                    (addr, size, old | (needs[addr][1] & new) if addr in needs else old, new)
+                    for addr, size, old, new in opt.writes), kept=True)
             keep.append(opt)
         self.optional = keep
 
@@ -690,7 +717,8 @@ class ReferenceMachine:
         self.journal = [(moved(addr), size, value) for addr, size, value in self.journal]
         self.optional = [opt._replace(writes=tuple((moved(a), size, o, n)
                                                    for a, size, o, n in opt.writes),
-                                      reads=frozenset(moved(a) for a in opt.reads))
+                                      reads=tuple((moved(a), size, want)
+                                                  for a, size, want in opt.reads))
                          for opt in self.optional]
         return DONE
 
@@ -708,7 +736,11 @@ class OptionalWalk(NamedTuple):
     # (cpu state, access, address, write, width, value, the model's outcome, where the
     # search starts: the page's last invalidation as it was then).
     search: tuple[CpuState, Access, int, bool, int, int, Observation, int] | None
-    reads: frozenset[int]  # the entries the walk read (host addresses)
+    # The entries the walk read: (host address, entry size, the A/D bits the walk sets there).
+    reads: tuple[tuple[int, int, int], ...]
+    # Whether a later walk through its entries keeps some of its bits (``_settle``): taking it
+    # back then leaves them, and the journal no longer says when they were set.
+    kept: bool = False
 
 
 def _entries(walked: Walked) -> frozenset[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from fuzzmmu.oracle.executor import Executor
 from fuzzmmu.oracle.reference import ReferenceMachine
 from fuzzmmu.program.text import parse_program
+from fuzzmmu.world.layout import DIRECT_MAP
 from fuzzmmu.world.observe import AccessKind, Observation, ObsKind
 
 # A 1-GiB leaf written with D clear; cpu1 writes through it (D set, a dirty translation
@@ -21,7 +22,7 @@ map cpu0 root=current current 0x40000000 -> 0x0 P|W level=3 upper=NX pool=0x8
 """
 GVA = 0x40201000
 LEAF = (0x8 << 12) + 8  # the PDPTE of 0x40000000 in pool frame 8
-PTE_D = 1 << 6
+PTE_A, PTE_D = 1 << 5, 1 << 6
 
 
 def _booted() -> ReferenceMachine:
@@ -59,11 +60,32 @@ def test_without_a_cached_translation_the_d_bit_is_due() -> None:
     assert _leaf(ref) & PTE_D
 
 
-def test_a_later_access_makes_the_walk_final() -> None:
+def test_a_later_walk_through_the_entries_keeps_only_the_bits_it_sets_itself() -> None:
     ref = _booted()
     assert _write(ref)
     model = ref.expected(0, GVA, AccessKind.READ, width=1)
     assert ref.access(0, GVA, AccessKind.READ, model, width=1)[0]
+    # cpu0's read walked through the leaf: it needs A there, never D (SDM 4.8)
+    assert ref.forgo_optional_walk()
+    assert _leaf(ref) & PTE_A and not _leaf(ref) & PTE_D
+
+
+def test_a_later_write_through_the_entries_keeps_the_d_bit() -> None:
+    ref = _booted()
+    assert _write(ref)
+    model = ref.expected(0, GVA, AccessKind.WRITE, width=1)
+    assert ref.access(0, GVA, AccessKind.WRITE, model, width=1)[0]
+    ref.forgo_optional_walk()
+    assert _leaf(ref) & PTE_A and _leaf(ref) & PTE_D
+
+
+def test_a_later_read_of_the_entry_as_data_makes_the_walk_final() -> None:
+    ref = _booted()
+    assert _write(ref)
+    va = DIRECT_MAP + LEAF  # the leaf itself, through the kernel's direct map
+    model = ref.expected(0, va, AccessKind.READ, width=8)
+    assert model.value & PTE_D  # it read the D bit the walk set
+    assert ref.access(0, va, AccessKind.READ, model, width=8)[0]
     assert not ref.forgo_optional_walk()
     assert _leaf(ref) & PTE_D
 
