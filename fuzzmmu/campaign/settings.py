@@ -61,7 +61,6 @@ class TargetSettings:
     suppressed_log: Path | None = None  # where each suppressed divergence's signature goes
     native: bool = False  # the compiled model (fuzzmmu.native): only where no line is watched
 
-
     def environment(self) -> dict[str, str]:
         """The settings as the target reads them, but for ``suppress``: the target reads the
         signatures from a file (``FUZZMMU_SUPPRESS``), which the caller names."""

@@ -312,7 +312,6 @@ def lookup(bug_id: str) -> Bug:
     return bug
 
 
-
 NO_BUGS = BugSet()
 
 _GROUPS = (

@@ -479,7 +479,7 @@ class ReferenceMachine:
             opt = self.optional.pop()
             if opt.search is not None and not self._explained_without(opt):
                 # It is final after all, and so is every earlier walk it read through.
-                self._settle_host({a: (size, want) for a, size, want in opt.reads})
+                self._settle_host(_by_entry(opt.reads))
                 continue
             _undo(backing, opt.writes)
             del self.journal[opt.journal_at:opt.journal_at + len(opt.writes)]  # never happened
@@ -535,11 +535,8 @@ class ReferenceMachine:
                 data_gpa: int | None = None, width: int = 0) -> None:
         """``walked``: a later access's walk (guest-physical in ``as_id``, a ``write`` or not);
         ``data_gpa``, ``width``: what it read or wrote as data (``_settle_host``)."""
-        needs: dict[int, tuple[int, int]] = {}
-        for addr, size, want in self._needs(as_id, cpu, walked, write):
-            needs[addr] = (size, needs.get(addr, (size, 0))[1] | want)
-        self._settle_host(needs, None if data_gpa is None else self._host(as_id, data_gpa),
-                          width)
+        self._settle_host(_by_entry(self._needs(as_id, cpu, walked, write)),
+                          None if data_gpa is None else self._host(as_id, data_gpa), width)
 
     def _settle_host(self, needs: dict[int, tuple[int, int]], data: int | None = None,
                      width: int = 0) -> None:
@@ -743,8 +740,13 @@ class OptionalWalk(NamedTuple):
     kept: bool = False
 
 
-def _entries(walked: Walked) -> frozenset[int]:
-    return frozenset(gpa for gpa, _value in walked)
+def _by_entry(reads: Iterable[tuple[int, int, int]]) -> dict[int, tuple[int, int]]:
+    """(host address, size, A/D bits) triples by address, the bits of an entry walked twice
+    (aliased tables) merged."""
+    needs: dict[int, tuple[int, int]] = {}
+    for addr, size, want in reads:
+        needs[addr] = (size, needs.get(addr, (size, 0))[1] | want)
+    return needs
 
 
 def _undo(mem: Memory, writes: Iterable[tuple[int, int, int, int]]
