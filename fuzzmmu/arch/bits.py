@@ -8,61 +8,62 @@ the only thing they share.
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 # Paging-structure entry bits (SDM §4.3-4.5 entry-format tables).
-PTE_P = 1 << 0
-PTE_W = 1 << 1
-PTE_U = 1 << 2
-PTE_PWT = 1 << 3
-PTE_PCD = 1 << 4
-PTE_A = 1 << 5
-PTE_D = 1 << 6
-PTE_PS = 1 << 7  # page size in PDE/PDPTE; PAT in a 4 KiB PTE
-PTE_G = 1 << 8
-PTE_PAT_LARGE = 1 << 12  # PAT bit of a 2 MiB / 4 MiB / 1 GiB leaf
-PTE_NX = 1 << 63
-PTE_PKEY_SHIFT = 59  # bits 62:59: protection key of a long-mode leaf (SDM §4.6.2)
+PTE_P: Final = 1 << 0
+PTE_W: Final = 1 << 1
+PTE_U: Final = 1 << 2
+PTE_PWT: Final = 1 << 3
+PTE_PCD: Final = 1 << 4
+PTE_A: Final = 1 << 5
+PTE_D: Final = 1 << 6
+PTE_PS: Final = 1 << 7  # page size in PDE/PDPTE; PAT in a 4 KiB PTE
+PTE_G: Final = 1 << 8
+PTE_PAT_LARGE: Final = 1 << 12  # PAT bit of a 2 MiB / 4 MiB / 1 GiB leaf
+PTE_NX: Final = 1 << 63
+PTE_PKEY_SHIFT: Final = 59  # bits 62:59: protection key of a long-mode leaf (SDM §4.6.2)
 
 # #PF error code (SDM Vol. 3A §4.7, Figure 4-12).
-PFERR_P = 1 << 0
-PFERR_W = 1 << 1
-PFERR_U = 1 << 2
-PFERR_RSVD = 1 << 3
-PFERR_FETCH = 1 << 4
-PFERR_PK = 1 << 5
+PFERR_P: Final = 1 << 0
+PFERR_W: Final = 1 << 1
+PFERR_U: Final = 1 << 2
+PFERR_RSVD: Final = 1 << 3
+PFERR_FETCH: Final = 1 << 4
+PFERR_PK: Final = 1 << 5
 
-_PFERR_NAMES = ((PFERR_P, "P"), (PFERR_W, "W"), (PFERR_U, "U"), (PFERR_RSVD, "RSVD"),
-                (PFERR_FETCH, "FETCH"), (PFERR_PK, "PK"))
+_PFERR_NAMES: Final = ((PFERR_P, "P"), (PFERR_W, "W"), (PFERR_U, "U"), (PFERR_RSVD, "RSVD"),
+                       (PFERR_FETCH, "FETCH"), (PFERR_PK, "PK"))
 
 # Control registers and EFER (SDM Vol. 3A §2.5, §2.2.1).
-CR0_PE = 1 << 0
-CR0_WP = 1 << 16
-CR0_NW = 1 << 29
-CR0_CD = 1 << 30
-CR0_PG = 1 << 31
+CR0_PE: Final = 1 << 0
+CR0_WP: Final = 1 << 16
+CR0_NW: Final = 1 << 29
+CR0_CD: Final = 1 << 30
+CR0_PG: Final = 1 << 31
 
-CR4_PSE = 1 << 4
-CR4_PAE = 1 << 5
-CR4_PGE = 1 << 7
-CR4_LA57 = 1 << 12
-CR4_SMEP = 1 << 20
-CR4_SMAP = 1 << 21
-CR4_PKE = 1 << 22
+CR4_PSE: Final = 1 << 4
+CR4_PAE: Final = 1 << 5
+CR4_PGE: Final = 1 << 7
+CR4_LA57: Final = 1 << 12
+CR4_SMEP: Final = 1 << 20
+CR4_SMAP: Final = 1 << 21
+CR4_PKE: Final = 1 << 22
 
-EFER_LME = 1 << 8
-EFER_LMA = 1 << 10
-EFER_NXE = 1 << 11
+EFER_LME: Final = 1 << 8
+EFER_LMA: Final = 1 << 10
+EFER_NXE: Final = 1 << 11
 
 # Accumulated rights of a translation. The encoding is KVM's ACC_* (exec is positive sense) so
 # that traces of both sides read alike; the reference computes them on its own.
-ACC_X = 1
-ACC_W = 2
-ACC_U = 4
-ACC_ALL = ACC_X | ACC_W | ACC_U
+ACC_X: Final = 1
+ACC_W: Final = 2
+ACC_U: Final = 4
+ACC_ALL: Final = ACC_X | ACC_W | ACC_U
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-PAGE_MASK = ~(PAGE_SIZE - 1)
+PAGE_SHIFT: Final = 12
+PAGE_SIZE: Final = 1 << PAGE_SHIFT
+PAGE_MASK: Final = ~(PAGE_SIZE - 1)
 
 
 class PagingMode(enum.IntEnum):
@@ -83,7 +84,7 @@ class PagingMode(enum.IntEnum):
         return _MODE_LABELS[self]
 
 
-_MODE_LABELS = {
+_MODE_LABELS: Final = {
     PagingMode.OFF: "off",
     PagingMode.BIT32: "32bit",
     PagingMode.PAE: "pae",
@@ -116,8 +117,9 @@ def pferr_str(code: int) -> str:
     return "|".join(names) if names else "0"
 
 
-_PTE_FLAG_NAMES = ((PTE_P, "P"), (PTE_W, "W"), (PTE_U, "U"), (PTE_PWT, "PWT"), (PTE_PCD, "PCD"),
-                   (PTE_A, "A"), (PTE_D, "D"), (PTE_PS, "PS"), (PTE_G, "G"), (PTE_NX, "NX"))
+_PTE_FLAG_NAMES: Final = ((PTE_P, "P"), (PTE_W, "W"), (PTE_U, "U"), (PTE_PWT, "PWT"),
+                          (PTE_PCD, "PCD"), (PTE_A, "A"), (PTE_D, "D"), (PTE_PS, "PS"),
+                          (PTE_G, "G"), (PTE_NX, "NX"))
 
 
 def pte_flags_str(value: int, *, entry_size: int = 8) -> str:

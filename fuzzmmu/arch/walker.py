@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from fuzzmmu.arch.bits import (
     ACC_U,
@@ -327,9 +327,9 @@ def _fault(p: _Params, cpu: CpuState, acc: Access, code: int, level: int, rights
     return WalkResult(False, None, code, level, rights), 0
 
 
-_IDENTITY_RIGHTS = ACC_U | ACC_W | ACC_X
+_IDENTITY_RIGHTS: Final = ACC_U | ACC_W | ACC_X
 # Address bits of a leaf entry at each level (8-byte entries): 51:12, 51:21, 51:30.
-_LEAF_ADDR = (0, bits(51, 12), bits(51, 21), bits(51, 30))
+_LEAF_ADDR: Final = (0, bits(51, 12), bits(51, 21), bits(51, 30))
 
 
 def _walk(mem: Memory, cpu: CpuState, gva: int, acc: Access, set_ad: bool,

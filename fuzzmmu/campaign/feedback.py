@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 from fuzzmmu.arch.bits import CR0_PG, CR4_PAE, EFER_LMA
 from fuzzmmu.model.machine import Machine
@@ -42,20 +42,20 @@ from fuzzmmu.program.ops import SIMPLE_OPS, Interleave, Op, SetMode
 # Feature families: the first element of every feature tuple.
 PATH, STAT, EDGE, GFN, PAGE, SHARED, TRACKED, MMIO_CACHE, ROOT = range(1, 10)
 # Their names on the dashboard and in the campaign's statistics.
-FAMILIES = {PATH: "path", STAT: "stat", EDGE: "edge", GFN: "gfn", PAGE: "page",
-            SHARED: "shared", TRACKED: "tracked", MMIO_CACHE: "mmio-cache", ROOT: "root"}
+FAMILIES: Final = {PATH: "path", STAT: "stat", EDGE: "edge", GFN: "gfn", PAGE: "page",
+                   SHARED: "shared", TRACKED: "tracked", MMIO_CACHE: "mmio-cache", ROOT: "root"}
 
 # Counters that mean the shape of the shadow state changed: pages made or zapped, shadowed
 # tables written, MMIO sptes made, pages gone unsync or synced. (A fixed fault alone only adds
 # a leaf spte; looking at the whole state after each of those would cost a quarter of the
 # run.)
-_STATE_MOVING = sum(1 << STAT_NAMES.index(name) for name in (
+_STATE_MOVING: Final = sum(1 << STAT_NAMES.index(name) for name in (
     "pf_mmio_spte_created", "mmu_shadow_zapped", "mmu_pte_write", "mmu_recycled",
     "mmu_cache_miss", "mmu_unsync"))
 
 # Op kinds as small ints; an interleave counts as a kind per concurrency point.
-_OP_KIND = {cls: k for k, cls in enumerate(SIMPLE_OPS, 1)}
-_INTERLEAVE_KIND = {point: 100 + k for k, point in enumerate(Point)}
+_OP_KIND: Final = {cls: k for k, cls in enumerate(SIMPLE_OPS, 1)}
+_INTERLEAVE_KIND: Final = {point: 100 + k for k, point in enumerate(Point)}
 
 
 def bucket(n: int) -> int:

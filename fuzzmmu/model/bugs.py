@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class Bug:
         return not self.pending
 
 
-CATALOG: tuple[Bug, ...] = (
+CATALOG: Final[tuple[Bug, ...]] = (
     # --- the five bugs of the seed documents
     Bug("misaligned-pt-write-two-sptes", "pte_write_no_misaligned_check",
         "an emulated PT write crossing a gpte boundary invalidates only the first gpte's spte",
@@ -237,8 +238,8 @@ CATALOG: tuple[Bug, ...] = (
         ("unsync", "mmio", "memslots")),
 )
 
-_BY_ID = {b.id: b for b in CATALOG}
-_SWITCHES = tuple(b.attr for b in CATALOG if b.available)
+_BY_ID: Final = {b.id: b for b in CATALOG}
+_SWITCHES: Final = tuple(b.attr for b in CATALOG if b.available)
 
 
 class UnknownBugError(ValueError):
@@ -312,9 +313,9 @@ def lookup(bug_id: str) -> Bug:
     return bug
 
 
-NO_BUGS = BugSet()
+NO_BUGS: Final = BugSet()
 
-_GROUPS = (
+_GROUPS: Final = (
     ("The seed bugs", "The five bugs the project started from (`seed` in the catalog; one of "
      "them is three mutants, another two)."),
     ("Later bugs of the same machinery", "Historical KVM bugs fixed after the seed ones, in "

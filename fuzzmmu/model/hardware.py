@@ -9,7 +9,7 @@ except a flush the model requests.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from fuzzmmu.arch.bits import (
     ACC_U,
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 
 # Bits 51:MAXPHYADDR of a paging entry, reserved on the host CPU, per MAXPHYADDR (36..52).
-_RSVD_PA_BITS = {m: bits(51, m) for m in range(36, 53)}
+_RSVD_PA_BITS: Final = {m: bits(51, m) for m in range(36, 53)}
 
 
 def walk_shadow_tables(kvm: KvmMmu, vcpu: Vcpu, gva: int) -> tuple[int, int]:

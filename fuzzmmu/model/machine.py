@@ -9,6 +9,7 @@ included, until the guest sees a memory access, an MMIO exit or an injected #PF.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from fuzzmmu.arch.bits import EFER_LMA, PAGE_SHIFT
 from fuzzmmu.model.bugs import NO_BUGS, BugSet
@@ -30,9 +31,9 @@ from fuzzmmu.world.memslots import (
 )
 from fuzzmmu.world.observe import DONE, GP, AccessKind, Observation, ObsKind
 
-NUM_VCPUS = 2
-DEFAULT_CONFIG = MmuConfig()
-MAX_GUEST_ENTRIES = 16  # a guest access that faults more often than this is a livelock
+NUM_VCPUS: Final = 2
+DEFAULT_CONFIG: Final = MmuConfig()
+MAX_GUEST_ENTRIES: Final = 16  # a guest access that faults more often than this is a livelock
 
 
 class Machine:

@@ -9,7 +9,7 @@ therefore visible to the guest.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from fuzzmmu.arch.bits import (
     CR0_CD,
@@ -38,11 +38,11 @@ if TYPE_CHECKING:
     from fuzzmmu.model.mmu.mmu import KvmMmu
     from fuzzmmu.world.memslots import PhysMemory
 
-CR0_PDPTR_BITS = CR0_CD | CR0_NW | CR0_PG  # X86_CR0_PDPTR_BITS
-CR4_PDPTR_BITS = CR4_PGE | CR4_PSE | CR4_PAE | CR4_SMEP  # X86_CR4_PDPTR_BITS
-MMU_CR0_ROLE_BITS = CR0_PG | CR0_WP
-MMU_CR4_ROLE_BITS = CR4_PSE | CR4_PAE | CR4_LA57 | CR4_SMEP | CR4_SMAP | CR4_PKE
-MMU_EFER_ROLE_BITS = EFER_LME | EFER_NXE
+CR0_PDPTR_BITS: Final = CR0_CD | CR0_NW | CR0_PG  # X86_CR0_PDPTR_BITS
+CR4_PDPTR_BITS: Final = CR4_PGE | CR4_PSE | CR4_PAE | CR4_SMEP  # X86_CR4_PDPTR_BITS
+MMU_CR0_ROLE_BITS: Final = CR0_PG | CR0_WP
+MMU_CR4_ROLE_BITS: Final = CR4_PSE | CR4_PAE | CR4_LA57 | CR4_SMEP | CR4_SMAP | CR4_PKE
+MMU_EFER_ROLE_BITS: Final = EFER_LME | EFER_NXE
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
@@ -107,12 +107,12 @@ if TYPE_CHECKING:
     from fuzzmmu.model.x86 import Vcpu
     from fuzzmmu.world.memslots import Memslot
 
-INVARIANTS = ("I2", "I3", "I4", "I5", "I6", "I7", "I8", "I9")
+INVARIANTS: Final = ("I2", "I3", "I4", "I5", "I6", "I7", "I8", "I9")
 
 # Role bits a child copies unchanged from its parent (everything but level, quadrant, direct,
 # access and invalid).
-_INHERITED_ROLE_BITS = ~(LEVEL_MASK | QUADRANT_MASK | DIRECT | ACCESS_MASK | INVALID)
-_UX = ACC_U | ACC_X
+_INHERITED_ROLE_BITS: Final = ~(LEVEL_MASK | QUADRANT_MASK | DIRECT | ACCESS_MASK | INVALID)
+_UX: Final = ACC_U | ACC_X
 
 Sptep = tuple["ShadowPage", int]
 

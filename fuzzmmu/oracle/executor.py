@@ -20,7 +20,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from fuzzmmu.arch.bits import (
     CR0_PE,
@@ -79,8 +79,8 @@ from fuzzmmu.world.layout import DM_LINK, NUM_GFNS, direct_map_va
 from fuzzmmu.world.memslots import MemslotUpdate, PhysMemory
 from fuzzmmu.world.observe import DONE, AccessKind, Observation
 
-_DM_KEY = {GuestMode.BIT32: PagingMode.BIT32, GuestMode.BIT32_PSE: PagingMode.BIT32,
-           GuestMode.PAE: PagingMode.PAE, GuestMode.LONG4: PagingMode.LONG4}
+_DM_KEY: Final = {GuestMode.BIT32: PagingMode.BIT32, GuestMode.BIT32_PSE: PagingMode.BIT32,
+                  GuestMode.PAE: PagingMode.PAE, GuestMode.LONG4: PagingMode.LONG4}
 
 
 # ---------------------------------------------------------------------- targets
@@ -159,13 +159,13 @@ def _make_model(program: Program, bugs: BugSet) -> Machine:
                    bugs)
 
 
-MODEL = Target("model", _make_model)
+MODEL: Final = Target("model", _make_model)
 
 
 # ---------------------------------------------------------------------- steps
 
 
-NO_VCPU = -1
+NO_VCPU: Final = -1
 
 
 class Step:
@@ -188,7 +188,7 @@ class Step:
         raise NotImplementedError
 
 
-_ACCESS_STEP_KIND = {k: f"access/{k.value}" for k in AccessKind}
+_ACCESS_STEP_KIND: Final = {k: f"access/{k.value}" for k in AccessKind}
 
 
 class AccessStep(Step):
@@ -237,10 +237,10 @@ class SpeculativeWalk(Step):
         return True, DONE
 
 
-_MODEL_WRITES: dict[str, Callable[[TargetMachine, int, int], Observation]] = {
+_MODEL_WRITES: Final[dict[str, Callable[[TargetMachine, int, int], Observation]]] = {
     "cr0": lambda m, v, x: m.write_cr0(v, x), "cr3": lambda m, v, x: m.write_cr3(v, x),
     "cr4": lambda m, v, x: m.write_cr4(v, x), "efer": lambda m, v, x: m.write_efer(v, x)}
-_REF_WRITES: dict[str, Callable[[ReferenceMachine, int, int], Observation]] = {
+_REF_WRITES: Final[dict[str, Callable[[ReferenceMachine, int, int], Observation]]] = {
     "cr0": ReferenceMachine.write_cr0, "cr3": ReferenceMachine.write_cr3,
     "cr4": ReferenceMachine.write_cr4, "efer": ReferenceMachine.write_efer}
 
@@ -411,10 +411,10 @@ def lower(op: Op, r: ReferenceMachine) -> list[Step]:
     raise TypeError(f"cannot lower {op!r}")
 
 
-_CURRENT_FORMAT = {PagingMode.OFF: GuestMode.LONG4, PagingMode.BIT32: GuestMode.BIT32,
-                   PagingMode.PAE: GuestMode.PAE, PagingMode.LONG4: GuestMode.LONG4,
-                   PagingMode.LONG5: GuestMode.LONG4}
-_MAP_GEOMETRY = {  # format -> (entry size, levels, index bits per level)
+_CURRENT_FORMAT: Final = {PagingMode.OFF: GuestMode.LONG4, PagingMode.BIT32: GuestMode.BIT32,
+                          PagingMode.PAE: GuestMode.PAE, PagingMode.LONG4: GuestMode.LONG4,
+                          PagingMode.LONG5: GuestMode.LONG4}
+_MAP_GEOMETRY: Final = {  # format -> (entry size, levels, index bits per level)
     GuestMode.BIT32: (4, 2, 10),
     GuestMode.PAE: (8, 3, 9),
     GuestMode.LONG4: (8, 4, 9),
@@ -530,7 +530,7 @@ def _mode_label(mode: ModeAt) -> str:
 
 
 # Interleave points at which a faulting access has walked the guest tables already.
-_AFTER_WALK = frozenset({Point.WALKED, Point.FAULTIN, Point.PRE_LEAF, Point.EMULATE})
+_AFTER_WALK: Final = frozenset({Point.WALKED, Point.FAULTIN, Point.PRE_LEAF, Point.EMULATE})
 
 
 def _op_vcpu(op: Op) -> int | None:

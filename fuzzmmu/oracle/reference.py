@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from fuzzmmu.arch.bits import (
     CR0_CD,
@@ -55,13 +55,13 @@ from fuzzmmu.world.layout import new_world
 from fuzzmmu.world.memslots import MemslotChange, MemslotError, MemslotUpdate, PhysMemory
 from fuzzmmu.world.observe import DONE, GP, AccessKind, Observation, ObsKind, mmio_read_value
 
-CR0_PDPTR_BITS = CR0_CD | CR0_NW | CR0_PG  # SDM §4.4.1
-CR4_PDPTR_BITS = CR4_PGE | CR4_PSE | CR4_PAE | CR4_SMEP
-PSE36_WIDTH = 36  # the CPU KVM presents: PSE-36 reaches 36 physical address bits
+CR0_PDPTR_BITS: Final = CR0_CD | CR0_NW | CR0_PG  # SDM §4.4.1
+CR4_PDPTR_BITS: Final = CR4_PGE | CR4_PSE | CR4_PAE | CR4_SMEP
+PSE36_WIDTH: Final = 36  # the CPU KVM presents: PSE-36 reaches 36 physical address bits
 # The walker's Access for each (kind, CPL 3); Access is immutable, so one of each is shared.
-_ACCESSES = {(kind, user): Access(write=kind is AccessKind.WRITE, user=user,
-                                  fetch=kind is AccessKind.FETCH)
-             for kind in AccessKind for user in (False, True)}
+_ACCESSES: Final = {(kind, user): Access(write=kind is AccessKind.WRITE, user=user,
+                                         fetch=kind is AccessKind.FETCH)
+                    for kind in AccessKind for user in (False, True)}
 
 
 class OutsideContract(Exception):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 from fuzzmmu.program.ops import (
     MAX_SECOND,
@@ -45,21 +45,21 @@ from fuzzmmu.program.ops import (
 )
 from fuzzmmu.program.schema import Layout, layout
 
-HEADER_SIZE = 4
-RECORD_SIZE = 8
-MAX_OPS = 64
+HEADER_SIZE: Final = 4
+RECORD_SIZE: Final = 8
+MAX_OPS: Final = 64
 
-_WEIGHTS: tuple[tuple[type[Op], int], ...] = (
+_WEIGHTS: Final[tuple[tuple[type[Op], int], ...]] = (
     (Access, 64), (Map, 40), (WritePte, 28), (Store, 12), (SetMode, 20), (LoadCr3, 12),
     (SetBit, 14), (Invlpg, 10), (Smi, 6), (Rsm, 6), (Memslot, 8), (ZapAll, 3), (Migrate, 5),
     (Shrink, 2), (MmuPages, 2), (Interleave, 24),
 )
-OPCODE: tuple[type[Op], ...] = tuple(k for k, n in _WEIGHTS for _ in range(n))
+OPCODE: Final[tuple[type[Op], ...]] = tuple(k for k, n in _WEIGHTS for _ in range(n))
 assert len(OPCODE) == 256
-FIRST_OPCODE = {k: OPCODE.index(k) for k, _ in _WEIGHTS}
+FIRST_OPCODE: Final = {k: OPCODE.index(k) for k, _ in _WEIGHTS}
 
-_HEADER = layout(Header)
-_LAYOUTS: dict[type[Op], Layout] = {kind: layout(kind) for kind in SIMPLE_OPS}
+_HEADER: Final = layout(Header)
+_LAYOUTS: Final[dict[type[Op], Layout]] = {kind: layout(kind) for kind in SIMPLE_OPS}
 # The digits of every op fit a record's payload, and the header's its 4 bytes: a field added
 # to the schema must keep them fitting (else encoding overflows and decoding never reaches
 # the field's high values).
@@ -68,7 +68,8 @@ assert all(math.prod(radix for radix, _ in lay.steps) <= 1 << 8 * (RECORD_SIZE -
 assert math.prod(radix for radix, _ in _HEADER.steps) <= 1 << 8 * HEADER_SIZE
 # What an opcode's record decodes with: an interleave operand with the interleave opcode reads
 # as an access (its payload means nothing else there).
-_DECODERS: tuple[Layout, ...] = tuple(_LAYOUTS[Access if k is Interleave else k] for k in OPCODE)
+_DECODERS: Final[tuple[Layout, ...]] = tuple(_LAYOUTS[Access if k is Interleave else k]
+                                             for k in OPCODE)
 
 
 def _decode_fields(lay: Layout, n: int) -> Any:
@@ -117,8 +118,8 @@ def decode(data: bytes) -> Program:
 
 # Decoding a record is a pure function of its 8 bytes and ops are immutable, so the ops of the
 # records seen last are kept: a fuzzer decodes the same records over and over.
-_RECORD_OPS: dict[bytes, Op] = {}
-_RECORD_OPS_LIMIT = 1 << 15  # then the cache starts afresh
+_RECORD_OPS: Final[dict[bytes, Op]] = {}
+_RECORD_OPS_LIMIT: Final = 1 << 15  # then the cache starts afresh
 
 
 def decode_record(rec: bytes) -> Op:

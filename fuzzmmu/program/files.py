@@ -5,6 +5,7 @@ evaluated."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Final
 
 from fuzzmmu.program.codec import decode, encode
 from fuzzmmu.program.ops import Program
@@ -15,7 +16,7 @@ class ProgramFileError(ValueError):
     """A program file that cannot be used, with the reason."""
 
 
-_BOM = "\ufeff".encode()
+_BOM: Final = "\ufeff".encode()
 
 
 def looks_like_text(data: bytes) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Collection
+from typing import Final
 
 from fuzzmmu.model.mmu.internal import Point
 from fuzzmmu.program import world as W
@@ -52,12 +53,13 @@ def _bit(rng: random.Random, p: float) -> bool:
 # The kinds of op the generator draws, with their weights. A swarm (Groce et al., "Swarm
 # testing", ISSTA 2012) draws from a subset: leaving kinds out of a program lets the others
 # pile up, which reaches states a program of everything dilutes.
-OP_KINDS = (("access", 30), ("map", 16), ("pte", 8), ("store", 3), ("invlpg", 5), ("cr3", 4),
-            ("set", 5), ("mode", 3), ("smm", 3), ("memslot", 2), ("host", 3), ("interleave", 8))
-_KIND_OF = {Access: "access", Map: "map", WritePte: "pte", Store: "store", Invlpg: "invlpg",
-            LoadCr3: "cr3", SetBit: "set", SetMode: "mode", Smi: "smm", Rsm: "smm",
-            Memslot: "memslot", ZapAll: "host", Migrate: "host", Shrink: "host",
-            MmuPages: "host", Interleave: "interleave"}
+OP_KINDS: Final = (("access", 30), ("map", 16), ("pte", 8), ("store", 3), ("invlpg", 5),
+                   ("cr3", 4), ("set", 5), ("mode", 3), ("smm", 3), ("memslot", 2), ("host", 3),
+                   ("interleave", 8))
+_KIND_OF: Final = {Access: "access", Map: "map", WritePte: "pte", Store: "store", Invlpg: "invlpg",
+                   LoadCr3: "cr3", SetBit: "set", SetMode: "mode", Smi: "smm", Rsm: "smm",
+                   Memslot: "memslot", ZapAll: "host", Migrate: "host", Shrink: "host",
+                   MmuPages: "host", Interleave: "interleave"}
 
 
 def op_kind(op: Op) -> str:

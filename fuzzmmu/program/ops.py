@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Final
 
 from fuzzmmu.arch.bits import PAGE_SHIFT, PTE_A, PTE_D, PTE_NX, PTE_P, PTE_PS, PTE_U, PTE_W
 from fuzzmmu.model.mmu.internal import Point
@@ -68,8 +68,8 @@ class Extra(enum.Enum):
 
 
 # Entry flags by name, in the order the text form spells them.
-FLAG_BITS = {"P": PTE_P, "W": PTE_W, "U": PTE_U, "A": PTE_A, "D": PTE_D, "PS": PTE_PS,
-             "NX": PTE_NX}
+FLAG_BITS: Final = {"P": PTE_P, "W": PTE_W, "U": PTE_U, "A": PTE_A, "D": PTE_D, "PS": PTE_PS,
+                    "NX": PTE_NX}
 
 
 @dataclass(frozen=True)
@@ -107,36 +107,37 @@ class Entry:
 # the binary form), its syntax in the text form and, for a field that depends on another, a
 # Fix; fuzzmmu.program.schema derives the codec, the text form and the strategies from them.
 
-VCPU = Cpu()
-ADDRESS = Table(W.VA_CHOICES, "address", hexa=True)
-WIDTH = Table(W.WIDTHS, "width")
-ROOT = Table(W.ROOTS, "root frame", hexa=True)
-AS_ID = Table(range(2), "address space")
-_TARGET = Table(W.TARGETS, "target frame", hexa=True)
-_EXTRA = Table(tuple(Extra), "extra")
-ENTRY = Composite(Entry, (("target", _TARGET),
-                          ("flags", FlagMask(FLAG_BITS, tuple(FLAG_BITS), "entry flags")),
-                          ("extra", _EXTRA)),
-                  "entry", "->", Extra.NONE)
+VCPU: Final = Cpu()
+ADDRESS: Final = Table(W.VA_CHOICES, "address", hexa=True)
+WIDTH: Final = Table(W.WIDTHS, "width")
+ROOT: Final = Table(W.ROOTS, "root frame", hexa=True)
+AS_ID: Final = Table(range(2), "address space")
+_TARGET: Final = Table(W.TARGETS, "target frame", hexa=True)
+_EXTRA: Final = Table(tuple(Extra), "extra")
+ENTRY: Final = Composite(Entry, (("target", _TARGET),
+                                 ("flags", FlagMask(FLAG_BITS, tuple(FLAG_BITS), "entry flags")),
+                                 ("extra", _EXTRA)),
+                         "entry", "->", Extra.NONE)
 # A kernel's mappings are mostly present and executable: P unless a 1-in-8 digit says not,
 # NX only on a 1-in-8 digit (NX is a reserved bit while EFER.NXE is off). PS is the level's.
-MAP_ENTRY = Composite(Entry, (
+MAP_ENTRY: Final = Composite(Entry, (
     ("target", _TARGET),
     ("flags", BiasedFlags(FLAG_BITS, (("P", 8, True), ("W", 2, True), ("U", 2, True),
                                       ("A", 2, True), ("D", 2, True), ("NX", 8, False)),
                           "a map entry's flags", why="a map sets PS itself from its level")),
     ("extra", _EXTRA)), "entry", "->", Extra.NONE)
 # Upper entries: W and U unless a 1-in-8 digit says not, A on a coin, NX on a 1-in-8 digit.
-UPPER = BiasedFlags(FLAG_BITS, (("W", 8, True), ("U", 8, True), ("A", 2, True),
-                                ("NX", 8, False)),
-                    "upper entries' flags", why="upper entries take W, U, A or NX, not {name!r}")
+UPPER: Final = BiasedFlags(FLAG_BITS, (("W", 8, True), ("U", 8, True), ("A", 2, True),
+                                       ("NX", 8, False)),
+                           "upper entries' flags",
+                           why="upper entries take W, U, A or NX, not {name!r}")
 # A map's table format: mostly the vCPU's current one (None).
-MAP_FORMATS = (None, None, None, None, None, GuestMode.BIT32, GuestMode.PAE, GuestMode.LONG4)
+MAP_FORMATS: Final = (None, None, None, None, None, GuestMode.BIT32, GuestMode.PAE, GuestMode.LONG4)
 # Boot modes, most programs running paged (a mode may repeat: its first index stands for it).
-BOOT_MODES = (GuestMode.LONG4, GuestMode.PAE, GuestMode.BIT32, GuestMode.LONG4,
-              GuestMode.BIT32_PSE, GuestMode.OFF, GuestMode.LONG4, GuestMode.PAE)
-MAX_SECOND = 3  # ops in the second part of an interleave
-POINT = Table(tuple(Point), "interleave point")
+BOOT_MODES: Final = (GuestMode.LONG4, GuestMode.PAE, GuestMode.BIT32, GuestMode.LONG4,
+                     GuestMode.BIT32_PSE, GuestMode.OFF, GuestMode.LONG4, GuestMode.PAE)
+MAX_SECOND: Final = 3  # ops in the second part of an interleave
+POINT: Final = Table(tuple(Point), "interleave point")
 
 
 def _in_page(offset: int, width: int) -> int:
@@ -362,8 +363,9 @@ class Interleave(Op):
     second: Annotated[tuple[Op, ...], Nested(group=(1, MAX_SECOND))]
 
 
-SIMPLE_OPS: tuple[type[Op], ...] = (SetMode, LoadCr3, SetBit, WritePte, Map, Store, Access,
-                                     Invlpg, Smi, Rsm, Memslot, ZapAll, Migrate, Shrink, MmuPages)
+SIMPLE_OPS: Final[tuple[type[Op], ...]] = (SetMode, LoadCr3, SetBit, WritePte, Map, Store,
+                                           Access, Invlpg, Smi, Rsm, Memslot, ZapAll, Migrate,
+                                           Shrink, MmuPages)
 
 @dataclass(frozen=True)
 class Program:

@@ -28,7 +28,7 @@ import enum
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -335,7 +335,7 @@ class Plus:
     """The ``+offset`` of the address word before it; 0 when the word has none."""
 
 
-_REQUIRED: Any = object()
+_REQUIRED: Final[Any] = object()
 
 
 @dataclass(frozen=True)
@@ -482,7 +482,7 @@ class Layout:
         return out
 
 
-_LAYOUTS: dict[type, Layout] = {}
+_LAYOUTS: Final[dict[type, Layout]] = {}
 
 
 def layout(cls: type) -> Layout:

@@ -6,7 +6,7 @@ Hypothesis engine of the benchmark draw from these."""
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from hypothesis import strategies as st
 
@@ -72,10 +72,10 @@ def _any(kinds: tuple[type[Op], ...]) -> st.SearchStrategy[Op]:
 
 # Groups of op kinds, each group as likely as an access or a map (the benchmark's state
 # machine has a rule per group).
-_TABLE_WRITES: tuple[type[Op], ...] = (WritePte, Store)
-_CONTROL: tuple[type[Op], ...] = (SetMode, LoadCr3, SetBit, Invlpg)
-_SMM: tuple[type[Op], ...] = (Smi, Rsm)
-_HOST: tuple[type[Op], ...] = (Memslot, ZapAll, Migrate, Shrink, MmuPages)
+_TABLE_WRITES: Final[tuple[type[Op], ...]] = (WritePte, Store)
+_CONTROL: Final[tuple[type[Op], ...]] = (SetMode, LoadCr3, SetBit, Invlpg)
+_SMM: Final[tuple[type[Op], ...]] = (Smi, Rsm)
+_HOST: Final[tuple[type[Op], ...]] = (Memslot, ZapAll, Migrate, Shrink, MmuPages)
 assert {Access, Map, *_TABLE_WRITES, *_CONTROL, *_SMM, *_HOST} == set(SIMPLE_OPS), (
     "a new op kind goes into a group")
 table_writes = _any(_TABLE_WRITES)

@@ -17,7 +17,7 @@ to one value (a load's seed) is left out.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from fuzzmmu.program.codec import MAX_OPS
 from fuzzmmu.program.ops import MAX_SECOND, SIMPLE_OPS, Header, Interleave, Op, Program
@@ -37,7 +37,7 @@ from fuzzmmu.program.schema import (
     to_int,
 )
 
-FORMAT_LINE = "# fuzzmmu program v1"
+FORMAT_LINE: Final = "# fuzzmmu program v1"
 
 
 class ProgramSyntaxError(ValueError):
@@ -73,7 +73,7 @@ def _op_names() -> dict[str, type[Op]]:
     return out
 
 
-_BY_NAME = _op_names()
+_BY_NAME: Final = _op_names()
 
 
 # ---------------------------------------------------------------------- formatting
@@ -149,7 +149,7 @@ class _Line:
             raise self.fail(f"unexpected {self.words[used_words]!r}")
 
 
-_MISSING: Any = object()
+_MISSING: Final[Any] = object()
 
 
 def _parse_fields(ln: _Line, lay: Layout, defaults: object | None = None) -> list[Any]:

@@ -21,32 +21,33 @@ that broke its own kernel mapping, and both model and reference must agree on wh
 from __future__ import annotations
 
 import functools
+from typing import Final
 
 from fuzzmmu.arch.bits import PAGE_SHIFT, PTE_A, PTE_D, PTE_P, PTE_W, PagingMode
 from fuzzmmu.world.memory import GuestMemory
 from fuzzmmu.world.memslots import HostMap, Memslot, Memslots
 
-NUM_GFNS = 64
-MMIO_HOLE = range(48, 56)
-SMRAM_HVA = 64
-SPARE_FRAMES = list(range(72, 80))
-HOST_PAGES = 72  # host-virtual pages backing guest RAM and SMRAM
-BACKING_FRAMES = 80
+NUM_GFNS: Final = 64
+MMIO_HOLE: Final = range(48, 56)
+SMRAM_HVA: Final = 64
+SPARE_FRAMES: Final = list(range(72, 80))
+HOST_PAGES: Final = 72  # host-virtual pages backing guest RAM and SMRAM
+BACKING_FRAMES: Final = 80
 
-DM_PT32 = 60
-DM_PT64 = 61
-DM_PD64 = 62
-DM_PDPT = 63
-DIRECT_MAP = 0xFFFF_FF80_C000_0000  # PML4E 511, PDPTE 3; low 32 bits 0xC0000000
+DM_PT32: Final = 60
+DM_PT64: Final = 61
+DM_PD64: Final = 62
+DM_PDPT: Final = 63
+DIRECT_MAP: Final = 0xFFFF_FF80_C000_0000  # PML4E 511, PDPTE 3; low 32 bits 0xC0000000
 
 # Where the kernel half lives in a root table of each mode, and the entry it holds.
-DM_LINK: dict[PagingMode, tuple[int, int, int]] = {  # mode -> (byte offset, size, value)
+DM_LINK: Final[dict[PagingMode, tuple[int, int, int]]] = {  # mode -> (byte offset, size, value)
     PagingMode.BIT32: (768 * 4, 4, (DM_PT32 << PAGE_SHIFT) | PTE_P | PTE_W | PTE_A),
     PagingMode.PAE: (3 * 8, 8, (DM_PD64 << PAGE_SHIFT) | PTE_P),
     PagingMode.LONG4: (511 * 8, 8, (DM_PDPT << PAGE_SHIFT) | PTE_P | PTE_W | PTE_A),
 }
 
-DEFAULT_SLOTS = (
+DEFAULT_SLOTS: Final = (
     Memslot(0, 0, 0, 48, 0),
     Memslot(0, 1, 56, 8, 56),
     Memslot(1, 0, 0, 48, 0),

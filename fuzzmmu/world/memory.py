@@ -6,21 +6,23 @@ the array (a scalar numpy index costs ~4x more); bulk work (create, copy, compar
 
 from __future__ import annotations
 
+from typing import Final
+
 import numpy as np
 
 from fuzzmmu.arch.bits import PAGE_SHIFT
 
-_SIZES = (1, 2, 4, 8)
-_PAGE = 1 << PAGE_SHIFT
-_ZERO_PAGE = bytes(_PAGE)
+_SIZES: Final = (1, 2, 4, 8)
+_PAGE: Final = 1 << PAGE_SHIFT
+_ZERO_PAGE: Final = bytes(_PAGE)
 
 # Arrays of memories their owners are done with (``GuestMemory.release``), by size, each with
 # the frames that may hold nonzero bytes, for the next ``copy`` to fill. A fuzzer copies the
 # world twice per program and once more per candidate order of an interleave, and a program
 # writes a few of its frames: copying and zeroing only those moves a tenth of the bytes of a
 # whole-array copy, which was a sixth of a program's time.
-_SPARE: dict[int, list[tuple[np.ndarray, set[int]]]] = {}
-_SPARE_MAX = 4
+_SPARE: Final[dict[int, list[tuple[np.ndarray, set[int]]]]] = {}
+_SPARE_MAX: Final = 4
 
 
 class GuestMemoryError(LookupError):

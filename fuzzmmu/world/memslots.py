@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
 from fuzzmmu.arch.bits import PAGE_SHIFT
 from fuzzmmu.world.memory import GuestMemory, GuestMemoryError
 
-NUM_ADDRESS_SPACES = 2
-GEN_UPDATE_IN_PROGRESS = 1 << 63  # KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+NUM_ADDRESS_SPACES: Final = 2
+GEN_UPDATE_IN_PROGRESS: Final = 1 << 63  # KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
 
 
 class MemslotError(ValueError):

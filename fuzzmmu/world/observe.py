@@ -4,7 +4,7 @@ machine and the reference machine, compared by the oracle."""
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from fuzzmmu.arch.bits import pferr_str
 
@@ -46,8 +46,8 @@ class Observation(NamedTuple):
         return f"{k.value}{': ' + self.detail if self.detail else ''}"
 
 
-DONE = Observation(ObsKind.DONE)
-GP = Observation(ObsKind.GP)
+DONE: Final = Observation(ObsKind.DONE)
+GP: Final = Observation(ObsKind.GP)
 
 
 def mmio_read_value(gpa: int, size: int) -> int:

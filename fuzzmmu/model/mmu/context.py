@@ -9,7 +9,7 @@ in ``pae_root`` (KVM's special root, not a shadow page). Long-mode guests get on
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from fuzzmmu.arch.bits import (
     ACC_ALL,
@@ -42,13 +42,13 @@ from fuzzmmu.model.mmu.role import DIRECT, make_role, with_level, with_quadrant
 if TYPE_CHECKING:
     from fuzzmmu.model.x86 import Vcpu
 
-INVALID_PAGE = -1
-PAE_ROOT = -2  # root.hpa of the special pae_root page
-DUMMY_ROOT = -3  # kvm_mmu_get_dummy_root(): CR3 outside every memslot
-PT32E_ROOT_LEVEL = 3
-NUM_PREV_ROOTS = 3
-ROOT_CURRENT = 1
-ROOTS_ALL = 0b1111
+INVALID_PAGE: Final = -1
+PAE_ROOT: Final = -2  # root.hpa of the special pae_root page
+DUMMY_ROOT: Final = -3  # kvm_mmu_get_dummy_root(): CR3 outside every memslot
+PT32E_ROOT_LEVEL: Final = 3
+NUM_PREV_ROOTS: Final = 3
+ROOT_CURRENT: Final = 1
+ROOTS_ALL: Final = 0b1111
 
 
 class CpuRole(NamedTuple):

@@ -9,7 +9,7 @@ is write-protected, mmu_invalidate_seq against MMU-notifier invalidations, obsol
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from fuzzmmu.arch.bits import (
     ACC_ALL,
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from fuzzmmu.model.x86 import Vcpu
     from fuzzmmu.world.memslots import Memslot
 
-KVM_PFN_NOSLOT = -1
+KVM_PFN_NOSLOT: Final = -1
 
 
 class PageFault:

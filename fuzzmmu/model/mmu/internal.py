@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
 
 class ModelError(RuntimeError):
@@ -35,12 +36,12 @@ class Point(enum.Enum):
 
 
 # Page-fault handler return codes (mmu_internal.h RET_PF_*).
-RET_PF_CONTINUE = 0
-RET_PF_RETRY = 1
-RET_PF_EMULATE = 2
-RET_PF_INVALID = 3
-RET_PF_FIXED = 4
-RET_PF_SPURIOUS = 5
+RET_PF_CONTINUE: Final = 0
+RET_PF_RETRY: Final = 1
+RET_PF_EMULATE: Final = 2
+RET_PF_INVALID: Final = 3
+RET_PF_FIXED: Final = 4
+RET_PF_SPURIOUS: Final = 5
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ to a commit that flushes remote TLBs first. Function names are KVM's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from fuzzmmu.model.bugs import BugSet
 from fuzzmmu.model.mmu import spte as S
@@ -34,9 +34,9 @@ if TYPE_CHECKING:
 
 Sptep = tuple[ShadowPage, int]
 
-KVM_MIN_FREE_MMU_PAGES = 5
-KVM_REFILL_PAGES = 25
-SP_HPFN_BASE = 0x100000  # host frames of shadow page tables, far from guest RAM frames
+KVM_MIN_FREE_MMU_PAGES: Final = 5
+KVM_REFILL_PAGES: Final = 25
+SP_HPFN_BASE: Final = 0x100000  # host frames of shadow page tables, far from guest RAM frames
 
 
 class SlotArch:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 import numpy as np
 
 from fuzzmmu.model.mmu.role import (
@@ -17,7 +19,7 @@ from fuzzmmu.model.mmu.role import (
     role_str,
 )
 
-SPTES_PER_PAGE = 512
+SPTES_PER_PAGE: Final = 512
 
 
 class ShadowPage:

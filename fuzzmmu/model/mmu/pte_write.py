@@ -10,7 +10,7 @@ shadowed by two 2 MiB shadow PDEs, in the quadrant page that covers it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from fuzzmmu.arch.bits import CR4_PAE, PAGE_SHIFT, PTE_A, PTE_P
 from fuzzmmu.model.mmu import spte as S
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 # mmu_base_role_mask: role bits in which a page must match the writing vCPU's context for the
 # update policy to interpret the new gpte in the page's format (LONG_MODE, the model's own bit:
 # the reserved bits of a gpte differ between PAE and 4-level paging).
-BASE_ROLE_MASK = CR0_WP | HAS_4_BYTE_GPTE | EFER_NX | SMEP_ANDNOT_WP | SMAP_ANDNOT_WP | (
+BASE_ROLE_MASK: Final = CR0_WP | HAS_4_BYTE_GPTE | EFER_NX | SMEP_ANDNOT_WP | SMAP_ANDNOT_WP | (
     LONG_MODE | (0xFF << SMM_SHIFT))
 
 

@@ -6,30 +6,32 @@ because two guest contexts must not share a shadow page that differs in it (mmu.
 
 from __future__ import annotations
 
+from typing import Final
+
 from fuzzmmu.arch.bits import acc_str
 
-LEVEL_MASK = 0xF  # bits 0-3
-HAS_4_BYTE_GPTE = 1 << 4
-QUADRANT_SHIFT = 5  # bits 5-6
-QUADRANT_MASK = 3 << QUADRANT_SHIFT
-DIRECT = 1 << 7
-ACCESS_SHIFT = 8  # bits 8-10
-ACCESS_MASK = 7 << ACCESS_SHIFT
-INVALID = 1 << 11
-EFER_NX = 1 << 12
-CR0_WP = 1 << 13
-SMEP_ANDNOT_WP = 1 << 14
-SMAP_ANDNOT_WP = 1 << 15
+LEVEL_MASK: Final = 0xF  # bits 0-3
+HAS_4_BYTE_GPTE: Final = 1 << 4
+QUADRANT_SHIFT: Final = 5  # bits 5-6
+QUADRANT_MASK: Final = 3 << QUADRANT_SHIFT
+DIRECT: Final = 1 << 7
+ACCESS_SHIFT: Final = 8  # bits 8-10
+ACCESS_MASK: Final = 7 << ACCESS_SHIFT
+INVALID: Final = 1 << 11
+EFER_NX: Final = 1 << 12
+CR0_WP: Final = 1 << 13
+SMEP_ANDNOT_WP: Final = 1 << 14
+SMAP_ANDNOT_WP: Final = 1 << 15
 # Not in KVM's role (bit 19 is one of its unused bits): with 4-byte gptes, CR4.PSE decides
 # whether a PDE with PS=1 maps a 4 MiB page or points at a page table, so pages built under
 # one setting must not serve the other. KVM shares them (the kvm.cr4-pse-not-in-role mutant).
-CR4_PSE = 1 << 19
+CR4_PSE: Final = 1 << 19
 # Not in KVM's role either (bit 20 is unused too): PAE paging reserves bits 62:MAXPHYADDR of a
 # PDE or PTE that 4-level paging ignores from bit 52 up, so the same 8-byte gptes are valid
 # for one and a reserved-bit #PF for the other: shadow pages built under long mode must not
 # serve a PAE vCPU. KVM shares them (the kvm.pae-shares-long-mode-pages mutant).
-LONG_MODE = 1 << 20
-SMM_SHIFT = 24  # bits 24-31 (later renamed as_id)
+LONG_MODE: Final = 1 << 20
+SMM_SHIFT: Final = 24  # bits 24-31 (later renamed as_id)
 
 
 def make_role(level: int, *, has_4_byte_gpte: bool = False, quadrant: int = 0,

@@ -8,30 +8,32 @@ access faults with RSVD, not MMU-present, and carry gfn, cached access and memsl
 
 from __future__ import annotations
 
+from typing import Final
+
 from fuzzmmu.arch.bits import ACC_U, ACC_W, ACC_X, PAGE_SHIFT, bits
 
-SPTE_P = 1 << 0
-SPTE_W = 1 << 1
-SPTE_U = 1 << 2
-SPTE_A = 1 << 5
-SPTE_D = 1 << 6
-SPTE_PS = 1 << 7
-SPTE_NX = 1 << 63
-SPTE_HOST_WRITABLE = 1 << 9  # DEFAULT_SPTE_HOST_WRITABLE
-SPTE_MMU_WRITABLE = 1 << 10  # DEFAULT_SPTE_MMU_WRITABLE
-SPTE_MMU_PRESENT = 1 << 11  # SPTE_MMU_PRESENT_MASK
-SPTE_BASE_ADDR_MASK = bits(51, 12)
+SPTE_P: Final = 1 << 0
+SPTE_W: Final = 1 << 1
+SPTE_U: Final = 1 << 2
+SPTE_A: Final = 1 << 5
+SPTE_D: Final = 1 << 6
+SPTE_PS: Final = 1 << 7
+SPTE_NX: Final = 1 << 63
+SPTE_HOST_WRITABLE: Final = 1 << 9  # DEFAULT_SPTE_HOST_WRITABLE
+SPTE_MMU_WRITABLE: Final = 1 << 10  # DEFAULT_SPTE_MMU_WRITABLE
+SPTE_MMU_PRESENT: Final = 1 << 11  # SPTE_MMU_PRESENT_MASK
+SPTE_BASE_ADDR_MASK: Final = bits(51, 12)
 
 # MMIO sptes (mark_mmio_spte / make_mmio_spte). shadow_mmio_value for a host with
 # MAXPHYADDR < 52: reserved bit 51 plus P, so hardware raises #PF(P|RSVD).
-MMIO_RSVD_BIT = 1 << 51
-SPTE_MMIO_VALUE = MMIO_RSVD_BIT | SPTE_P
-SPTE_MMIO_MASK = MMIO_RSVD_BIT | SPTE_P | SPTE_MMU_PRESENT
-MMIO_ACCESS_MASK = ACC_W | ACC_U  # shadow_mmio_access_mask: X is not cached
-MMIO_GEN_LOW_SHIFT = 3  # generation bits 0-7 -> spte bits 3-10
-MMIO_GEN_LOW_BITS = 8
-MMIO_GEN_HIGH_SHIFT = 52  # generation bits 8-18 -> spte bits 52-62
-MMIO_GFN_MASK = bits(50, 12)
+MMIO_RSVD_BIT: Final = 1 << 51
+SPTE_MMIO_VALUE: Final = MMIO_RSVD_BIT | SPTE_P
+SPTE_MMIO_MASK: Final = MMIO_RSVD_BIT | SPTE_P | SPTE_MMU_PRESENT
+MMIO_ACCESS_MASK: Final = ACC_W | ACC_U  # shadow_mmio_access_mask: X is not cached
+MMIO_GEN_LOW_SHIFT: Final = 3  # generation bits 0-7 -> spte bits 3-10
+MMIO_GEN_LOW_BITS: Final = 8
+MMIO_GEN_HIGH_SHIFT: Final = 52  # generation bits 8-18 -> spte bits 52-62
+MMIO_GFN_MASK: Final = bits(50, 12)
 
 
 

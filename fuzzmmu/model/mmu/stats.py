@@ -7,9 +7,10 @@ reports the same names."""
 from __future__ import annotations
 
 from operator import attrgetter
+from typing import Final
 
 # In KVM's order of declaration; a feature names a counter by its index here.
-STAT_NAMES = (
+STAT_NAMES: Final = (
     "pf_taken",  # kvm_mmu_do_page_fault()
     "pf_fixed",  # ... returned RET_PF_FIXED
     "pf_emulate",  # ... RET_PF_EMULATE
@@ -60,4 +61,4 @@ class MmuStats:
         return _ALL(self)
 
 
-_ALL = attrgetter(*STAT_NAMES)
+_ALL: Final = attrgetter(*STAT_NAMES)

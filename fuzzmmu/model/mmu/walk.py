@@ -9,7 +9,7 @@ architectural reference in fuzzmmu.arch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from fuzzmmu.arch.bits import (
     ACC_U,
@@ -33,11 +33,11 @@ if TYPE_CHECKING:
     from fuzzmmu.model.mmu.mmu import KvmMmu
     from fuzzmmu.model.x86 import Vcpu
 
-PT64_NX_MASK = 1 << 63
-PT64_BASE_ADDR_MASK = bits(51, 12)
-PT32_BASE_ADDR_MASK = 0xFFFFF000
-PTE_PREFETCH_NUM = 8
-ALL_ONES = (1 << 64) - 1
+PT64_NX_MASK: Final = 1 << 63
+PT64_BASE_ADDR_MASK: Final = bits(51, 12)
+PT32_BASE_ADDR_MASK: Final = 0xFFFFF000
+PTE_PREFETCH_NUM: Final = 8
+ALL_ONES: Final = (1 << 64) - 1
 
 
 class GuestWalker:
