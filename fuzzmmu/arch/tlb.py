@@ -13,17 +13,31 @@ PKRU change does not: those are applied when a cached translation is used.
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
-
-class TlbEntry(NamedTuple):
+class TlbEntry:
     """A cached translation: the guest-physical page, the rights accumulated over the walk,
-    the leaf's D flag and protection key (SDM §4.10.2.2)."""
+    the leaf's D flag and protection key (SDM §4.10.2.2). Compared by value."""
 
-    gpa_page: int
-    rights: int
-    dirty: bool
-    pkey: int
+    __slots__ = ("dirty", "gpa_page", "pkey", "rights")
+
+    def __init__(self, gpa_page: int, rights: int, dirty: bool, pkey: int) -> None:
+        self.gpa_page = gpa_page
+        self.rights = rights
+        self.dirty = dirty
+        self.pkey = pkey
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TlbEntry):
+            return NotImplemented
+        return (self.gpa_page == other.gpa_page and self.rights == other.rights
+                and self.dirty == other.dirty and self.pkey == other.pkey)
+
+    def __hash__(self) -> int:
+        return hash((self.gpa_page, self.rights, self.dirty, self.pkey))
+
+    def __repr__(self) -> str:
+        return (f"TlbEntry(gpa_page={self.gpa_page:#x}, rights={self.rights}, "
+                f"dirty={self.dirty}, pkey={self.pkey})")
 
 
 class Tlb:

@@ -11,7 +11,7 @@ This is the ground truth of the differential oracle. It knows nothing about KVM.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, NamedTuple, Protocol
 
 from fuzzmmu.arch.bits import (
@@ -87,7 +87,6 @@ class Access:
             raise ValueError("an access is a read, a write or a fetch, not both write and fetch")
 
 
-@dataclass(frozen=True)
 class CpuState:
     """The architectural state a walk depends on.
 
@@ -96,34 +95,67 @@ class CpuState:
     addresses are 32 bits wide outside long mode. ``pse36_width`` is the number of physical
     address bits a 4 MiB PSE page can reach on this CPU model: min(MAXPHYADDR, 40) on current
     CPUs (SDM Table 4-4); 36 on the original PSE-36 CPUs.
+
+    Immutable by convention: a value object compared and hashed by its fields (a plain class,
+    not a frozen dataclass, so that the compiled reference builds one without the interpreter).
     """
 
-    cr0: int = 0
-    cr3: int = 0
-    cr4: int = 0
-    efer: int = 0
-    pdptrs: tuple[int, int, int, int] | None = None
-    maxphyaddr: int = 40
-    eflags_ac: bool = False
-    pkru: int = 0
-    pse36_width: int = 40
-    _p: _Params = field(init=False, repr=False, compare=False)
+    __slots__ = ("_p", "cr0", "cr3", "cr4", "efer", "eflags_ac", "maxphyaddr", "pdptrs", "pkru",
+                 "pse36_width")
 
-    def __post_init__(self) -> None:
-        if not 32 <= self.maxphyaddr <= 52:
-            raise ValueError(f"MAXPHYADDR must be between 32 and 52, got {self.maxphyaddr}")
-        if self.cr0 & CR0_PG and self.efer & EFER_LME and not self.cr4 & CR4_PAE:
+    def __init__(self, cr0: int = 0, cr3: int = 0, cr4: int = 0, efer: int = 0,
+                 pdptrs: tuple[int, int, int, int] | None = None, maxphyaddr: int = 40,
+                 eflags_ac: bool = False, pkru: int = 0, pse36_width: int = 40) -> None:
+        if not 32 <= maxphyaddr <= 52:
+            raise ValueError(f"MAXPHYADDR must be between 32 and 52, got {maxphyaddr}")
+        if cr0 & CR0_PG and efer & EFER_LME and not cr4 & CR4_PAE:
             raise ValueError("illegal CPU state: CR0.PG=1 with EFER.LME=1 needs CR4.PAE=1 (#GP)")
-        mode = paging_mode(self.cr0, self.cr4, self.efer)
-        if mode is PagingMode.PAE and (self.pdptrs is None or len(self.pdptrs) != 4):
+        mode = paging_mode(cr0, cr4, efer)
+        if mode is PagingMode.PAE and (pdptrs is None or len(pdptrs) != 4):
             raise ValueError("PAE paging needs the four PDPTE registers: use load_pdptrs()")
-        if mode >= PagingMode.LONG4 and self.cr3 & bits(51, self.maxphyaddr):
-            raise ValueError(
-                f"CR3 {self.cr3:#x} sets bits above MAXPHYADDR={self.maxphyaddr} (#GP)")
-        nxe = bool(self.efer & EFER_NXE) and mode >= PagingMode.PAE
-        pke = bool(self.cr4 & CR4_PKE) and mode >= PagingMode.LONG4
-        object.__setattr__(self, "_p", _params(mode, nxe, bool(self.cr4 & CR4_PSE),
-                                               self.maxphyaddr, self.pse36_width, pke))
+        if mode >= PagingMode.LONG4 and cr3 & bits(51, maxphyaddr):
+            raise ValueError(f"CR3 {cr3:#x} sets bits above MAXPHYADDR={maxphyaddr} (#GP)")
+        self.cr0 = cr0
+        self.cr3 = cr3
+        self.cr4 = cr4
+        self.efer = efer
+        self.pdptrs = pdptrs
+        self.maxphyaddr = maxphyaddr
+        self.eflags_ac = eflags_ac
+        self.pkru = pkru
+        self.pse36_width = pse36_width
+        nxe = bool(efer & EFER_NXE) and mode >= PagingMode.PAE
+        pke = bool(cr4 & CR4_PKE) and mode >= PagingMode.LONG4
+        self._p = _params(mode, nxe, bool(cr4 & CR4_PSE), maxphyaddr, pse36_width, pke)
+
+    def _key(self) -> tuple[int, int, int, int, tuple[int, int, int, int] | None, int, bool, int,
+                            int]:
+        return (self.cr0, self.cr3, self.cr4, self.efer, self.pdptrs, self.maxphyaddr,
+                self.eflags_ac, self.pkru, self.pse36_width)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CpuState):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"CpuState(cr0={self.cr0:#x}, cr3={self.cr3:#x}, cr4={self.cr4:#x}, "
+                f"efer={self.efer:#x}, pdptrs={self.pdptrs!r}, maxphyaddr={self.maxphyaddr}, "
+                f"eflags_ac={self.eflags_ac}, pkru={self.pkru:#x}, "
+                f"pse36_width={self.pse36_width})")
+
+    def replace(self, *, cr0: int | None = None, cr3: int | None = None, cr4: int | None = None,
+                efer: int | None = None, eflags_ac: bool | None = None,
+                pkru: int | None = None, maxphyaddr: int | None = None) -> CpuState:
+        """A copy with the given registers changed (checked as a new state is)."""
+        return CpuState(self.cr0 if cr0 is None else cr0, self.cr3 if cr3 is None else cr3,
+                        self.cr4 if cr4 is None else cr4, self.efer if efer is None else efer,
+                        self.pdptrs, self.maxphyaddr if maxphyaddr is None else maxphyaddr,
+                        self.eflags_ac if eflags_ac is None else eflags_ac,
+                        self.pkru if pkru is None else pkru, self.pse36_width)
 
     @property
     def mode(self) -> PagingMode:
@@ -159,18 +191,38 @@ class CpuState:
                    eflags_ac=eflags_ac, pkru=pkru, pse36_width=pse36_width)
 
 
-class WalkResult(NamedTuple):
+class WalkResult:
     """Outcome of a walk. ``ok``: ``gpa`` is the translation and ``level`` the leaf level
     (1 = 4 KiB, 2 = 2/4 MiB, 3 = 1 GiB; 0 with paging off). Not ``ok``: ``gpa`` is None,
     ``error_code`` the #PF error code and ``level`` where the walk stopped. ``rights`` are the
     accumulated ACC_U/ACC_W/ACC_X of the translation (also on a protection fault), 0 when the
-    walk did not reach a valid leaf."""
+    walk did not reach a valid leaf. (A plain class: one is made per walk, and a NamedTuple is
+    built by a Python-level ``__new__``.)"""
 
-    ok: bool
-    gpa: int | None
-    error_code: int
-    level: int
-    rights: int = 0
+    __slots__ = ("error_code", "gpa", "level", "ok", "rights")
+
+    def __init__(self, ok: bool, gpa: int | None, error_code: int, level: int,
+                 rights: int = 0) -> None:
+        self.ok = ok
+        self.gpa = gpa
+        self.error_code = error_code
+        self.level = level
+        self.rights = rights
+
+    def _key(self) -> tuple[bool, int | None, int, int, int]:
+        return (self.ok, self.gpa, self.error_code, self.level, self.rights)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, WalkResult):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"WalkResult(ok={self.ok}, gpa={self.gpa!r}, error_code={self.error_code:#x}, "
+                f"level={self.level}, rights={self.rights})")
 
 
 class WalkStep(NamedTuple):

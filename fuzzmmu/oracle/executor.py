@@ -192,18 +192,28 @@ _ACCESS_STEP_KIND: Final = {k: f"access/{k.value}" for k in AccessKind}
 
 
 class AccessStep(Step):
-    __slots__ = ("ac", "akind", "cpl", "gva", "value", "why", "width")
+    """A guest access; ``why`` says what it is for (a format string of ``why_args``: the text
+    is built only when asked for)."""
+
+    __slots__ = ("ac", "akind", "cpl", "gva", "value", "why", "why_args", "width")
 
     def __init__(self, vcpu: int, gva: int, akind: AccessKind, cpl: int, ac: bool, width: int,
-                 value: int, why: str) -> None:
+                 value: int, why: str, why_args: tuple[int, ...] = ()) -> None:
         self.kind = _ACCESS_STEP_KIND[akind]
         self.vcpu = vcpu
-        self.gva, self.akind, self.cpl, self.ac, self.width, self.value, self.why = (
-            gva, akind, cpl, ac, width, value, why)
+        self.gva = gva
+        self.akind = akind
+        self.cpl = cpl
+        self.ac = ac
+        self.width = width
+        self.value = value
+        self.why = why
+        self.why_args = why_args
 
     @property
     def text(self) -> str:
-        return (f"{self.why}: {self.akind.value} cpu{self.vcpu} {self.gva:#x} "
+        why = self.why.format(*self.why_args) if self.why_args else self.why
+        return (f"{why}: {self.akind.value} cpu{self.vcpu} {self.gva:#x} "
                 f"width={self.width} cpl={self.cpl}{' ac' if self.ac else ''}"
                 + (f" value={self.value:#x}" if self.akind is AccessKind.WRITE else ""))
 
@@ -439,10 +449,10 @@ def _lower_map(op: Map, r: ReferenceMachine) -> list[Step]:
     table_root = table
     pool = op.pool
 
-    def store(gpa: int, value: int, why: str) -> None:
+    def store(gpa: int, value: int, why: str, why_args: tuple[int, ...] = ()) -> None:
         written[gpa] = value
         steps.append(AccessStep(v, direct_map_va(now, gpa), AccessKind.WRITE, 0, False, esize,
-                                value, why))
+                                value, why, why_args))
 
     for level in range(levels, leaf_level, -1):
         if fmt is GuestMode.PAE and level == 3:
@@ -464,7 +474,7 @@ def _lower_map(op: Map, r: ReferenceMachine) -> list[Step]:
             link = (table << PAGE_SHIFT) | PTE_P  # PDPTEs carry no rights
         else:
             link = (table << PAGE_SHIFT) | PTE_P | (op.upper & ((1 << (8 * esize)) - 1))
-        store(gpa, link, f"map: level-{level} table at {table:#x}")
+        store(gpa, link, "map: level-{} table at {:#x}", (level, table))
     index = (va >> (PAGE_SHIFT + ibits * (leaf_level - 1))) & ((1 << ibits) - 1)
     gpa = (table << PAGE_SHIFT) + index * esize
     if now is PagingMode.PAE and fmt is GuestMode.PAE and table_root == cr3 >> PAGE_SHIFT and any(
@@ -533,8 +543,14 @@ def _mode_label(mode: ModeAt) -> str:
 _AFTER_WALK: Final = frozenset({Point.WALKED, Point.FAULTIN, Point.PRE_LEAF, Point.EMULATE})
 
 
+_HOST_OPS: Final = (Memslot, ZapAll, Migrate, Shrink, MmuPages)  # the ops without a vCPU
+
+
 def _op_vcpu(op: Op) -> int | None:
-    return getattr(op.first if isinstance(op, Interleave) else op, "vcpu", None)
+    if isinstance(op, Interleave):
+        op = op.first
+    # (a getattr default would raise and catch AttributeError for every host op)
+    return None if isinstance(op, _HOST_OPS) else int(op.vcpu)  # type: ignore[attr-defined]
 
 
 class _ModelCrash(Exception):
@@ -825,11 +841,13 @@ class Executor:
                                   make_signature(DivergenceKind.STATE_MISMATCH, op.KIND,
                                                  _mode_label(mode), "regs", "regs"))
         mm, rm = m.phys.backing, r.phys.backing
-        for pfn in sorted(mm.dirty | rm.dirty):
-            if not mm.same_frame(rm, pfn):
-                if r.forgo_optional_walk():  # the access may have used a cached translation
-                    return self._state_divergence(r, i, op, mode)
-                return self._memory_divergence(r, i, op, mode, pfn)
+        if not (all(mm.same_frame(rm, f) for f in mm.dirty)
+                and all(mm.same_frame(rm, f) for f in rm.dirty)):
+            if r.forgo_optional_walk():  # the access may have used a cached translation
+                return self._state_divergence(r, i, op, mode)
+            # the lowest frame that differs names the divergence
+            pfn = min(f for f in mm.dirty | rm.dirty if not mm.same_frame(rm, f))
+            return self._memory_divergence(r, i, op, mode, pfn)
         r.optional.clear()  # what the comparison accepted is final
         return None
 

@@ -13,7 +13,6 @@ outcome, adopts the allowed outcome that matches it and returns whether one did.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import replace
 from typing import Final, NamedTuple
 
 from fuzzmmu.arch.bits import (
@@ -395,7 +394,7 @@ class ReferenceMachine:
             return None
         view = self.views[c.smm]
         # Rights are checked when a cached translation is used: walk for the translation only.
-        bare = replace(cpu, cr4=cpu.cr4 & ~(CR4_SMEP | CR4_SMAP), eflags_ac=True)
+        bare = cpu.replace(cr4=cpu.cr4 & ~(CR4_SMEP | CR4_SMAP), eflags_ac=True)
         found: list[TlbEntry] = []
         undone: list[tuple[int, int, int]] = []
         for addr, size, old in reversed(journal[start:end]):

@@ -4,7 +4,7 @@ machine and the reference machine, compared by the oracle."""
 from __future__ import annotations
 
 import enum
-from typing import Final, NamedTuple
+from typing import Final
 
 from fuzzmmu.arch.bits import pferr_str
 
@@ -27,12 +27,34 @@ class ObsKind(enum.Enum):
     VM_ERROR = "vm-error"  # KVM_RUN failed: the VMM sees an error and stops the VM
 
 
-class Observation(NamedTuple):
-    kind: ObsKind
-    addr: int = 0
-    value: int = 0
-    error_code: int = 0
-    detail: str = ""
+class Observation:
+    """One outcome. A plain class, not a NamedTuple: the compiled model makes two per step,
+    and a NamedTuple is built by a Python-level ``__new__``."""
+
+    __slots__ = ("addr", "detail", "error_code", "kind", "value")
+
+    def __init__(self, kind: ObsKind, addr: int = 0, value: int = 0, error_code: int = 0,
+                 detail: str = "") -> None:
+        self.kind = kind
+        self.addr = addr
+        self.value = value
+        self.error_code = error_code
+        self.detail = detail
+
+    def _key(self) -> tuple[ObsKind, int, int, int, str]:
+        return (self.kind, self.addr, self.value, self.error_code, self.detail)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Observation):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Observation(kind={self.kind!r}, addr={self.addr!r}, value={self.value!r}, "
+                f"error_code={self.error_code!r}, detail={self.detail!r})")
 
     def __str__(self) -> str:
         k = self.kind

@@ -8,8 +8,6 @@ rights, §7 the error code, §8 A/D.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from ptbuild import (
     BIT32,
@@ -196,9 +194,9 @@ def test_32bit_high_frame_bits():
 def test_32bit_cr3_low_bits_ignored():
     t = Tables(BIT32)
     gpa = t.chain()
-    cpu = dataclasses.replace(t.cpu(), cr3=t.cr3 | 0xFFF)
+    cpu = t.cpu().replace(cr3=t.cr3 | 0xFFF)
     assert_ok(t.walk(cpu=cpu), gpa, 1)
-    cpu = dataclasses.replace(t.cpu(), cr3=t.cr3 | PTE_PWT | PTE_PCD)
+    cpu = t.cpu().replace(cr3=t.cr3 | PTE_PWT | PTE_PCD)
     assert_ok(t.walk(cpu=cpu), gpa, 1)
 
 
@@ -701,7 +699,7 @@ def test_long_cr3_low_bits_ignored(mode):
     t = Tables(mode)
     gpa = t.chain()
     for low in (PTE_PWT, PTE_PCD, 0xFFF, 0x5A5):
-        cpu = dataclasses.replace(t.cpu(), cr3=t.cr3 | low)
+        cpu = t.cpu().replace(cr3=t.cr3 | low)
         assert_ok(t.walk(UW, cpu=cpu), gpa, 1)
 
 
@@ -710,7 +708,7 @@ def test_32bit_and_pae_cr3_is_32_bits(high):
     """32-bit paging uses CR3[31:12], PAE CR3[31:5] (§2, §3)."""
     t = Tables(BIT32)
     gpa = t.chain()
-    assert_ok(t.walk(cpu=dataclasses.replace(t.cpu(), cr3=t.cr3 | high)), gpa, 1)
+    assert_ok(t.walk(cpu=t.cpu().replace(cr3=t.cr3 | high)), gpa, 1)
     t = Tables(PAE)
     gpa = t.chain()
     assert load_pdptrs(t.mem, t.cr3 | high) == load_pdptrs(t.mem, t.cr3)
@@ -727,7 +725,7 @@ def test_long_cr3_bits_above_m_are_not_address(mode, maxphyaddr, bit):
     t = Tables(mode)
     gpa = t.chain()
     try:
-        cpu = dataclasses.replace(t.cpu(maxphyaddr=maxphyaddr), cr3=t.cr3 | (1 << bit))
+        cpu = t.cpu(maxphyaddr=maxphyaddr).replace(cr3=t.cr3 | (1 << bit))
     except ValueError:
         return
     assert_ok(t.walk(UW, cpu=cpu), gpa, 1)
@@ -788,7 +786,7 @@ def test_cr3_outside_memory_is_not_present(mode):
         cpu = CpuState.build(PAE, t.cr3, pdptrs=regs)
         assert_fault(t.walk(UW, cpu=cpu), PFERR_W | PFERR_U, 2)
         return
-    cpu = dataclasses.replace(t.cpu(), cr3=0x0F00_0000)
+    cpu = t.cpu().replace(cr3=0x0F00_0000)
     assert_fault(t.walk(UW, cpu=cpu), PFERR_W | PFERR_U, t.top)
 
 
@@ -1484,5 +1482,5 @@ def test_efer_nxe_cr4_bits_in_raw_cpustate():
     assert cpu.mode == LONG4
     assert_ok(walk(t.mem, cpu, t.gva, R), gpa, 1, ACC_U | ACC_W)
     assert_fault(walk(t.mem, cpu, t.gva, X), PFERR_P | PFERR_FETCH, 1)
-    cpu = dataclasses.replace(cpu, cr4=CR4_PAE | CR4_SMAP | CR4_SMEP)
+    cpu = cpu.replace(cr4=CR4_PAE | CR4_SMAP | CR4_SMEP)
     assert_fault(walk(t.mem, cpu, t.gva, R), PFERR_P, 1)

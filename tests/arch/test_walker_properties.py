@@ -377,17 +377,17 @@ def test_tightening_control_registers_never_turns_a_fault_into_success(c: Case, 
     how = data.draw(st.sampled_from(["wp", "smep", "smap", "ac", "pkru", "pke"]))
     cpu = c.cpu
     if how == "wp":
-        cpu = dataclasses.replace(cpu, cr0=cpu.cr0 | CR0_WP)
+        cpu = cpu.replace(cr0=cpu.cr0 | CR0_WP)
     elif how == "smep":
-        cpu = dataclasses.replace(cpu, cr4=cpu.cr4 | CR4_SMEP)
+        cpu = cpu.replace(cr4=cpu.cr4 | CR4_SMEP)
     elif how == "smap":
-        cpu = dataclasses.replace(cpu, cr4=cpu.cr4 | CR4_SMAP)
+        cpu = cpu.replace(cr4=cpu.cr4 | CR4_SMAP)
     elif how == "ac":
-        cpu = dataclasses.replace(cpu, eflags_ac=False)
+        cpu = cpu.replace(eflags_ac=False)
     elif how == "pkru":
-        cpu = dataclasses.replace(cpu, pkru=cpu.pkru | data.draw(st.integers(0, (1 << 32) - 1)))
+        cpu = cpu.replace(pkru=cpu.pkru | data.draw(st.integers(0, (1 << 32) - 1)))
     elif c.mode in (LONG4, LONG5):
-        cpu = dataclasses.replace(cpu, cr4=cpu.cr4 | CR4_PKE)
+        cpu = cpu.replace(cr4=cpu.cr4 | CR4_PKE)
     after = walk(c.t.mem, cpu, c.t.gva, c.acc, set_ad=False)
     if not before.ok:
         assert not after.ok, (how, before, after)

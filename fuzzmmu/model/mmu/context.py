@@ -9,7 +9,7 @@ in ``pae_root`` (KVM's special root, not a shadow page). Long-mode guests get on
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Final
 
 from fuzzmmu.arch.bits import (
     ACC_ALL,
@@ -51,19 +51,42 @@ ROOT_CURRENT: Final = 1
 ROOTS_ALL: Final = 0b1111
 
 
-class CpuRole(NamedTuple):
-    """union kvm_cpu_role: the base role of the guest's paging mode plus the ext bits."""
+class CpuRole:
+    """union kvm_cpu_role: the base role of the guest's paging mode plus the ext bits. (A
+    plain class: one is made per MMU context reset, and a NamedTuple is built by a
+    Python-level ``__new__``.)"""
 
-    base: int
-    level: int  # guest paging levels, 0 without paging
-    pg: bool
-    pae: bool
-    pse: bool
-    smep: bool
-    smap: bool
-    wp: bool
-    nx: bool  # EFER.NXE as the walker sees it
-    lma: bool
+    __slots__ = ("base", "level", "lma", "nx", "pae", "pg", "pse", "smap", "smep", "wp")
+
+    def __init__(self, base: int, level: int, pg: bool, pae: bool, pse: bool, smep: bool,
+                 smap: bool, wp: bool, nx: bool, lma: bool) -> None:
+        self.base = base
+        self.level = level  # guest paging levels, 0 without paging
+        self.pg = pg
+        self.pae = pae
+        self.pse = pse
+        self.smep = smep
+        self.smap = smap
+        self.wp = wp
+        self.nx = nx  # EFER.NXE as the walker sees it
+        self.lma = lma
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CpuRole):
+            return NotImplemented
+        return (self.base == other.base and self.level == other.level and self.pg == other.pg
+                and self.pae == other.pae and self.pse == other.pse
+                and self.smep == other.smep and self.smap == other.smap and self.wp == other.wp
+                and self.nx == other.nx and self.lma == other.lma)
+
+    def __hash__(self) -> int:
+        return hash((self.base, self.level, self.pg, self.pae, self.pse, self.smep, self.smap,
+                     self.wp, self.nx, self.lma))
+
+    def __repr__(self) -> str:
+        return (f"CpuRole(base={self.base:#x}, level={self.level}, pg={self.pg}, "
+                f"pae={self.pae}, pse={self.pse}, smep={self.smep}, smap={self.smap}, "
+                f"wp={self.wp}, nx={self.nx}, lma={self.lma})")
 
 
 def kvm_calc_cpu_role(cr0: int, cr4: int, efer: int, smm: int) -> CpuRole:
