@@ -42,9 +42,10 @@ ENV_CACHE = "FUZZMMU_NATIVE_CACHE"
 _PACKAGE = Path(__file__).resolve().parent
 # The system under test, the reference machine and its walker, the executor that compares
 # them and the state features taken after every op: what every program of a state-feedback
-# campaign runs through. Package __init__ modules stay Python (they only re-export), and so
-# does mmu/internal.py: its errors derive from RuntimeError, which a mypyc native class cannot.
-_COMPILED = ("model", "world", "arch", "oracle", "campaign/feedback.py")
+# campaign runs through, and the program world's value helpers the executor calls for every
+# store. Package __init__ modules stay Python (they only re-export), and so does
+# mmu/internal.py: its errors derive from RuntimeError, which a mypyc native class cannot.
+_COMPILED = ("model", "world", "arch", "oracle", "campaign/feedback.py", "program/world.py")
 _KEPT_PYTHON = frozenset({"__init__.py", "internal.py"})
 # Everything the compiled modules import (the executor runs the program's ops): their
 # constants and classes are compiled in.

@@ -3,6 +3,7 @@ before the Python modules, and giving exactly the outcomes of the Python model."
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import random
@@ -33,12 +34,35 @@ def test_the_compiled_sources_are_the_model_the_world_the_oracle_and_the_feedbac
     names = {native.module_name(p) for p in native.compiled_sources()}
     assert {"fuzzmmu.model.mmu.mmu", "fuzzmmu.world.memslots", "fuzzmmu.arch.walker",
             "fuzzmmu.oracle.reference", "fuzzmmu.oracle.executor",
-            "fuzzmmu.campaign.feedback"} <= names
+            "fuzzmmu.campaign.feedback", "fuzzmmu.program.world"} <= names
     # Kept as Python: package __init__s, and the errors (builtin subclasses mypyc cannot make).
     assert "fuzzmmu.model.mmu.internal" not in names
     assert not any(n.endswith("__init__") for n in names)
+    # The op classes and the codec stay Python (only the world's value helpers are compiled).
     assert not any(n.startswith(("fuzzmmu.program", "fuzzmmu.campaign.h", "fuzzmmu.kvm"))
-                   for n in names)
+                   for n in names - {"fuzzmmu.program.world"})
+
+
+_CONSTANT = re.compile(r"_?[A-Z][A-Z0-9_]*")
+
+
+def test_module_constants_of_compiled_modules_are_final() -> None:
+    """mypyc inlines a Final constant or keeps it in a C static; any other module-level name
+    is looked up in the module's dict at every use (a tenth of a compiled run once)."""
+    plain = []
+    for source in native.compiled_sources():
+        for node in ast.parse(source.read_text()).body:
+            if isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+                is_typevar = (isinstance(node.value, ast.Call)
+                              and getattr(node.value.func, "id", "") == "TypeVar")
+                plain += [f"{source.name}:{node.lineno} {n}" for n in names
+                          if _CONSTANT.fullmatch(n) and not is_typevar]
+            elif (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                  and _CONSTANT.fullmatch(node.target.id)
+                  and "Final" not in ast.unparse(node.annotation)):
+                plain.append(f"{source.name}:{node.lineno} {node.target.id}")
+    assert plain == []
 
 
 def test_a_build_is_named_by_its_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -315,6 +315,20 @@ def lookup(bug_id: str) -> Bug:
 
 NO_BUGS: Final = BugSet()
 
+# A BugSet is never changed once made: the executor takes one per program from here.
+_BUGSETS: Final[dict[tuple[str, ...], BugSet]] = {}
+
+
+def bugset(ids: Iterable[str] = ()) -> BugSet:
+    """The BugSet of ``ids`` (shared: a BugSet is read-only), checked as BugSet checks them."""
+    key = tuple(ids)
+    found = _BUGSETS.get(key)
+    if found is None:
+        if len(_BUGSETS) >= 256:  # a process that tries many combinations starts afresh
+            _BUGSETS.clear()
+        found = _BUGSETS[key] = BugSet(key)
+    return found
+
 _GROUPS: Final = (
     ("The seed bugs", "The five bugs the project started from (`seed` in the catalog; one of "
      "them is three mutants, another two)."),

@@ -39,7 +39,7 @@ from fuzzmmu.arch.bits import (
     PagingMode,
     paging_mode,
 )
-from fuzzmmu.model.bugs import BugSet
+from fuzzmmu.model.bugs import BugSet, bugset
 from fuzzmmu.model.machine import Machine
 from fuzzmmu.model.mmu.internal import MmuConfig, Point
 from fuzzmmu.oracle.divergence import (
@@ -53,7 +53,6 @@ from fuzzmmu.oracle.reference import OutsideContract, ReferenceMachine
 from fuzzmmu.program.ops import (
     Access,
     CrBit,
-    Entry,
     GuestMode,
     Interleave,
     Invlpg,
@@ -74,7 +73,7 @@ from fuzzmmu.program.ops import (
     ZapAll,
 )
 from fuzzmmu.program.text import format_op
-from fuzzmmu.program.world import BOOT_ROOT, data_value, next_pool_frame
+from fuzzmmu.program.world import BOOT_ROOT, data_value, entry_value, next_pool_frame
 from fuzzmmu.world.layout import DM_LINK, NUM_GFNS, direct_map_va
 from fuzzmmu.world.memslots import MemslotUpdate, PhysMemory
 from fuzzmmu.world.observe import DONE, AccessKind, Observation
@@ -333,24 +332,28 @@ def _link_store(r: ReferenceMachine, v: int, mode: PagingMode, paging_now: Pagin
 
 def lower(op: Op, r: ReferenceMachine) -> list[Step]:
     """The steps that perform ``op``, given the guest's current state (the reference's)."""
-    if isinstance(op, Access):
+    # Exact type tests: op classes have no subclasses, and a failed isinstance() looks up the
+    # object's __class__ once more, a dozen times for the last ops in this chain.
+    if type(op) is Access:
         value = data_value(op.seed, op.width) if op.kind is AccessKind.WRITE else 0
         return [AccessStep(op.vcpu, op.va + op.offset, op.kind, op.cpl, op.ac, op.width, value,
                            "access")]
-    if isinstance(op, (WritePte, Store)):
+    if type(op) is WritePte or type(op) is Store:
         cr0, _, cr4, efer, _ = r.regs(op.vcpu)
         mode = paging_mode(cr0, cr4, efer)
+        e = op.entry
         if isinstance(op, WritePte):
             gpa = (op.table << PAGE_SHIFT) + op.index * op.width
-            value = op.entry.value(op.width)
+            value = entry_value(e.target, e.flags, e.extra, op.width)
         else:
             gpa = (op.frame << PAGE_SHIFT) + op.offset
-            value = op.entry.value(4 if op.width <= 4 else 8) & ((1 << (8 * op.width)) - 1)
+            value = entry_value(e.target, e.flags, e.extra, 4 if op.width <= 4 else 8) & (
+                (1 << (8 * op.width)) - 1)
         return [AccessStep(op.vcpu, direct_map_va(mode, gpa), AccessKind.WRITE, 0, False,
                            op.width, value, op.KIND)]
-    if isinstance(op, Map):
+    if type(op) is Map:
         return _lower_map(op, r)
-    if isinstance(op, SetMode):
+    if type(op) is SetMode:
         v = op.vcpu
         cr0, _, cr4, efer, _ = r.regs(v)
         steps: list[Step] = []
@@ -374,14 +377,14 @@ def lower(op: Op, r: ReferenceMachine) -> list[Step]:
         if op.mode is not GuestMode.OFF:
             steps.append(CrStep(v, "cr0", cr0 | CR0_PE | CR0_PG))
         return steps
-    if isinstance(op, LoadCr3):
+    if type(op) is LoadCr3:
         cr0, _, cr4, efer, _ = r.regs(op.vcpu)
         mode = paging_mode(cr0, cr4, efer)
         steps = []
         if mode is not PagingMode.OFF:
             steps += _link_store(r, op.vcpu, mode, mode, op.root)
         return [*steps, CrStep(op.vcpu, "cr3", op.root << PAGE_SHIFT)]
-    if isinstance(op, SetBit):
+    if type(op) is SetBit:
         v = op.vcpu
         cr0, _, cr4, efer, _ = r.regs(v)
         if op.bit is CrBit.WP:
@@ -390,32 +393,32 @@ def lower(op: Op, r: ReferenceMachine) -> list[Step]:
             return [CrStep(v, "efer", efer | EFER_NXE if op.on else efer & ~EFER_NXE)]
         bit = {CrBit.SMEP: CR4_SMEP, CrBit.SMAP: CR4_SMAP, CrBit.PSE: CR4_PSE}[op.bit]
         return [CrStep(v, "cr4", cr4 | bit if op.on else cr4 & ~bit)]
-    if isinstance(op, Invlpg):
+    if type(op) is Invlpg:
         v, va = op.vcpu, op.va
         return [CallStep("invlpg", v, lambda: f"invlpg {va:#x} (cpu{v})",
                          lambda m: m.invlpg(v, va), lambda r: r.invlpg(v, va))]
-    if isinstance(op, Smi):
+    if type(op) is Smi:
         v = op.vcpu
         return [CallStep("smi", v, lambda: f"SMI to cpu{v}", lambda m: m.smi(v),
                          lambda r: r.smi(v))]
-    if isinstance(op, Rsm):
+    if type(op) is Rsm:
         v = op.vcpu
         return [CallStep("rsm", v, lambda: f"rsm (cpu{v})", lambda m: m.rsm(v),
                          lambda r: r.rsm(v))]
-    if isinstance(op, Memslot):
+    if type(op) is Memslot:
         upd = MemslotUpdate(op.change, op.as_id, op.slot, op.base, op.npages, op.hva)
         return [host_step("memslot", lambda: format_op(op), lambda m: m.set_memslot(upd),
                           lambda r: r.set_memslot(upd))]
-    if isinstance(op, Migrate):
+    if type(op) is Migrate:
         as_id, gfn = op.as_id, op.gfn
         return [host_step("migrate", lambda: format_op(op), lambda m: m.migrate_page(as_id, gfn),
                           lambda r: r.migrate_page(as_id, gfn))]
-    if isinstance(op, ZapAll):
+    if type(op) is ZapAll:
         return [host_step("zap-all", lambda: "zap all shadow pages", lambda m: m.zap_all())]
-    if isinstance(op, Shrink):
+    if type(op) is Shrink:
         count = op.count
         return [host_step("shrink", lambda: format_op(op), lambda m: m.shrink(count))]
-    if isinstance(op, MmuPages):
+    if type(op) is MmuPages:
         count = op.count
         return [host_step("mmu-pages", lambda: format_op(op), lambda m: m.set_max_pages(count))]
     raise TypeError(f"cannot lower {op!r}")
@@ -440,8 +443,10 @@ def _lower_map(op: Map, r: ReferenceMachine) -> list[Step]:
     now = paging_mode(cr0, cr4, efer)
     fmt = op.fmt or _CURRENT_FORMAT[now]
     esize, levels, ibits = _MAP_GEOMETRY[fmt]
-    va = op.va if fmt is GuestMode.LONG4 else op.va & 0xFFFFFFFF
-    leaf_level = min(op.level, 2) if fmt is not GuestMode.LONG4 else op.level
+    # (a member of an enum of an interpreted module costs a lookup through its metaclass)
+    long4, pae = fmt is GuestMode.LONG4, fmt is GuestMode.PAE
+    va = op.va if long4 else op.va & 0xFFFFFFFF
+    leaf_level = min(op.level, 2) if not long4 else op.level
     base_mask = 0xFFFFF000 if esize == 4 else 0xF_FFFF_FFFF_F000
     written: dict[int, int] = {}  # this map's own stores, not in memory yet
     steps: list[Step] = []
@@ -455,7 +460,7 @@ def _lower_map(op: Map, r: ReferenceMachine) -> list[Step]:
                                 value, why, why_args))
 
     for level in range(levels, leaf_level, -1):
-        if fmt is GuestMode.PAE and level == 3:
+        if pae and level == 3:
             gpa = (table << PAGE_SHIFT) + ((va >> 30) & 3) * 8  # a PDPTE
         else:
             index = (va >> (PAGE_SHIFT + ibits * (level - 1))) & ((1 << ibits) - 1)
@@ -464,28 +469,29 @@ def _lower_map(op: Map, r: ReferenceMachine) -> list[Step]:
         if entry is None:
             entry = r.phys.read(smm, gpa, esize) or 0
         nxt = (entry & base_mask) >> PAGE_SHIFT
-        is_leaf = entry & PTE_PS and level > 1 and not (fmt is GuestMode.PAE and level == 3)
+        is_leaf = entry & PTE_PS and level > 1 and not (pae and level == 3)
         if entry & PTE_P and not is_leaf and nxt < NUM_GFNS:
             table = nxt
             continue
         table = pool
         pool = next_pool_frame(pool)
-        if fmt is GuestMode.PAE and level == 3:
+        if pae and level == 3:
             link = (table << PAGE_SHIFT) | PTE_P  # PDPTEs carry no rights
         else:
             link = (table << PAGE_SHIFT) | PTE_P | (op.upper & ((1 << (8 * esize)) - 1))
         store(gpa, link, "map: level-{} table at {:#x}", (level, table))
     index = (va >> (PAGE_SHIFT + ibits * (leaf_level - 1))) & ((1 << ibits) - 1)
     gpa = (table << PAGE_SHIFT) + index * esize
-    if now is PagingMode.PAE and fmt is GuestMode.PAE and table_root == cr3 >> PAGE_SHIFT and any(
+    if now is PagingMode.PAE and pae and table_root == cr3 >> PAGE_SHIFT and any(
             gpa >> PAGE_SHIFT == table_root and gpa & 0xFFF < 32 for gpa in written):
         # A new PDPTE takes effect at the next PDPTE load: reload CR3, as Linux does.
         steps.append(CrStep(v, "cr3", cr3))
     leaf = op.entry
+    target, flags = leaf.target, leaf.flags
     if leaf_level > 1:
-        pages = 1 << (ibits * (leaf_level - 1))
-        leaf = Entry(leaf.target & ~(pages - 1), leaf.flags | PTE_PS, leaf.extra)
-    store(gpa, leaf.value(esize), "map: leaf")
+        target &= ~((1 << (ibits * (leaf_level - 1))) - 1)
+        flags |= PTE_PS
+    store(gpa, entry_value(target, flags, leaf.extra, esize), "map: leaf")
     return steps
 
 
@@ -543,14 +549,14 @@ def _mode_label(mode: ModeAt) -> str:
 _AFTER_WALK: Final = frozenset({Point.WALKED, Point.FAULTIN, Point.PRE_LEAF, Point.EMULATE})
 
 
-_HOST_OPS: Final = (Memslot, ZapAll, Migrate, Shrink, MmuPages)  # the ops without a vCPU
+_HOST_OPS: Final = frozenset({Memslot, ZapAll, Migrate, Shrink, MmuPages})  # no vCPU
 
 
 def _op_vcpu(op: Op) -> int | None:
-    if isinstance(op, Interleave):
+    if type(op) is Interleave:
         op = op.first
     # (a getattr default would raise and catch AttributeError for every host op)
-    return None if isinstance(op, _HOST_OPS) else int(op.vcpu)  # type: ignore[attr-defined]
+    return None if type(op) in _HOST_OPS else int(op.vcpu)  # type: ignore[attr-defined]
 
 
 class _ModelCrash(Exception):
@@ -570,7 +576,7 @@ class Executor:
                  observe: Observer | None = None, target: Target = MODEL) -> None:
         h = program.header
         self.program = program
-        self.bugset = BugSet(bugs)
+        self.bugset = bugset(bugs)
         self.audit = audit
         self.outcome = Outcome(program, self.bugset.ids)
         self.tracing = trace
@@ -842,7 +848,7 @@ class Executor:
                                                  _mode_label(mode), "regs", "regs"))
         mm, rm = m.phys.backing, r.phys.backing
         if not (all(mm.same_frame(rm, f) for f in mm.dirty)
-                and all(mm.same_frame(rm, f) for f in rm.dirty)):
+                and all(f in mm.dirty or mm.same_frame(rm, f) for f in rm.dirty)):
             if r.forgo_optional_walk():  # the access may have used a cached translation
                 return self._state_divergence(r, i, op, mode)
             # the lowest frame that differs names the divergence

@@ -11,7 +11,7 @@ import enum
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Final
 
-from fuzzmmu.arch.bits import PAGE_SHIFT, PTE_A, PTE_D, PTE_NX, PTE_P, PTE_PS, PTE_U, PTE_W
+from fuzzmmu.arch.bits import PTE_A, PTE_D, PTE_NX, PTE_P, PTE_PS, PTE_U, PTE_W
 from fuzzmmu.model.mmu.internal import Point
 from fuzzmmu.program import world as W
 from fuzzmmu.program.schema import (
@@ -31,6 +31,7 @@ from fuzzmmu.program.schema import (
     Table,
     Word,
 )
+from fuzzmmu.program.world import Extra, entry_value
 from fuzzmmu.world.memslots import MemslotChange
 from fuzzmmu.world.observe import AccessKind
 
@@ -57,16 +58,6 @@ class CrBit(enum.Enum):
     PSE = "pse"  # CR4.PSE
 
 
-class Extra(enum.Enum):
-    """One more thing about an entry's value."""
-    __hash__ = object.__hash__  # see fuzzmmu.world.observe.ObsKind
-
-    NONE = "none"
-    RSVD = "rsvd"  # bit 51 (8-byte: reserved below MAXPHYADDR 52) or bit 21 (4-byte PSE PDE)
-    BIT13 = "bit13"  # reserved in a 2 MiB/1 GiB leaf, PSE-36 address bit in a 4 MiB one
-    BIT62 = "bit62"  # ignored in long mode, reserved with PAE
-
-
 # Entry flags by name, in the order the text form spells them.
 FLAG_BITS: Final = {"P": PTE_P, "W": PTE_W, "U": PTE_U, "A": PTE_A, "D": PTE_D, "PS": PTE_PS,
                     "NX": PTE_NX}
@@ -82,24 +73,7 @@ class Entry:
 
     def value(self, width: int) -> int:
         """The bytes of the entry for a 4-byte (32-bit paging) or 8-byte table."""
-        if width == 4:
-            low = ((self.target << PAGE_SHIFT) | (self.flags & 0xFFF)) & 0xFFFFFFFF
-            if self.flags & PTE_PS:
-                # A 4 MiB PDE holds physical address bits 39:32 in bits 20:13 (PSE-36).
-                low = (low & ~0x3FE000) | (((self.target >> 20) & 0xFF) << 13)
-            if self.extra is Extra.RSVD:
-                low |= 1 << 21
-            elif self.extra is Extra.BIT13:
-                low |= 1 << 13
-            return low
-        value = (self.target << PAGE_SHIFT) | self.flags
-        if self.extra is Extra.RSVD:
-            value |= 1 << 51
-        elif self.extra is Extra.BIT13:
-            value |= 1 << 13
-        elif self.extra is Extra.BIT62:
-            value |= 1 << 62
-        return value & ((1 << 64) - 1)
+        return entry_value(self.target, self.flags, self.extra, width)
 
 
 # ---------------------------------------------------------------------- the schema's domains

@@ -8,8 +8,10 @@ Virtual addresses combine per-level slot choices that mean something in every pa
 
 from __future__ import annotations
 
+import enum
 from typing import Final
 
+from fuzzmmu.arch.bits import PAGE_SHIFT, PTE_PS
 from fuzzmmu.world.layout import DIRECT_MAP, NUM_GFNS
 
 # Bits 47:30 (PML4 and PDPT slot; in 32-bit modes bits 31:30 pick the 1 GiB quarter).
@@ -83,3 +85,37 @@ MMU_PAGES: Final = (2000, 64, 32, 20)
 def data_value(seed: int, width: int) -> int:
     """The value a store of ``width`` bytes writes, from an 8-bit seed."""
     return (seed * 0x0101010101010101) & ((1 << (8 * width)) - 1)
+
+
+class Extra(enum.Enum):
+    """One more thing about an entry's value."""
+    __hash__ = object.__hash__  # see fuzzmmu.world.observe.ObsKind
+
+    NONE = "none"
+    RSVD = "rsvd"  # bit 51 (8-byte: reserved below MAXPHYADDR 52) or bit 21 (4-byte PSE PDE)
+    BIT13 = "bit13"  # reserved in a 2 MiB/1 GiB leaf, PSE-36 address bit in a 4 MiB one
+    BIT62 = "bit62"  # ignored in long mode, reserved with PAE
+
+
+def entry_value(target: int, flags: int, extra: Extra, width: int) -> int:
+    """The bytes of an entry (fuzzmmu.program.ops.Entry) for a 4-byte (32-bit paging) or
+    8-byte table. Here rather than in the op's class: the executor computes one per store of
+    a table entry, and this module is compiled."""
+    if width == 4:
+        low = ((target << PAGE_SHIFT) | (flags & 0xFFF)) & 0xFFFFFFFF
+        if flags & PTE_PS:
+            # A 4 MiB PDE holds physical address bits 39:32 in bits 20:13 (PSE-36).
+            low = (low & ~0x3FE000) | (((target >> 20) & 0xFF) << 13)
+        if extra is Extra.RSVD:
+            low |= 1 << 21
+        elif extra is Extra.BIT13:
+            low |= 1 << 13
+        return low
+    value = (target << PAGE_SHIFT) | flags
+    if extra is Extra.RSVD:
+        value |= 1 << 51
+    elif extra is Extra.BIT13:
+        value |= 1 << 13
+    elif extra is Extra.BIT62:
+        value |= 1 << 62
+    return value & ((1 << 64) - 1)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from mypy import api
 
-from fuzzmmu.model.bugs import CATALOG, BugSet
+from fuzzmmu.model.bugs import CATALOG, BugSet, UnknownBugError, bugset
 
 
 def test_every_available_mutant_has_a_declared_switch() -> None:
@@ -26,3 +27,12 @@ def test_a_misspelt_switch_is_a_type_error(tmp_path: Path) -> None:
     assert status == 1
     assert 'has no attribute "pte_write_no_misalign"' in out
     assert "Found 1 error" in out  # the real switch type-checks
+
+
+def test_bugset_shares_one_checked_set_per_choice() -> None:
+    chosen = bugset(["wp-all-address-spaces"])
+    assert chosen is bugset(("wp-all-address-spaces",))  # one per choice, made once
+    assert chosen.wp_one_address_space and not chosen.nonpae_pde_single_spte
+    assert bugset().ids == () and not bugset().wp_one_address_space
+    with pytest.raises(UnknownBugError, match="unknown bug id 'no-such-bug'"):
+        bugset(["no-such-bug"])
