@@ -831,21 +831,20 @@ class Executor:
                           ) -> Divergence | None:
         """Registers, then the frames either side wrote since the last comparison."""
         m = self.model
-        for v, rc in enumerate(r.cpus):
-            mc = m.vcpus[v]
-            if mc.dead and rc.dead:
-                continue  # a shut-down vCPU's registers are not observable
-            if (mc.cr0 == rc.cr0 and mc.cr3 == rc.cr3 and mc.cr4 == rc.cr4
-                    and mc.efer == rc.efer and mc.smm == rc.smm and mc.dead == rc.dead
-                    and tuple(mc.mmu.pdptrs) == tuple(rc.pdptrs)):
-                continue  # the common case, without building the tuples below
-            got = (*m.regs(v), tuple(mc.mmu.pdptrs), mc.dead)
-            want = (*r.regs(v), tuple(rc.pdptrs), rc.dead)
-            if got != want:
-                return Divergence(DivergenceKind.STATE_MISMATCH, i, format_op(op), f"cpu{v}",
-                                  _regs_str(want), _regs_str(got),
-                                  make_signature(DivergenceKind.STATE_MISMATCH, op.KIND,
-                                                 _mode_label(mode), "regs", "regs"))
+        # The common case first, for the model through its own types (through the
+        # TargetMachine protocol the compiled code looks each attribute up by name).
+        if not (isinstance(m, Machine) and _model_regs_match(m, r)):
+            for v, rc in enumerate(r.cpus):
+                mc = m.vcpus[v]
+                if mc.dead and rc.dead:
+                    continue  # a shut-down vCPU's registers are not observable
+                got = (*m.regs(v), tuple(mc.mmu.pdptrs), mc.dead)
+                want = (*r.regs(v), tuple(rc.pdptrs), rc.dead)
+                if got != want:
+                    return Divergence(DivergenceKind.STATE_MISMATCH, i, format_op(op),
+                                      f"cpu{v}", _regs_str(want), _regs_str(got),
+                                      make_signature(DivergenceKind.STATE_MISMATCH, op.KIND,
+                                                     _mode_label(mode), "regs", "regs"))
         mm, rm = m.phys.backing, r.phys.backing
         if not (all(mm.same_frame(rm, f) for f in mm.dirty)
                 and all(f in mm.dirty or mm.same_frame(rm, f) for f in rm.dirty)):
@@ -876,6 +875,20 @@ class Executor:
         more = f" (+{len(diffs) - 1} more words)" if len(diffs) > 1 else ""
         return Divergence(kind, i, format_op(op), where, f"{want:#010x}", f"{got:#010x}{more}",
                           make_signature(kind, op.KIND, _mode_label(mode), "memory", "memory"))
+
+
+def _model_regs_match(m: Machine, r: ReferenceMachine) -> bool:
+    """Whether every vCPU of the model has the reference's registers (a shut-down vCPU's are
+    not observable)."""
+    for v, rc in enumerate(r.cpus):
+        mc = m.vcpus[v]
+        if mc.dead and rc.dead:
+            continue
+        if not (mc.cr0 == rc.cr0 and mc.cr3 == rc.cr3 and mc.cr4 == rc.cr4
+                and mc.efer == rc.efer and mc.smm == rc.smm and mc.dead == rc.dead
+                and tuple(mc.mmu.pdptrs) == rc.pdptrs):
+            return False
+    return True
 
 
 def _regs_str(regs: tuple) -> str:

@@ -74,8 +74,8 @@ class Memslots:
     update (the shadow MMU's VM) moves the generation.
     """
 
-    __slots__ = ("aliases", "by_gfn", "generation", "host_pages", "hva_table", "irregular",
-                 "spaces", "split")
+    __slots__ = ("_aliases", "_derived", "_irregular", "_split", "by_gfn", "generation",
+                 "host_pages", "hva_table", "spaces")
 
     def __init__(self, host_pages: int) -> None:
         self.host_pages = host_pages
@@ -87,21 +87,24 @@ class Memslots:
         # guest-physical access. A gfn that is not a key is MMIO.
         self.by_gfn: list[dict[int, Memslot]] = [{} for _ in range(NUM_ADDRESS_SPACES)]
         self.hva_table: list[dict[int, int]] = [{} for _ in range(NUM_ADDRESS_SPACES)]
-        # What KVM's write tracking, which is per gfn, cannot follow (kept by ``install``):
-        # host pages that more than one gfn number maps (hva -> those gfns), gfns that name
-        # different host pages in the two address spaces, and whether there is any of either.
-        self.aliases: dict[int, tuple[int, ...]] = {}
-        self.split: frozenset[int] = frozenset()
-        self.irregular = False
+        # What KVM's write tracking, which is per gfn, cannot follow (``aliases``, ``split``
+        # and ``irregular``, derived from the tables when first read after an ``install``:
+        # only the reference machine reads them).
+        self._aliases: dict[int, tuple[int, ...]] = {}
+        self._split: frozenset[int] = frozenset()
+        self._irregular = False
+        self._derived = True
 
     def copy(self) -> Memslots:
+        if not self._derived:  # derived once for every copy (each reference machine's world)
+            self._derive()
         other = Memslots(self.host_pages)
         other.spaces = [dict(s) for s in self.spaces]
         other.generation = list(self.generation)
         other.by_gfn = [dict(m) for m in self.by_gfn]
         other.hva_table = [dict(t) for t in self.hva_table]
-        other.aliases, other.split = self.aliases, self.split  # replaced, never changed
-        other.irregular = self.irregular
+        other._aliases, other._split = self._aliases, self._split  # replaced, never changed
+        other._irregular, other._derived = self._irregular, self._derived
         return other
 
     def lookup(self, as_id: int, gfn: int) -> Memslot | None:
@@ -162,14 +165,39 @@ class Memslots:
             for gfn in range(new.base_gfn, new.end_gfn):
                 by_gfn[gfn] = new
                 hvas[gfn] = new.gfn_to_hva(gfn)
+        self._derived = False
+
+    @property
+    def aliases(self) -> dict[int, tuple[int, ...]]:
+        """Host pages that more than one gfn number maps: hva -> those gfns."""
+        if not self._derived:
+            self._derive()
+        return self._aliases
+
+    @property
+    def split(self) -> frozenset[int]:
+        """The gfns that name different host pages in the two address spaces."""
+        if not self._derived:
+            self._derive()
+        return self._split
+
+    @property
+    def irregular(self) -> bool:
+        """Whether there is an alias or a split gfn."""
+        if not self._derived:
+            self._derive()
+        return self._irregular
+
+    def _derive(self) -> None:
         gfns_of: dict[int, set[int]] = {}
         for table in self.hva_table:
             for gfn, hva in table.items():
                 gfns_of.setdefault(hva, set()).add(gfn)
-        self.aliases = {hva: tuple(sorted(g)) for hva, g in gfns_of.items() if len(g) > 1}
+        self._aliases = {hva: tuple(sorted(g)) for hva, g in gfns_of.items() if len(g) > 1}
         first, second = self.hva_table
-        self.split = frozenset(g for g, hva in first.items() if second.get(g, hva) != hva)
-        self.irregular = bool(self.aliases or self.split)
+        self._split = frozenset(g for g, hva in first.items() if second.get(g, hva) != hva)
+        self._irregular = bool(self._aliases or self._split)
+        self._derived = True
 
 
 class HostMap:

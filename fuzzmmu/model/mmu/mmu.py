@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final
 from fuzzmmu.model.bugs import BugSet
 from fuzzmmu.model.mmu import spte as S
 from fuzzmmu.model.mmu.internal import MmuConfig, ModelError, Point
-from fuzzmmu.model.mmu.page import ShadowPage
+from fuzzmmu.model.mmu.page import SPTES_PER_PAGE, ShadowPage
 from fuzzmmu.model.mmu.role import (
     ACCESS_MASK,
     INVALID,
@@ -37,6 +37,7 @@ Sptep = tuple[ShadowPage, int]
 KVM_MIN_FREE_MMU_PAGES: Final = 5
 KVM_REFILL_PAGES: Final = 25
 SP_HPFN_BASE: Final = 0x100000  # host frames of shadow page tables, far from guest RAM frames
+_EMPTY_SPT: Final = bytes(8 * SPTES_PER_PAGE)
 
 
 class SlotArch:
@@ -447,8 +448,10 @@ class KvmMmu:
         self.emit("zap_sp", sp)
         self.stat.mmu_shadow_zapped += 1
         zapped_children = bool(self.mmu_zap_unsync_children(sp, invalid_list))
-        for i in sp.spt.nonzero()[0].tolist():
-            zapped_children |= self.mmu_page_zap_pte(sp, i)
+        # (most zapped pages hold no spte: comparing the bytes is cheaper than nonzero())
+        if sp.sptv.tobytes() != _EMPTY_SPT:
+            for i in sp.spt.nonzero()[0].tolist():
+                zapped_children |= self.mmu_page_zap_pte(sp, i)
         for parent in sorted(sp.parent_ptes, key=_sptep_key):
             self.drop_parent_pte(sp, parent)
         if not sp.invalid and sp.has_gptes():

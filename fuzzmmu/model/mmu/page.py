@@ -20,6 +20,10 @@ from fuzzmmu.model.mmu.role import (
 )
 
 SPTES_PER_PAGE: Final = 512
+# numpy's names, bound once: the compiled model would look each up in numpy's module dict
+# for every shadow page it makes
+_zeros: Final = np.zeros
+_UINT64: Final = np.uint64
 
 
 class ShadowPage:
@@ -47,7 +51,7 @@ class ShadowPage:
         self.smm = role >> SMM_SHIFT
         self.hpfn = hpfn
         self.mmu_valid_gen = valid_gen
-        self.spt = np.zeros(SPTES_PER_PAGE, dtype=np.uint64)
+        self.spt = _zeros(SPTES_PER_PAGE, _UINT64)
         self.sptv = self.spt.data  # a memoryview of the sptes: ~4x cheaper per entry
         self.shadowed: list[int] | None = None if self.direct else [0] * SPTES_PER_PAGE
         self.parent_ptes: set[tuple[ShadowPage, int]] = set()
