@@ -30,3 +30,16 @@ def test_two_memslots_over_one_host_page() -> None:
     slots.install(None, Memslot(0, 2, 0x30, 1, 0))  # gfn 0x30 (the MMIO hole) = host page 0
     assert slots.aliases[0] == (0, 0x30)
     assert 0x30 in slots.split  # in SMM gfn 0x30 is SMRAM, another host page
+
+
+def test_what_is_derived_follows_every_install_and_every_copy() -> None:
+    """The alias sets are derived when first read: a copy taken before then, or an install
+    after, must still see the tables' own."""
+    _, slots, _ = new_world()
+    moved = MemslotUpdate(MemslotChange.MOVE, 0, 0, base_gfn=0x20)
+    slots.install(*slots.check(MemslotUpdate(MemslotChange.DELETE, 0, 1)))
+    slots.install(*slots.check(moved))
+    copy = slots.copy()  # nothing read yet
+    assert copy.aliases[4] == (4, 0x24) and slots.aliases[4] == (4, 0x24)
+    copy.install(*copy.check(MemslotUpdate(MemslotChange.MOVE, 0, 0, base_gfn=0)))
+    assert not copy.irregular and copy.aliases == {} and slots.irregular
