@@ -74,8 +74,8 @@ class Memslots:
     update (the shadow MMU's VM) moves the generation.
     """
 
-    __slots__ = ("_aliases", "_derived", "_irregular", "_split", "by_gfn", "generation",
-                 "host_pages", "hva_table", "spaces")
+    __slots__ = ("_aliases", "_derived", "_irregular", "_owned", "_split", "by_gfn",
+                 "generation", "host_pages", "hva_table", "spaces")
 
     def __init__(self, host_pages: int) -> None:
         self.host_pages = host_pages
@@ -94,15 +94,18 @@ class Memslots:
         self._split: frozenset[int] = frozenset()
         self._irregular = False
         self._derived = True
+        # Whether ``spaces``, ``by_gfn`` and ``hva_table`` are this object's alone: a copy
+        # shares them with its source until either installs a memslot (a program copies the
+        # world's memslots two or three times and changes them in few programs).
+        self._owned = True
 
     def copy(self) -> Memslots:
         if not self._derived:  # derived once for every copy (each reference machine's world)
             self._derive()
         other = Memslots(self.host_pages)
-        other.spaces = [dict(s) for s in self.spaces]
+        other.spaces, other.by_gfn, other.hva_table = self.spaces, self.by_gfn, self.hva_table
+        self._owned = other._owned = False
         other.generation = list(self.generation)
-        other.by_gfn = [dict(m) for m in self.by_gfn]
-        other.hva_table = [dict(t) for t in self.hva_table]
         other._aliases, other._split = self._aliases, self._split  # replaced, never changed
         other._irregular, other._derived = self._irregular, self._derived
         return other
@@ -152,6 +155,11 @@ class Memslots:
         """Replace ``old`` by ``new`` (either may be None)."""
         slot = new or old
         assert slot is not None
+        if not self._owned:
+            self.spaces = [dict(s) for s in self.spaces]
+            self.by_gfn = [dict(m) for m in self.by_gfn]
+            self.hva_table = [dict(t) for t in self.hva_table]
+            self._owned = True
         space = self.spaces[slot.as_id]
         by_gfn = self.by_gfn[slot.as_id]
         hvas = self.hva_table[slot.as_id]

@@ -114,7 +114,7 @@ def fingerprint(m: Machine) -> object:
     key = ShadowPage.__hash__
     pages = tuple(
         (h, sp.gfn, sp.role, sp.level, sp.access, sp.quadrant, sp.smm, sp.direct,
-         sp.mmu_valid_gen, sp.spt.tobytes(), tuple(sp.shadowed or ()),
+         sp.mmu_valid_gen, sp.spt.tobytes(), tuple(sorted((sp.shadowed or {}).items())),
          tuple(sorted((key(p), i) for p, i in sp.parent_ptes)), sp.root_count, sp.unsync,
          sp.unsync_children, sp.unsync_child_bitmap, sp.write_flooding_count)
         for h, sp in sorted(kvm.sp_by_hpfn.items()))

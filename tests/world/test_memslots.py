@@ -43,3 +43,17 @@ def test_what_is_derived_follows_every_install_and_every_copy() -> None:
     assert copy.aliases[4] == (4, 0x24) and slots.aliases[4] == (4, 0x24)
     copy.install(*copy.check(MemslotUpdate(MemslotChange.MOVE, 0, 0, base_gfn=0)))
     assert not copy.irregular and copy.aliases == {} and slots.irregular
+
+
+def test_a_copy_and_its_source_change_their_tables_apart() -> None:
+    """A copy shares the tables until one side installs a memslot."""
+    _, slots, _ = new_world()
+    before = {(a, g): slots.lookup(a, g) for a in (0, 1) for g in range(0x40)}
+    copy = slots.copy()
+    copy.install(*copy.check(MemslotUpdate(MemslotChange.DELETE, 0, 1)))
+    assert {(a, g): slots.lookup(a, g) for a in (0, 1) for g in range(0x40)} == before
+    assert copy.lookup(0, 56) is None and slots.lookup(0, 56) is not None
+    again = slots.copy()
+    slots.install(*slots.check(MemslotUpdate(MemslotChange.DELETE, 1, 0)))
+    assert again.lookup(1, 0) is not None and slots.lookup(1, 0) is None
+    assert copy.lookup(1, 0) is not None

@@ -31,7 +31,8 @@ class ShadowPage:
     (gfn, role), reverse links and bookkeeping.
 
     ``shadowed`` is shadowed_translation[]: for indirect pages, per spte the gfn and guest
-    access being shadowed, packed as ``gfn << 3 | access``.
+    access being shadowed, packed as ``gfn << 3 | access`` (by spte index, 0 where none was
+    ever set: a dict, since a page sets a few of its 512 and a program makes a dozen pages).
     """
 
     __slots__ = ("access", "direct", "gfn", "has_4_byte_gpte", "hpfn", "level", "mmu_valid_gen",
@@ -53,7 +54,7 @@ class ShadowPage:
         self.mmu_valid_gen = valid_gen
         self.spt = _zeros(SPTES_PER_PAGE, _UINT64)
         self.sptv = self.spt.data  # a memoryview of the sptes: ~4x cheaper per entry
-        self.shadowed: list[int] | None = None if self.direct else [0] * SPTES_PER_PAGE
+        self.shadowed: dict[int, int] | None = None if self.direct else {}
         self.parent_ptes: set[tuple[ShadowPage, int]] = set()
         self.root_count = 0
         self.unsync = False
@@ -72,13 +73,13 @@ class ShadowPage:
     def get_gfn(self, index: int) -> int:
         """kvm_mmu_page_get_gfn()."""
         if self.shadowed is not None:
-            return self.shadowed[index] >> 3
+            return self.shadowed.get(index, 0) >> 3
         return self.gfn + (index << (9 * (self.level - 1)))
 
     def get_access(self, index: int) -> int:
         """kvm_mmu_page_get_access()."""
         if self.shadowed is not None:
-            return self.shadowed[index] & 7
+            return self.shadowed.get(index, 0) & 7
         return self.access
 
     def set_translation(self, index: int, gfn: int, access: int) -> None:
