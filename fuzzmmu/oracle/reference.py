@@ -306,6 +306,20 @@ class ReferenceMachine:
                     _undo(view, log)
                     self._perform(cached[0], write, width, c.smm, cached[1])
                     return True, cached[0]
+                if cached is None and fresh != model and self.speculative:
+                    # The walk's A/D writes landed in the data it reads (a table that maps
+                    # itself): a translation cached speculatively before, used with no walk
+                    # now, reads the data without them (SDM §4.10.2.3).
+                    undone = _undo(view, log)
+                    unwalked = self._speculative_match(v, cpu, acc, page, gva, write, width,
+                                                       value, model)
+                    if unwalked is not None:
+                        obs, gfn = unwalked
+                        self._settle(c.smm, cpu, (), write, (gfn << PAGE_SHIFT) | (gva & 0xFFF),
+                                     width)
+                        self._perform(obs, write, width, c.smm, gfn)
+                        return True, obs
+                    _redo(view, undone)
                 self._stored_ad(c.smm, log)
                 search = None
                 if cached is None and log and self.speculative:
