@@ -79,8 +79,9 @@ class KvmMmu:
         # FNAME(sync_spte) (KVM's mmu->sync_spte): the machine installs the fault path's,
         # which rebuilds sptes from gptes as prefetch does.
         self.sync_spte: Callable[[KvmMmu, Vcpu, ShadowPage, int], int] = _no_sync
-        for slot in memslots.all_slots():
-            self.slot_arch[slot] = SlotArch()
+        for space in memslots.spaces:  # (nothing iterates slot_arch: no order needed)
+            for slot in space.values():
+                self.slot_arch[slot] = SlotArch()
 
     # ------------------------------------------------------------------ helpers
 
