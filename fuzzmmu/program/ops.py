@@ -31,7 +31,7 @@ from fuzzmmu.program.schema import (
     Table,
     Word,
 )
-from fuzzmmu.program.world import Extra, entry_value
+from fuzzmmu.program.world import Extra
 from fuzzmmu.world.memslots import MemslotChange
 from fuzzmmu.world.observe import AccessKind
 
@@ -65,15 +65,12 @@ FLAG_BITS: Final = {"P": PTE_P, "W": PTE_W, "U": PTE_U, "A": PTE_A, "D": PTE_D, 
 
 @dataclass(frozen=True)
 class Entry:
-    """An entry value the guest kernel builds: a target frame, flags, one extra."""
+    """An entry value the guest kernel builds: a target frame, flags, one extra (its bytes:
+    fuzzmmu.program.world.entry_value)."""
 
     target: int  # guest frame number
     flags: int  # PTE_* bits among P, W, U, A, D, PS, NX
     extra: Extra = Extra.NONE
-
-    def value(self, width: int) -> int:
-        """The bytes of the entry for a 4-byte (32-bit paging) or 8-byte table."""
-        return entry_value(self.target, self.flags, self.extra, width)
 
 
 # ---------------------------------------------------------------------- the schema's domains
