@@ -4,9 +4,10 @@ campaign to use as coverage (IJON-style: the state a bug needs is not a line of 
 After every op both machines agree on, the observer records small integer features derived
 from KVM's structure, never from the bug catalog:
 
-- the KVM path the op took: which of KVM's statistics counters moved (fuzzmmu.model.mmu.stats,
-  the same names KVM_GET_STATS_FD reports), with the op kind and the guest's paging mode, and
-  each counter's change, bucketed;
+- the KVM path the op took: which of KVM's decision counters moved (fuzzmmu.model.mmu.stats,
+  the same names KVM_GET_STATS_FD reports: how a fault ended, whether a shadowed table was
+  written or a page went unsync), with the op kind and the guest's paging mode; and each
+  counter's change, bucketed, with the op kind;
 - pairs of consecutive paths (edges in event space, as AFL has edges in code);
 - after an op that made or zapped shadow pages (and once at the end of the program), the
   shape of the shadow state: per gfn, how many live shadow pages, of which levels, direct or
@@ -52,6 +53,17 @@ FAMILIES: Final = {PATH: "path", STAT: "stat", EDGE: "edge", GFN: "gfn", PAGE: "
 _STATE_MOVING: Final = sum(1 << STAT_NAMES.index(name) for name in (
     "pf_mmio_spte_created", "mmu_shadow_zapped", "mmu_pte_write", "mmu_recycled",
     "mmu_cache_miss", "mmu_unsync"))
+
+# The counters whose set names the path an op took: where a fault ended (kvm_mmu_page_fault()'s
+# RET_PF_* and the #PF for the guest), an MMIO spte made, a shadowed table written, a page gone
+# unsync. The others (pf_taken, TLB flushes, pages made or zapped, emulated instructions...)
+# follow from these or from the program's length and still count as STAT features; in the path
+# they would multiply it: the set of all 17 counters gave 15,000 distinct paths and 24,000
+# distinct edges in 30,000 random programs, still growing, so that almost every program looked
+# new and the 4,000-odd features of the shadow state collided with them on the counters.
+_DECISIONS: Final = sum(1 << STAT_NAMES.index(name) for name in (
+    "pf_fixed", "pf_emulate", "pf_spurious", "pf_guest", "pf_mmio_spte_created",
+    "mmu_pte_write", "mmu_unsync"))
 
 # Op kinds as small ints; an interleave counts as a kind per concurrency point.
 _OP_KIND: Final = {cls: k for k, cls in enumerate(SIMPLE_OPS, 1)}
@@ -101,15 +113,16 @@ class StateFeedback:
         first = op.first if isinstance(op, Interleave) else op
         vcpu = getattr(first, "vcpu", None)
         mode = _mode(model, vcpu) if vcpu is not None else 15
-        path = 0
+        moved = 0
         for k, (now, before) in enumerate(zip(stats, prev, strict=True)):
             if now != before:
-                path |= 1 << k
+                moved |= 1 << k
                 add((STAT, kind, k, bucket(now - before)))
+        path = moved & _DECISIONS
         add((PATH, kind, mode, path))
         add((EDGE, self.prev_path, path))
         self.prev_path = path
-        if path & _STATE_MOVING or isinstance(op, SetMode):
+        if moved & _STATE_MOVING or isinstance(op, SetMode):
             self._shadow_state(model)
 
     def end(self, model: Machine, ref: ReferenceMachine) -> None:

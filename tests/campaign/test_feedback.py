@@ -43,6 +43,8 @@ def test_the_kvm_path_names_the_counters_that_moved() -> None:
     assert {pte_write, cache_miss} <= stats
     paths = family(feats, F.PATH)
     assert any(p[3] >> pte_write & 1 for p in paths)  # the PT write's own path
+    # A new shadow page is a consequence, not a decision: a STAT feature, not part of a path.
+    assert not any(p[3] >> cache_miss & 1 for p in paths)
     assert len(family(feats, F.EDGE)) == len(paths)  # one edge per op
 
 
