@@ -6,8 +6,8 @@ from KVM's structure, never from the bug catalog:
 
 - the KVM path the op took: which of KVM's decision counters moved (fuzzmmu.model.mmu.stats,
   the same names KVM_GET_STATS_FD reports: how a fault ended, whether a shadowed table was
-  written or a page went unsync), with the op kind and the guest's paging mode; and each
-  counter's change, bucketed, with the op kind;
+  written and how KVM took the write, whether a page went unsync), with the op kind and the
+  guest's paging mode; and each counter's change, bucketed, with the op kind;
 - pairs of consecutive paths (edges in event space, as AFL has edges in code);
 - after an op that made or zapped shadow pages (and once at the end of the program), the
   shape of the shadow state: per gfn, how many live shadow pages, of which levels, direct or
@@ -55,15 +55,17 @@ _STATE_MOVING: Final = sum(1 << STAT_NAMES.index(name) for name in (
     "mmu_cache_miss", "mmu_unsync"))
 
 # The counters whose set names the path an op took: where a fault ended (kvm_mmu_page_fault()'s
-# RET_PF_* and the #PF for the guest), an MMIO spte made, a shadowed table written, a page gone
-# unsync. The others (pf_taken, TLB flushes, pages made or zapped, emulated instructions...)
-# follow from these or from the program's length and still count as STAT features; in the path
-# they would multiply it: the set of all 17 counters gave 15,000 distinct paths and 24,000
-# distinct edges in 30,000 random programs, still growing, so that almost every program looked
-# new and the 4,000-odd features of the shadow state collided with them on the counters.
+# RET_PF_* and the #PF for the guest), an MMIO spte made, a shadowed table written and what
+# kvm_mmu_track_write() made of it (a PDE written, the page zapped as flooded or misaligned), a
+# page gone unsync. The others (pf_taken, TLB flushes, pages made or zapped, emulated
+# instructions...) follow from these or from the program's length and still count as STAT
+# features; in the path they would multiply it: the set of all 17 counters gave 15,000
+# distinct paths and 24,000 distinct edges in 30,000 random programs, still growing, so that
+# almost every program looked new and the features of the shadow state collided with them on
+# the counters (these nine: 2,900 and 1,600).
 _DECISIONS: Final = sum(1 << STAT_NAMES.index(name) for name in (
     "pf_fixed", "pf_emulate", "pf_spurious", "pf_guest", "pf_mmio_spte_created",
-    "mmu_pte_write", "mmu_unsync"))
+    "mmu_pte_write", "mmu_pde_zapped", "mmu_flooded", "mmu_unsync"))
 
 # Op kinds as small ints; an interleave counts as a kind per concurrency point.
 _OP_KIND: Final = {cls: k for k, cls in enumerate(SIMPLE_OPS, 1)}

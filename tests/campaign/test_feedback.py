@@ -48,6 +48,15 @@ def test_the_kvm_path_names_the_counters_that_moved() -> None:
     assert len(family(feats, F.EDGE)) == len(paths)  # one edge per op
 
 
+def test_a_misaligned_write_to_a_shadowed_table_is_a_path_of_its_own() -> None:
+    # kvm_mmu_track_write() zaps a page written misaligned (detect_write_misaligned()): a
+    # decision of the emulated write, so it is part of the path, not only a STAT feature.
+    feats = features(MAP + "read cpu0 0x1000+0x0 width=8 cpl=0\n"
+                     "store cpu0 frame=0xa offset=0xc width=8 -> 0x6 P|W|A\n")
+    flooded = STAT_NAMES.index("mmu_flooded")
+    assert any(p[3] >> flooded & 1 for p in family(feats, F.PATH))
+
+
 def test_a_table_shared_by_two_parents() -> None:
     feats = features(MAP + "pte cpu0 table=0x9 index=0x1 -> 0xa P|W|U|A width=8\n"
                      "read cpu0 0x1000+0x0 width=8 cpl=0\n"
