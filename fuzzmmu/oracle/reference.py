@@ -522,6 +522,14 @@ class ReferenceMachine:
         (searched with them undone; the memory is as it was afterwards)."""
         assert opt.search is not None
         backing = self.phys.backing
+        # The memory as the access found it: what was written since (later steps, or the
+        # other vCPU's ops of an interleave that ran after it) is taken back too, newest
+        # first, or the search would compare the data the access read with data written
+        # after it.
+        since = []
+        for addr, size, old in reversed(self.journal[opt.journal_at + len(opt.writes):]):
+            since.append((addr, size, backing.read(addr, size)))
+            backing.write(addr, size, old)
         undone = _undo(backing, opt.writes)
         cpu, acc, gva, write, width, value, model, start = opt.search
         try:
@@ -529,6 +537,8 @@ class ReferenceMachine:
                                            value, model, start, opt.journal_at) is not None
         finally:
             _redo(backing, undone)
+            for addr, size, now in reversed(since):
+                backing.write(addr, size, now)
 
     def _host(self, as_id: int, gpa: int) -> int:
         """The host address of ``gpa`` in address space ``as_id`` (-1 outside RAM)."""
