@@ -421,8 +421,7 @@ class ReferenceMachine:
                                  (leaf >> PTE_PKEY_SHIFT) & 0xF)
                 if entry not in found:
                     found.append(entry)
-        for addr, size, now in reversed(undone):
-            backing.write(addr, size, now)
+        _put_back(backing, undone)
         for entry in found:
             code = access_fault(cpu, acc, entry.rights, entry.pkey)
             if code:
@@ -526,10 +525,7 @@ class ReferenceMachine:
         # other vCPU's ops of an interleave that ran after it) is taken back too, newest
         # first, or the search would compare the data the access read with data written
         # after it.
-        since = []
-        for addr, size, old in reversed(self.journal[opt.journal_at + len(opt.writes):]):
-            since.append((addr, size, backing.read(addr, size)))
-            backing.write(addr, size, old)
+        since = _take_back(backing, self.journal[opt.journal_at + len(opt.writes):])
         undone = _undo(backing, opt.writes)
         cpu, acc, gva, write, width, value, model, start = opt.search
         try:
@@ -537,8 +533,7 @@ class ReferenceMachine:
                                            value, model, start, opt.journal_at) is not None
         finally:
             _redo(backing, undone)
-            for addr, size, now in reversed(since):
-                backing.write(addr, size, now)
+            _put_back(backing, since)
 
     def _host(self, as_id: int, gpa: int) -> int:
         """The host address of ``gpa`` in address space ``as_id`` (-1 outside RAM)."""
@@ -788,6 +783,21 @@ def _undo(mem: Memory, writes: Iterable[tuple[int, int, int, int]]
 def _redo(mem: Memory, writes: Iterable[tuple[int, int, int, int]]) -> None:
     for gpa, size, _old, new in writes:
         mem.write(gpa, size, new)
+
+
+def _take_back(mem: Memory, journal: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Take journalled writes (address, size, old value) back, the last first; returns what
+    they had written, for ``_put_back``."""
+    taken = []
+    for addr, size, old in reversed(journal):
+        taken.append((addr, size, mem.read(addr, size)))
+        mem.write(addr, size, old)
+    return taken
+
+
+def _put_back(mem: Memory, taken: list[tuple[int, int, int]]) -> None:
+    for addr, size, value in reversed(taken):
+        mem.write(addr, size, value)
 
 
 def _same_target(a: Observation, b: Observation) -> bool:
