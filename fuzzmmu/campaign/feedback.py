@@ -18,9 +18,11 @@ from KVM's structure, never from the bug catalog:
   sptes in the other, writable or not; the vCPUs' MMIO caches (valid, generation current,
   cached in this address space); roots that went obsolete.
 
-Counts are bucketed as AFL buckets hit counts (1, 2, 3, 4-7, 8-15, ...). A feature is a tuple
-of small ints, its first the family; the harness folds its hash (deterministic across
-processes: no strings) onto a block of libFuzzer counters.
+Counts inside a feature are bucketed as AFL buckets hit counts (1, 2, 3, 4-7, 8-15, ...). A
+feature is a tuple of small ints, its first the family; the harness folds its hash
+(deterministic across processes: no strings) onto a block of libFuzzer counters, each
+counter hit once per program whatever the number of times its features occurred (see
+CounterMap.report).
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ Feature = tuple[int, ...]
 
 class StateFeedback:
     """The observer of one run (``run(..., observe=fb)``); ``features`` lists what it saw, a
-    feature once per occurrence (repeats raise the counter, as hit counts do)."""
+    feature once per occurrence."""
 
     __slots__ = ("features", "prev_path", "prev_stats")
 
@@ -193,10 +195,9 @@ class CounterHooks(Protocol):
 
 class CounterMap:
     """A block of libFuzzer coverage counters that features fold onto, through the hooks
-    Atheris's own instrumentation calls, so libFuzzer treats a feature like an edge (hit
-    counts bucketed). Atheris swaps its hooks when fuzzing starts (before that, reserved
-    counters are only pending and a hit goes nowhere), so ``_trace_branch`` is looked up at
-    each report, never kept."""
+    Atheris's own instrumentation calls, so libFuzzer treats a feature like an edge. Atheris
+    swaps its hooks when fuzzing starts (before that, reserved counters are only pending and
+    a hit goes nowhere), so ``_trace_branch`` is looked up at each report, never kept."""
 
     def __init__(self, hooks: CounterHooks, size: int = 1 << 15,
                  census: Path | None = None) -> None:
@@ -214,14 +215,18 @@ class CounterMap:
         self._next_census = 0.0
 
     def report(self, features: Iterable[Feature]) -> None:
+        """Hit the counter of each feature the program had, once: libFuzzer buckets a
+        counter's hits per run, so a program that did what others did, only more often,
+        looked new and was kept (2,307 of the 5,333 programs a 60-s campaign kept had no
+        feature the earlier ones lacked), and the corpus spread the mutations thin."""
         counters, mask, hit = self.counters, self.mask, self.hooks._trace_branch
         hit_once = self.hit_once
-        for f in features:
-            i = hash(f) & mask
+        seen = {hash(f) & mask: f[0] for f in features}
+        for i, fam in seen.items():
             hit(counters[i])
             if not hit_once[i]:  # a counter's first hit: count it for its family
                 hit_once[i] = 1
-                self.per_family[f[0]] += 1
+                self.per_family[fam] += 1
         if self.census is not None and time.monotonic() >= self._next_census:
             self._next_census = time.monotonic() + 1
             self.write_census(self.census)
