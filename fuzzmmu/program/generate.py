@@ -119,12 +119,13 @@ class Generator:
         return self.rng.choice(self.vas) if _bit(self.rng, 0.85) else self.rng.choice(W.VAS)
 
     def op(self) -> Op:
-        kind = self.rng.choices(self._kinds, self._weights)[0]
-        return getattr(self, f"_{kind}")()
+        return self._draw(self._kinds, self._weights)
 
     def simple_op(self) -> Op:
-        kind = self.rng.choices(self._simple_kinds, self._simple_weights)[0]
-        op: Op = getattr(self, f"_{kind}")()
+        return self._draw(self._simple_kinds, self._simple_weights)
+
+    def _draw(self, kinds: list[str], weights: list[int]) -> Op:
+        op: Op = getattr(self, f"_{self.rng.choices(kinds, weights)[0]}")()
         return op
 
     def _access(self) -> Access:
