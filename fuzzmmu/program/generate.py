@@ -9,7 +9,8 @@ here inspects a machine: choices only use the world's tables and the program so 
 from __future__ import annotations
 
 import random
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from dataclasses import replace
 from typing import Final
 
 from fuzzmmu.model.mmu.internal import Point
@@ -44,6 +45,9 @@ from fuzzmmu.world.memslots import MemslotChange
 from fuzzmmu.world.observe import AccessKind
 
 P, RW, US, A, D, NX = 1, 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 63
+
+
+_POINTS: Final = tuple(Point)
 
 
 def _bit(rng: random.Random, p: float) -> bool:
@@ -203,11 +207,29 @@ class Generator:
         return MmuPages(r.choice(W.MAX_PAGES))
 
     def _interleave(self) -> Interleave:
+        """An op, and what happens while it is inside KVM at a point: drawn to fit the point,
+        or the second part cannot run there and the interleave is two ops in a row (of the
+        interleaves drawn without that fit, 4% ran their second part at the point)."""
         r = self.rng
-        first = self._access() if _bit(r, 0.7) else self.simple_op()
-        second = tuple(r.choice((self._pte, self._map, self._host, self._access, self._memslot,
-                                 self._invlpg))() for _ in range(r.choice((1, 1, 2, 3))))
-        return Interleave(r.choice(list(Point)), first, second)
+        point = r.choice(_POINTS)
+        # A memslot update reaches its publish point (kvm_swap_active_memslots()); the other
+        # points are on a vCPU's page-fault path, which an access reaches, or a map's or a
+        # PTE write's stores.
+        if point is Point.MEMSLOT_PUBLISH:
+            first: Op = self._memslot()
+        else:
+            first = self._access() if _bit(r, 0.8) else self.simple_op()
+        # What runs meanwhile: the host (no mmu_lock at these points) or another vCPU, never
+        # the faulting vCPU itself nor a memslot update (it waits for the fault path's SRCU
+        # readers); inside mmu_lock (PRE_LEAF) only another vCPU's access that needs no exit.
+        other = 1 - getattr(first, "vcpu", r.randrange(2))
+        if point.locked:
+            builders: tuple[Callable[[], Op], ...] = (self._access,)
+        else:
+            builders = (self._pte, self._map, self._host, self._access, self._invlpg)
+        second = tuple(_on_vcpu(r.choice(builders)(), other)
+                       for _ in range(r.choice((1, 1, 2, 3))))
+        return Interleave(point, first, second)
 
     def program(self, n_ops: int) -> Program:
         ops: list[Op] = []
@@ -220,6 +242,10 @@ class Generator:
             ops.append(op)
             records += size
         return Program(self.header, tuple(ops))
+
+
+def _on_vcpu(op: Op, vcpu: int) -> Op:
+    return replace(op, vcpu=vcpu) if hasattr(op, "vcpu") else op
 
 
 def random_program(rng: random.Random, n_ops: int = 20) -> Program:

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from fuzzmmu.program.generate import OP_KINDS, Generator, kinds_of, op_kind
-from fuzzmmu.program.ops import Interleave
+from fuzzmmu.model.mmu.internal import Point
+from fuzzmmu.program.ops import Access, Interleave, Memslot
 
 
 def test_same_seed_same_program() -> None:
@@ -47,3 +48,25 @@ def test_a_swarm_mostly_of_interleaves_draws_without_recursing() -> None:
             op = gen.op()
             if isinstance(op, Interleave):
                 assert not isinstance(op.first, Interleave)
+
+
+def test_an_interleave_is_drawn_to_fit_its_point() -> None:
+    # A memslot update is what reaches the publish point; at the fault-path points the second
+    # part is another vCPU or the host, never a memslot update; inside mmu_lock, only another
+    # vCPU's access. Drawn otherwise, the second part cannot run at the point.
+    gen = Generator(random.Random(11), kinds={"interleave"})
+    points = set()
+    for _ in range(400):
+        op = gen.op()
+        if not isinstance(op, Interleave):
+            continue
+        points.add(op.point)
+        if op.point is Point.MEMSLOT_PUBLISH:
+            assert isinstance(op.first, Memslot)
+            continue
+        assert not any(isinstance(s, Memslot) for s in op.second)
+        vcpu = getattr(op.first, "vcpu", None)
+        assert all(getattr(s, "vcpu", None) != vcpu for s in op.second if vcpu is not None)
+        if op.point.locked:
+            assert all(isinstance(s, Access) for s in op.second)
+    assert points == set(Point)
