@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from fuzzmmu.program.generate import OP_KINDS, Generator, kinds_of, op_kind
 from fuzzmmu.model.mmu.internal import Point
+from fuzzmmu.program.generate import OP_KINDS, Generator, kinds_of, op_kind
 from fuzzmmu.program.ops import Access, Interleave, Memslot
 
 
