@@ -12,9 +12,9 @@ from KVM's structure, never from the bug catalog:
 - after an op that made or zapped shadow pages (and once at the end of the program), the
   shape of the shadow state: per gfn, how many live shadow pages, of which levels, direct or
   indirect, in which address spaces, under how many roles, write-tracked or not; per shadow
-  page its role bits, whether it is unsync or leads to unsync pages, and how many parents
-  link it (a table shared by parents with different
-  rights counts those rights); a gfn write-tracked in one address space and mapped by leaf
+  page its role bits (those of the guest's control registers too), whether it is unsync or
+  leads to unsync pages, and how many parents link it (a table shared by parents with
+  different rights counts those rights); a gfn write-tracked in one address space and mapped by leaf
   sptes in the other, writable or not; the vCPUs' MMIO caches (valid, generation current,
   cached in this address space); roots that went obsolete.
 
@@ -38,6 +38,14 @@ from fuzzmmu.arch.bits import CR0_PG, CR4_PAE, EFER_LMA
 from fuzzmmu.model.machine import Machine
 from fuzzmmu.model.mmu import spte as S
 from fuzzmmu.model.mmu.internal import Point
+from fuzzmmu.model.mmu.role import (
+    CR0_WP,
+    CR4_PSE,
+    EFER_NX,
+    LONG_MODE,
+    SMAP_ANDNOT_WP,
+    SMEP_ANDNOT_WP,
+)
 from fuzzmmu.model.mmu.stats import STAT_NAMES
 from fuzzmmu.oracle.reference import ReferenceMachine
 from fuzzmmu.program.ops import SIMPLE_OPS, Interleave, Op, SetMode
@@ -68,6 +76,11 @@ _STATE_MOVING: Final = sum(1 << STAT_NAMES.index(name) for name in (
 _DECISIONS: Final = sum(1 << STAT_NAMES.index(name) for name in (
     "pf_fixed", "pf_emulate", "pf_spurious", "pf_guest", "pf_mmio_spte_created",
     "mmu_pte_write", "mmu_pde_zapped", "mmu_flooded", "mmu_unsync"))
+
+# The role bits that come from the guest's control registers (kvm_calc_cpu_role()): which
+# guest context a shadow page was built for. Pages of the same gfn, level and access built
+# under another context are other pages, or, where the role misses a bit, the same one.
+_ROLE_CONTEXT: Final = EFER_NX | CR0_WP | SMEP_ANDNOT_WP | SMAP_ANDNOT_WP | CR4_PSE | LONG_MODE
 
 # Op kinds as small ints; an interleave counts as a kind per concurrency point.
 _OP_KIND: Final = {cls: k for k, cls in enumerate(SIMPLE_OPS, 1)}
@@ -153,7 +166,7 @@ class StateFeedback:
                 parents = sp.parent_ptes
                 add((PAGE, sp.level, sp.direct, sp.access, sp.quadrant, sp.has_4_byte_gpte,
                      sp.smm, bucket(len(parents)), sp.root_count > 0, sp.unsync,
-                     bucket(sp.unsync_children)))
+                     bucket(sp.unsync_children), sp.role & _ROLE_CONTEXT))
                 if len(parents) > 1:
                     rights = {psp.sptv[i] & (S.SPTE_W | S.SPTE_U | S.SPTE_NX)
                               for psp, i in parents}

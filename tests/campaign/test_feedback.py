@@ -66,6 +66,21 @@ def test_a_table_shared_by_two_parents() -> None:
     assert any(p[1] == 1 and p[7] == F.bucket(2) for p in family(feats, F.PAGE))
 
 
+def test_a_page_names_the_guest_context_it_was_built_for() -> None:
+    # The role bits of the guest's control registers (kvm_calc_cpu_role()) are part of a
+    # page's feature: the same table shadowed with CR0.WP clear, then with SMAP on as well,
+    # is a page of another context each time.
+    from fuzzmmu.model.mmu.role import CR0_WP, LONG_MODE, SMAP_ANDNOT_WP
+
+    def contexts(sets: str) -> set[int]:
+        text = HEAD + sets + MAP[len(HEAD):] + "read cpu0 0x1000+0x0 width=8 cpl=0\n"
+        return {p[-1] for p in family(features(text), F.PAGE) if p[1] == 1 and not p[2]}
+
+    assert contexts("") == {LONG_MODE | CR0_WP}
+    assert contexts("set cpu0 wp=0\n") == {LONG_MODE}
+    assert contexts("set cpu0 wp=0\nset cpu0 smap=1\n") == {LONG_MODE | SMAP_ANDNOT_WP}
+
+
 def test_a_gfn_shadowed_under_two_roles() -> None:
     base = MAP + "pte cpu0 table=0x9 index=0x1 -> 0xa P|U|A width=8\n" \
                  "read cpu0 0x1000+0x0 width=8 cpl=0\n"
