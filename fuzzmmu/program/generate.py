@@ -41,6 +41,7 @@ from fuzzmmu.program.ops import (
     WritePte,
     ZapAll,
 )
+from fuzzmmu.world.layout import DEFAULT_SLOTS, HOST_PAGES
 from fuzzmmu.world.memslots import MemslotChange
 from fuzzmmu.world.observe import AccessKind
 
@@ -48,6 +49,7 @@ P, RW, US, A, D, NX = 1, 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 63
 
 
 _POINTS: Final = tuple(Point)
+_CHANGES: Final = tuple(MemslotChange)
 
 
 def _bit(rng: random.Random, p: float) -> bool:
@@ -97,6 +99,18 @@ class Generator:
         self._simple_weights = [w for k, w in table if k != "interleave"]
         self.header = header or self.random_header()
         ops = context.flat_ops() if context is not None else []
+        # The VMM's memslots, (address space, slot) -> (base gfn, pages, host page): the
+        # world's at boot, then as the program's memslot updates leave them (an op inserted
+        # into a program sees those after its last one), and the regions of deleted slots.
+        self.slots = {(m.as_id, m.slot_id): (m.base_gfn, m.npages, m.hva) for m in DEFAULT_SLOTS}
+        self.deleted: list[tuple[int, int, int, int]] = []
+        # Each vCPU in SMM or not, as the program's SMIs and RSMs leave it.
+        self.in_smm = [False, False]
+        for op in ops:
+            if isinstance(op, Memslot):
+                self._apply(op)
+            elif isinstance(op, Smi | Rsm):
+                self.in_smm[op.vcpu] = isinstance(op, Smi)
         vas = sorted({op.va for op in ops if isinstance(op, Access | Map | Invlpg)})
         pools = sorted({op.pool for op in ops if isinstance(op, Map)})
         self.vas = vas or rng.sample(W.VAS, rng.randint(1, 4))
@@ -182,18 +196,89 @@ class Generator:
                        self.rng.choice(W.ROOTS))
 
     def _smm(self) -> Op:
-        v = self.rng.randrange(2)
-        return Smi(v) if _bit(self.rng, 0.5) else Rsm(v)
+        """Mostly the transition the vCPU can make: an SMI outside SMM, an RSM inside (an RSM
+        outside SMM is #UD, an SMI inside is only latched)."""
+        r = self.rng
+        v = r.randrange(2)
+        enter = not self.in_smm[v] if _bit(r, 0.8) else _bit(r, 0.5)
+        self.in_smm[v] = enter
+        return Smi(v) if enter else Rsm(v)
 
     def _memslot(self) -> Memslot:
+        """A memslot update the VMM could make (KVM_SET_USER_MEMORY_REGION would take it):
+        delete or move a slot the program has, create one in a free slot over free gfns,
+        often where a deleted slot was and with its host pages (a VMM re-registering a region,
+        as QEMU deletes and re-creates a slot to change it). Drawn blindly, 28% of the
+        updates were valid, and a deleted region almost never came back."""
         r = self.rng
-        change = r.choice(list(MemslotChange))
+        change = r.choice(_CHANGES)
+        if _bit(r, 0.1):  # now and then anything: what the VMM may get wrong
+            op = self._any_memslot(change)
+        elif change is MemslotChange.DELETE and self.slots:
+            as_id, slot = r.choice(sorted(self.slots))
+            op = Memslot(as_id, slot, change)
+        elif change is MemslotChange.MOVE and self.slots:
+            as_id, slot = r.choice(sorted(self.slots))
+            at, npages, _ = self.slots[as_id, slot]
+            bases = [b for b in W.SLOT_BASES if b != at and self._free(as_id, b, npages, slot)]
+            op = Memslot(as_id, slot, change, r.choice(bases)) if bases else \
+                self._any_memslot(change)
+        else:
+            op = self._create()
+        self._apply(op)
+        return op
+
+    def _create(self) -> Memslot:
+        r = self.rng
+        change = MemslotChange.CREATE
+        free_ids = [(a, s) for a in range(2) for s in range(4) if (a, s) not in self.slots]
+        if not free_ids:
+            return self._any_memslot(change)
+        as_id, slot = r.choice(free_ids)
+        gone = [g for g in self.deleted if g[0] == as_id]
+        if gone and _bit(r, 0.6):
+            _, base, npages, hva = r.choice(gone)
+            fits = [n for n in W.SLOT_SIZES if n <= npages and self._free(as_id, base, n)]
+            if base in W.SLOT_BASES and hva in W.SLOT_HVAS and fits:
+                return Memslot(as_id, slot, change, base, r.choice(fits), hva)
+        regions = [(b, n) for b in W.SLOT_BASES for n in W.SLOT_SIZES
+                   if self._free(as_id, b, n)]
+        if not regions:
+            return self._any_memslot(change)
+        base, npages = r.choice(regions)
+        hvas = [h for h in W.SLOT_HVAS if h + npages <= HOST_PAGES]
+        return Memslot(as_id, slot, change, base, npages, r.choice(hvas))
+
+    def _any_memslot(self, change: MemslotChange) -> Memslot:
+        r = self.rng
         if change is MemslotChange.DELETE:
             return Memslot(r.randrange(2), r.randrange(4), change)
         if change is MemslotChange.MOVE:
             return Memslot(r.randrange(2), r.randrange(4), change, r.choice(W.SLOT_BASES))
         return Memslot(r.randrange(2), r.randrange(4), change, r.choice(W.SLOT_BASES),
                        r.choice(W.SLOT_SIZES), r.choice(W.SLOT_HVAS))
+
+    def _free(self, as_id: int, base: int, npages: int, moving: int = -1) -> bool:
+        """Whether gfns [base, base + npages) are in no slot of the address space but
+        ``moving``."""
+        return all(a != as_id or s == moving or base + npages <= b or b + n <= base
+                   for (a, s), (b, n, _) in self.slots.items())
+
+    def _apply(self, op: Memslot) -> None:
+        """The slots after ``op``, as KVM's __kvm_set_memory_region() would leave them (an
+        update it rejects changes nothing)."""
+        key = (op.as_id, op.slot)
+        old = self.slots.get(key)
+        if op.change is MemslotChange.DELETE:
+            if old is not None:
+                del self.slots[key]
+                self.deleted.append((op.as_id, *old))
+        elif op.change is MemslotChange.MOVE:
+            if old is not None and self._free(op.as_id, op.base, old[1], op.slot):
+                self.slots[key] = (op.base, old[1], old[2])
+        elif old is None and op.hva + op.npages <= HOST_PAGES and self._free(
+                op.as_id, op.base, op.npages):
+            self.slots[key] = (op.base, op.npages, op.hva)
 
     def _host(self) -> Op:
         r = self.rng

@@ -8,7 +8,9 @@ import pytest
 
 from fuzzmmu.model.mmu.internal import Point
 from fuzzmmu.program.generate import OP_KINDS, Generator, kinds_of, op_kind
-from fuzzmmu.program.ops import Access, Interleave, Memslot
+from fuzzmmu.program.ops import Access, Interleave, Memslot, Program, Rsm, Smi
+from fuzzmmu.world.layout import new_world
+from fuzzmmu.world.memslots import MemslotChange, MemslotError, MemslotUpdate
 
 
 def test_same_seed_same_program() -> None:
@@ -70,3 +72,54 @@ def test_an_interleave_is_drawn_to_fit_its_point() -> None:
         if op.point.locked:
             assert all(isinstance(s, Access) for s in op.second)
     assert points == set(Point)
+
+
+def test_memslot_updates_fit_the_slots_the_program_has() -> None:
+    # Each update is checked as KVM_SET_USER_MEMORY_REGION would check it, against the slots
+    # the updates before it left; most are taken, and deleted regions come back.
+    accepted = rejected = recreated = 0
+    for seed in range(300):
+        gen = Generator(random.Random(seed), kinds={"memslot"})
+        _, slots, _ = new_world()
+        deleted: set[tuple[int, int, int]] = set()
+        for _ in range(6):
+            op = gen.op()
+            assert isinstance(op, Memslot)
+            upd = MemslotUpdate(op.change, op.as_id, op.slot, op.base, op.npages, op.hva)
+            try:
+                old, new = slots.check(upd)
+            except MemslotError:
+                rejected += 1
+                continue
+            accepted += 1
+            if old is not None and new is None:
+                deleted.add((old.as_id, old.base_gfn, old.hva))
+            if old is None and new is not None and (new.as_id, new.base_gfn, new.hva) in deleted:
+                recreated += 1
+            slots.install(old, new)
+    assert accepted > 4 * rejected
+    assert recreated > 50
+
+
+def test_an_inserted_memslot_update_sees_the_program_s_slots() -> None:
+    # With a program as context, the generator starts from the slots its updates left: a
+    # slot the program deleted is not deleted again.
+    context = Program(Generator(random.Random(0)).random_header(),
+                      (Memslot(0, 1, MemslotChange.DELETE),))
+    for seed in range(100):
+        gen = Generator(random.Random(seed), context.header, context, kinds={"memslot"})
+        assert (0, 1) not in gen.slots
+
+
+def test_smis_and_rsms_mostly_fit_the_vcpu_s_mode() -> None:
+    # An RSM outside SMM is #UD and an SMI inside SMM is only latched: most drawn transitions
+    # are ones the vCPU can make.
+    gen = Generator(random.Random(4), kinds={"smm"})
+    in_smm = [False, False]
+    fit = 0
+    for _ in range(1000):
+        op = gen.op()
+        assert isinstance(op, Smi | Rsm)
+        fit += isinstance(op, Smi) != in_smm[op.vcpu]
+        in_smm[op.vcpu] = isinstance(op, Smi)
+    assert fit > 800
