@@ -9,16 +9,16 @@ findings) are recorded instead of raised, so a campaign goes on past them.
 
 The mutator edits programs at the op level (records of the binary form), stacking a few of:
 insert an op aimed at the program's addresses and tables, delete, duplicate, swap, change one
-field of one op (one mixed-radix digit), change the machine configuration or boot mode,
-replace the tail with random records; part of the time it leaves the bytes to libFuzzer's own
-byte mutator.
+field of one op (one mixed-radix digit), access an accessed address again another way,
+change the machine configuration or boot mode, replace the tail with random records; part of
+the time it leaves the bytes to libFuzzer's own byte mutator.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fuzzmmu.campaign.feedback import CounterMap, StateFeedback
@@ -38,7 +38,8 @@ from fuzzmmu.program.codec import (
     record_from_digits,
 )
 from fuzzmmu.program.generate import OP_KINDS, Generator, kinds_of
-from fuzzmmu.program.ops import BOOT_MODES, Header, Interleave, Op, Program
+from fuzzmmu.program.ops import BOOT_MODES, Access, Header, Interleave, Invlpg, Op, Program
+from fuzzmmu.world.observe import AccessKind
 
 # How often an inserted op keeps to the kinds its program already has (swarm testing: a
 # lineage explores deep in a few kinds rather than thinly in all).
@@ -321,8 +322,42 @@ def _fresh(rng: random.Random, d: _Draft) -> None:
     d.recs = [r for op in program.ops for r in _op_records(program.header, op)]
 
 
+def _reaccess(rng: random.Random, d: _Draft) -> None:
+    """Touch an address the program accessed once more, another way: a copy of one of its
+    accesses with the kind, the privilege, EFLAGS.AC or the vCPU changed, somewhere after
+    it, now and then behind an INVLPG of the address. The second access is checked against
+    what the first left: KVM caches a walk's permissions in the spte (and an MMIO
+    translation in the vCPU), and its reuse by another kind of access is where a cache
+    that keys too little shows. Otherwise it takes a duplicate placed after its original
+    and then a change that hits the copy's field."""
+    spots = [i for i, rec in enumerate(d.recs) if record_digits(rec)[0] is Access]
+    if not spots:
+        _insert(rng, d)
+        return
+    i = rng.choice(spots)
+    op = decode_record(d.recs[i])
+    assert isinstance(op, Access)
+    field = rng.randrange(4)
+    if field == 0:
+        kind = rng.choice([k for k in _ACCESS_KINDS if k is not op.kind])
+        seed = (op.seed or rng.randrange(1, 256)) if kind is AccessKind.WRITE else 0
+        op = replace(op, kind=kind, seed=seed)
+    elif field == 1:
+        op = replace(op, cpl=3 - op.cpl)
+    elif field == 2:
+        op = replace(op, ac=not op.ac)
+    else:
+        op = replace(op, vcpu=1 - op.vcpu)
+    new = [op_record(op)]
+    if rng.random() < 0.3:
+        new.insert(0, op_record(Invlpg(op.vcpu, op.va)))
+    at = rng.randint(i + 1, len(d.recs))
+    d.recs[at:at] = new
+
+
+_ACCESS_KINDS = tuple(AccessKind)
 _MUTATIONS = ((_insert, 25), (_delete, 12), (_duplicate, 7), (_swap, 7), (_change, 36),
-              (_reconfigure, 8), (_random_tail, 5), (_fresh, 5))
+              (_reconfigure, 8), (_random_tail, 5), (_fresh, 5), (_reaccess, 8))
 _KINDS = [m for m, _ in _MUTATIONS]
 _WEIGHTS = [w for _, w in _MUTATIONS]
 

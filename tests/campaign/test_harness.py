@@ -137,3 +137,32 @@ def test_random_swarm_always_keeps_maps_and_accesses() -> None:
     swarms = [harness.random_swarm(random.Random(s)) for s in range(200)]
     assert all({"map", "access"} <= s for s in swarms)
     assert len(set(swarms)) > 100
+
+
+def test_a_reaccess_touches_an_accessed_address_again_another_way() -> None:
+    import random
+
+    from fuzzmmu.program.ops import Access, Invlpg
+    from fuzzmmu.program.text import parse_program
+
+    program = parse_program(SWARM_PROGRAM)
+    data = encode(program)
+    accesses = [op for op in program.ops if isinstance(op, Access)]
+    changed = set()
+    for seed in range(200):
+        header, recs = harness._records(data)
+        draft = harness._Draft(header, list(recs), program)
+        harness._reaccess(random.Random(seed), draft)
+        ops = decode(draft.header + b"".join(draft.recs)).ops
+        added = [op for op in ops if op not in program.ops]
+        new = added[-1]
+        assert isinstance(new, Access) and len(added) in (1, 2)
+        assert all(isinstance(op, Invlpg) and op.va == new.va for op in added[:-1])
+        # a copy of an earlier access with one field changed, placed after it
+        origin = [a for a in accesses if sum(x != y for x, y in zip(
+            (a.kind, a.cpl, a.ac, a.vcpu), (new.kind, new.cpl, new.ac, new.vcpu),
+            strict=True)) == 1 and (a.va, a.offset, a.width) == (new.va, new.offset, new.width)]
+        assert origin and ops.index(new) > ops.index(origin[0])
+        changed |= {f for f in ("kind", "cpl", "ac", "vcpu")
+                    if getattr(new, f) != getattr(origin[0], f)}
+    assert changed == {"kind", "cpl", "ac", "vcpu"}
