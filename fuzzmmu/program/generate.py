@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Collection
 from dataclasses import replace
-from typing import Final
+from typing import Any, Final, cast
 
 from fuzzmmu.model.mmu.internal import Point
 from fuzzmmu.program import world as W
@@ -330,7 +330,12 @@ class Generator:
 
 
 def _on_vcpu(op: Op, vcpu: int) -> Op:
-    return replace(op, vcpu=vcpu) if hasattr(op, "vcpu") else op
+    """``op`` run by ``vcpu`` (a host op as it is). Every op class is a dataclass; the base
+    class is not, hence the cast."""
+    if not hasattr(op, "vcpu"):
+        return op
+    moved: Op = replace(cast(Any, op), vcpu=vcpu)
+    return moved
 
 
 def random_program(rng: random.Random, n_ops: int = 20) -> Program:
