@@ -167,12 +167,19 @@ def test_the_instrumented_kvm_target_keeps_its_memory(tmp_path: Path) -> None:
     corpus.mkdir()
     (corpus / "tour").write_bytes(encode(read_program(PROGRAMS / "sdm-tour.txt")))
     env = {**os.environ, "FUZZMMU_TARGET": "kvm"}
-    res = subprocess.run([sys.executable, str(HARNESS), str(corpus), "-runs=300", "-seed=1"],
+    res = subprocess.run([sys.executable, str(HARNESS), str(corpus), "-runs=300", "-seed=1",
+                          f"-artifact_prefix={tmp_path}/"],
                          capture_output=True, text=True, timeout=180, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    done = re.search(r"#\d+\s+DONE .* rss: (\d+)Mb", res.stderr)
-    assert done is not None, res.stderr[-3000:]
-    assert int(done[1]) < 200
+    # The campaign may find one of real KVM's known deviations (docs/kvm-target.md) on the
+    # way: that ends the run as a finding, not as a leak. The memory is read at the last
+    # status line, after enough programs for the leak to show (~1.7 MB a program).
+    kinds = harness.DivergenceFound.__subclasses__()
+    found = any(f"{cls.__name__}: " in res.stdout for cls in kinds)  # Atheris prints it there
+    assert res.returncode == 0 or found, res.stderr[-3000:]
+    status = re.findall(r"#(\d+)\s+\w+ .* rss: (\d+)Mb", res.stderr)
+    assert status, res.stderr[-3000:]
+    runs, rss = map(int, status[-1])
+    assert runs >= 150 and rss < 200, res.stderr[-3000:]
 
 
 # -- crash files
