@@ -41,8 +41,9 @@ from fuzzmmu.program.ops import (
     WritePte,
     ZapAll,
 )
-from fuzzmmu.world.layout import DEFAULT_SLOTS, HOST_PAGES
-from fuzzmmu.world.memslots import MemslotChange
+from fuzzmmu.world.layout import HOST_PAGES, new_world
+from fuzzmmu.world.memslots import Memslot as MemslotInfo
+from fuzzmmu.world.memslots import MemslotChange, MemslotError, MemslotUpdate
 from fuzzmmu.world.observe import AccessKind
 
 P, RW, US, A, D, NX = 1, 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 63
@@ -51,6 +52,10 @@ P, RW, US, A, D, NX = 1, 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 63
 _POINTS: Final = tuple(Point)
 _CHANGES: Final = (MemslotChange.CREATE, MemslotChange.DELETE, MemslotChange.MOVE)
 _CHANGE_WEIGHTS: Final = (3, 3, 1)
+
+
+# Copied per generator (a copy shares the tables until it installs a slot).
+_BOOT_SLOTS: Final = new_world()[1]
 
 
 def _bit(rng: random.Random, p: float) -> bool:
@@ -100,11 +105,11 @@ class Generator:
         self._simple_weights = [w for k, w in table if k != "interleave"]
         self.header = header or self.random_header()
         ops = context.flat_ops() if context is not None else []
-        # The VMM's memslots, (address space, slot) -> (base gfn, pages, host page): the
-        # world's at boot, then as the program's memslot updates leave them (an op inserted
-        # into a program sees those after its last one), and the regions of deleted slots.
-        self.slots = {(m.as_id, m.slot_id): (m.base_gfn, m.npages, m.hva) for m in DEFAULT_SLOTS}
-        self.deleted: list[tuple[int, int, int, int]] = []
+        # The VMM's memslots: the world's at boot, then as the program's memslot updates
+        # leave them (an op inserted into a program sees those after its last one), and the
+        # slots deleted on the way.
+        self.memslots = _BOOT_SLOTS.copy()
+        self.deleted: list[MemslotInfo] = []
         # Each vCPU in SMM or not, as the program's SMIs and RSMs leave it.
         self.in_smm = [False, False]
         for op in ops:
@@ -218,13 +223,14 @@ class Generator:
         change = r.choices(_CHANGES, _CHANGE_WEIGHTS)[0]
         if _bit(r, 0.1):  # now and then anything: what the VMM may get wrong
             op = self._any_memslot(change)
-        elif change is MemslotChange.DELETE and self.slots:
-            as_id, slot = r.choice(sorted(self.slots))
+        elif change is MemslotChange.DELETE and (ids := self._slot_ids()):
+            as_id, slot = r.choice(ids)
             op = Memslot(as_id, slot, change)
-        elif change is MemslotChange.MOVE and self.slots:
-            as_id, slot = r.choice(sorted(self.slots))
-            at, npages, _ = self.slots[as_id, slot]
-            bases = [b for b in W.SLOT_BASES if b != at and self._free(as_id, b, npages, slot)]
+        elif change is MemslotChange.MOVE and (ids := self._slot_ids()):
+            as_id, slot = r.choice(ids)
+            at = self.memslots.spaces[as_id][slot].base_gfn
+            bases = [b for b in W.SLOT_BASES
+                     if b != at and self._valid(MemslotUpdate(change, as_id, slot, b))]
             op = Memslot(as_id, slot, change, r.choice(bases)) if bases else \
                 self._any_memslot(change)
         else:
@@ -235,18 +241,22 @@ class Generator:
     def _create(self) -> Memslot:
         r = self.rng
         change = MemslotChange.CREATE
-        free_ids = [(a, s) for a in range(2) for s in range(4) if (a, s) not in self.slots]
+        spaces = self.memslots.spaces
+        free_ids = [(a, s) for a in range(2) for s in range(4) if s not in spaces[a]]
         if not free_ids:
             return self._any_memslot(change)
         as_id, slot = r.choice(free_ids)
-        gone = [g for g in self.deleted if g[0] == as_id]
+
+        def fits(base: int, npages: int) -> bool:
+            return self._valid(MemslotUpdate(change, as_id, slot, base, npages))
+
+        gone = [g for g in self.deleted if g.as_id == as_id]
         if gone and _bit(r, 0.6):
-            _, base, npages, hva = r.choice(gone)
-            fits = [n for n in W.SLOT_SIZES if n <= npages and self._free(as_id, base, n)]
-            if base in W.SLOT_BASES and hva in W.SLOT_HVAS and fits:
-                return Memslot(as_id, slot, change, base, r.choice(fits), hva)
-        regions = [(b, n) for b in W.SLOT_BASES for n in W.SLOT_SIZES
-                   if self._free(as_id, b, n)]
+            g = r.choice(gone)
+            sizes = [n for n in W.SLOT_SIZES if n <= g.npages and fits(g.base_gfn, n)]
+            if g.base_gfn in W.SLOT_BASES and g.hva in W.SLOT_HVAS and sizes:
+                return Memslot(as_id, slot, change, g.base_gfn, r.choice(sizes), g.hva)
+        regions = [(b, n) for b in W.SLOT_BASES for n in W.SLOT_SIZES if fits(b, n)]
         if not regions:
             return self._any_memslot(change)
         base, npages = r.choice(regions)
@@ -254,8 +264,8 @@ class Generator:
         # Mostly the host pages the other address space maps at these gfns, as a VMM lays
         # out SMM's view over normal RAM: a gfn naming different host pages in the two
         # spaces is legal, but a table written through it ends what the oracle compares.
-        same = [v + base - b for (a, _), (b, n, v) in self.slots.items()
-                if a != as_id and b <= base < b + n and v + base - b in hvas]
+        same = [m.gfn_to_hva(base) for m in self.memslots.slots(1 - as_id)
+                if m.contains(base) and m.gfn_to_hva(base) in hvas]
         return Memslot(as_id, slot, change, base, npages,
                        r.choice(same if same and _bit(r, 0.8) else hvas))
 
@@ -268,27 +278,28 @@ class Generator:
         return Memslot(r.randrange(2), r.randrange(4), change, r.choice(W.SLOT_BASES),
                        r.choice(W.SLOT_SIZES), r.choice(W.SLOT_HVAS))
 
-    def _free(self, as_id: int, base: int, npages: int, moving: int = -1) -> bool:
-        """Whether gfns [base, base + npages) are in no slot of the address space but
-        ``moving``."""
-        return all(a != as_id or s == moving or base + npages <= b or b + n <= base
-                   for (a, s), (b, n, _) in self.slots.items())
+    def _slot_ids(self) -> list[tuple[int, int]]:
+        return sorted((m.as_id, m.slot_id) for m in self.memslots.all_slots())
+
+    def _valid(self, upd: MemslotUpdate) -> bool:
+        """Whether KVM_SET_USER_MEMORY_REGION takes ``upd`` now (Memslots.check)."""
+        try:
+            self.memslots.check(upd)
+        except MemslotError:
+            return False
+        return True
 
     def _apply(self, op: Memslot) -> None:
-        """The slots after ``op``, as KVM's __kvm_set_memory_region() would leave them (an
-        update it rejects changes nothing)."""
-        key = (op.as_id, op.slot)
-        old = self.slots.get(key)
-        if op.change is MemslotChange.DELETE:
-            if old is not None:
-                del self.slots[key]
-                self.deleted.append((op.as_id, *old))
-        elif op.change is MemslotChange.MOVE:
-            if old is not None and self._free(op.as_id, op.base, old[1], op.slot):
-                self.slots[key] = (op.base, old[1], old[2])
-        elif old is None and op.hva + op.npages <= HOST_PAGES and self._free(
-                op.as_id, op.base, op.npages):
-            self.slots[key] = (op.base, op.npages, op.hva)
+        """The slots after ``op`` (an update KVM rejects changes nothing)."""
+        try:
+            old, new = self.memslots.check(
+                MemslotUpdate(op.change, op.as_id, op.slot, op.base, op.npages, op.hva))
+        except MemslotError:
+            return
+        if old is not new:
+            self.memslots.install(old, new)
+        if old is not None and new is None:
+            self.deleted.append(old)
 
     def _host(self) -> Op:
         r = self.rng

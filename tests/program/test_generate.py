@@ -108,7 +108,7 @@ def test_an_inserted_memslot_update_sees_the_program_s_slots() -> None:
                       (Memslot(0, 1, MemslotChange.DELETE),))
     for seed in range(100):
         gen = Generator(random.Random(seed), context.header, context, kinds={"memslot"})
-        assert (0, 1) not in gen.slots
+        assert 1 not in gen.memslots.spaces[0]
 
 
 def test_smis_and_rsms_mostly_fit_the_vcpu_s_mode() -> None:
