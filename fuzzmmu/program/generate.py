@@ -9,7 +9,7 @@ here inspects a machine: choices only use the world's tables and the program so 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from typing import Any, Final, cast
 
@@ -52,10 +52,14 @@ P, RW, US, A, D, NX = 1, 1 << 1, 1 << 2, 1 << 5, 1 << 6, 1 << 63
 _POINTS: Final = tuple(Point)
 _CHANGES: Final = (MemslotChange.CREATE, MemslotChange.DELETE, MemslotChange.MOVE)
 _CHANGE_WEIGHTS: Final = (3, 3, 1)
+_CR_BITS: Final = tuple(CrBit)
 
 
 # Copied per generator (a copy shares the tables until it installs a slot).
 _BOOT_SLOTS: Final = new_world()[1]
+# The control bits a vCPU leaves reset with (CR0.WP; CR4 and EFER clear) and keeps through
+# an SMI, which clears CR4 and EFER but not CR0.WP (docs/x86-paging.md, SMI).
+_BOOT_BITS: Final = frozenset({CrBit.WP})
 
 
 def _bit(rng: random.Random, p: float) -> bool:
@@ -88,12 +92,16 @@ class Generator:
     """Random ops for one program; ``vas`` is the program's working set."""
 
     def __init__(self, rng: random.Random, header: Header | None = None,
-                 context: Program | None = None, kinds: Collection[str] | None = None) -> None:
+                 context: Program | None = None,
+                 kinds: Collection[str] | Mapping[str, float] | None = None) -> None:
         """With ``context``, new ops aim at that program's addresses and table pools, as a
         kernel keeps touching what it mapped; with ``kinds``, ``op`` draws only those kinds
-        (an interleave still needs a plain op for its first part, so one is kept)."""
+        (an interleave still needs a plain op for its first part, so one is kept), each
+        weighed by the factor ``kinds`` maps it to, if it is a mapping."""
         self.rng = rng
-        table = [(k, w) for k, w in OP_KINDS if kinds is None or k in kinds]
+        scale = kinds if isinstance(kinds, Mapping) else {}
+        table: list[tuple[str, float]] = [(k, w * scale.get(k, 1.0)) for k, w in OP_KINDS
+                                          if kinds is None or k in kinds]
         if all(k == "interleave" for k, _ in table):
             table.append(OP_KINDS[0])
         self._kinds = [k for k, _ in table]
@@ -110,13 +118,17 @@ class Generator:
         # slots deleted on the way.
         self.memslots = _BOOT_SLOTS.copy()
         self.deleted: list[MemslotInfo] = []
-        # Each vCPU in SMM or not, as the program's SMIs and RSMs leave it.
+        # Each vCPU in SMM or not, as the program's SMIs and RSMs leave it, and the control
+        # bits it has on (a program's SetBits toggle them).
         self.in_smm = [False, False]
+        boot = _BOOT_BITS | ({CrBit.PSE} if self.header.boot is GuestMode.BIT32_PSE else set())
+        self.bits = [frozenset(boot), frozenset(boot)]
+        self._saved_bits = list(self.bits)
         for op in ops:
             if isinstance(op, Memslot):
                 self._apply(op)
-            elif isinstance(op, Smi | Rsm):
-                self.in_smm[op.vcpu] = isinstance(op, Smi)
+            else:
+                self._track(op)
         vas = sorted({op.va for op in ops if isinstance(op, Access | Map | Invlpg)})
         pools = sorted({op.pool for op in ops if isinstance(op, Map)})
         self.vas = vas or rng.sample(W.VAS, rng.randint(1, 4))
@@ -148,7 +160,7 @@ class Generator:
     def simple_op(self) -> Op:
         return self._draw(self._simple_kinds, self._simple_weights)
 
-    def _draw(self, kinds: list[str], weights: list[int]) -> Op:
+    def _draw(self, kinds: list[str], weights: list[float]) -> Op:
         op: Op = getattr(self, f"_{self.rng.choices(kinds, weights)[0]}")()
         return op
 
@@ -195,11 +207,22 @@ class Generator:
         return LoadCr3(self.rng.randrange(2), self.rng.choice(W.ROOTS))
 
     def _set(self) -> SetBit:
-        return SetBit(self.rng.randrange(2), self.rng.choice(list(CrBit)), _bit(self.rng, 0.6))
+        op = SetBit(self.rng.randrange(2), self.rng.choice(_CR_BITS), _bit(self.rng, 0.6))
+        self._track(op)
+        return op
+
+    def flip(self, vcpu: int) -> SetBit:
+        """One of ``vcpu``'s control bits flipped."""
+        bit = self.rng.choice(_CR_BITS)
+        op = SetBit(vcpu, bit, bit not in self.bits[vcpu])
+        self._track(op)
+        return op
 
     def _mode(self) -> SetMode:
-        return SetMode(self.rng.randrange(2), self.rng.choice(list(GuestMode)),
-                       self.rng.choice(W.ROOTS))
+        op = SetMode(self.rng.randrange(2), self.rng.choice(list(GuestMode)),
+                     self.rng.choice(W.ROOTS))
+        self._track(op)
+        return op
 
     def _smm(self) -> Op:
         """Mostly the transition the vCPU can make: an SMI outside SMM, an RSM inside (an RSM
@@ -207,8 +230,25 @@ class Generator:
         r = self.rng
         v = r.randrange(2)
         enter = not self.in_smm[v] if _bit(r, 0.8) else _bit(r, 0.5)
-        self.in_smm[v] = enter
-        return Smi(v) if enter else Rsm(v)
+        op = Smi(v) if enter else Rsm(v)
+        self._track(op)
+        return op
+
+    def _track(self, op: Op) -> None:
+        """The vCPU's SMM state and control bits after ``op``."""
+        if isinstance(op, SetBit):
+            self.bits[op.vcpu] = self.bits[op.vcpu] | {op.bit} if op.on else \
+                self.bits[op.vcpu] - {op.bit}
+        elif isinstance(op, SetMode):
+            pse = op.mode is GuestMode.BIT32_PSE
+            self.bits[op.vcpu] = self.bits[op.vcpu] - {CrBit.PSE} | ({CrBit.PSE} if pse else set())
+        elif isinstance(op, Smi) and not self.in_smm[op.vcpu]:
+            self.in_smm[op.vcpu] = True
+            self._saved_bits[op.vcpu] = self.bits[op.vcpu]
+            self.bits[op.vcpu] = self.bits[op.vcpu] & _BOOT_BITS
+        elif isinstance(op, Rsm) and self.in_smm[op.vcpu]:
+            self.in_smm[op.vcpu] = False
+            self.bits[op.vcpu] = self._saved_bits[op.vcpu]
 
     def _memslot(self) -> Memslot:
         """A memslot update the VMM could make (KVM_SET_USER_MEMORY_REGION would take it):

@@ -135,20 +135,38 @@ def test_random_swarm_always_keeps_maps_and_accesses() -> None:
     import random
 
     swarms = [harness.random_swarm(random.Random(s)) for s in range(200)]
-    assert all({"map", "access"} <= s for s in swarms)
-    assert len(set(swarms)) > 100
+    assert all({"map", "access"} <= s.keys() for s in swarms)
+    assert len({frozenset(s) for s in swarms}) > 100
+    # each kind kept is weighed on its own
+    assert all(set(s.values()) <= set(harness.SWARM_SCALES) for s in swarms)
+    assert len({tuple(sorted(s.items())) for s in swarms}) > 190
+
+
+def test_a_swarm_s_scales_shape_the_programs_it_generates() -> None:
+    import random
+
+    from fuzzmmu.program.generate import Generator, op_kind
+
+    def share_of_maps(scale: float) -> float:
+        gen = Generator(random.Random(3), kinds={"access": 1.0, "map": scale})
+        ops = [gen.op() for _ in range(2000)]
+        return sum(op_kind(op) == "map" for op in ops) / len(ops)
+
+    # the generator's own weights are 30 accesses to 16 maps
+    assert share_of_maps(4.0) > 0.6 > 0.35 > share_of_maps(1.0) > 0.3 > 0.15 > share_of_maps(0.25)
 
 
 def test_a_reaccess_touches_an_accessed_address_again_another_way() -> None:
     import random
 
-    from fuzzmmu.program.ops import Access, Invlpg
+    from fuzzmmu.program.ops import Access, CrBit, Invlpg, SetBit
     from fuzzmmu.program.text import parse_program
 
     program = parse_program(SWARM_PROGRAM)
     data = encode(program)
     accesses = [op for op in program.ops if isinstance(op, Access)]
     changed = set()
+    flipped = 0
     for seed in range(200):
         header, recs = harness._records(data)
         draft = harness._Draft(header, list(recs), program)
@@ -156,7 +174,13 @@ def test_a_reaccess_touches_an_accessed_address_again_another_way() -> None:
         ops = decode(draft.header + b"".join(draft.recs)).ops
         added = [op for op in ops if op not in program.ops]
         new = added[-1]
-        assert isinstance(new, Access) and len(added) in (1, 2)
+        assert isinstance(new, Access) and len(added) in (1, 2, 3)
+        # in front of the copy, maybe a control bit of its vCPU flipped, then an INVLPG
+        if len(added) > 1 and isinstance(added[0], SetBit):
+            flipped += 1
+            # flipped: the program never set a bit, so CR0.WP is on and the others off
+            assert added[0].vcpu == new.vcpu and added[0].on == (added[0].bit is not CrBit.WP)
+            added = added[1:]
         assert all(isinstance(op, Invlpg) and op.va == new.va for op in added[:-1])
         # a copy of an earlier access with one field changed, placed after it
         origin = [a for a in accesses if sum(x != y for x, y in zip(
@@ -166,3 +190,4 @@ def test_a_reaccess_touches_an_accessed_address_again_another_way() -> None:
         changed |= {f for f in ("kind", "cpl", "ac", "vcpu")
                     if getattr(new, f) != getattr(origin[0], f)}
     assert changed == {"kind", "cpl", "ac", "vcpu"}
+    assert 30 < flipped < 90

@@ -8,7 +8,19 @@ import pytest
 
 from fuzzmmu.model.mmu.internal import Point
 from fuzzmmu.program.generate import OP_KINDS, Generator, kinds_of, op_kind
-from fuzzmmu.program.ops import Access, Interleave, Memslot, Program, Rsm, Smi
+from fuzzmmu.program.ops import (
+    Access,
+    CrBit,
+    GuestMode,
+    Header,
+    Interleave,
+    Memslot,
+    Program,
+    Rsm,
+    SetBit,
+    SetMode,
+    Smi,
+)
 from fuzzmmu.world.layout import new_world
 from fuzzmmu.world.memslots import MemslotChange, MemslotError, MemslotUpdate
 
@@ -123,3 +135,41 @@ def test_smis_and_rsms_mostly_fit_the_vcpu_s_mode() -> None:
         fit += isinstance(op, Smi) != in_smm[op.vcpu]
         in_smm[op.vcpu] = isinstance(op, Smi)
     assert fit > 800
+
+
+def test_the_generator_follows_the_vcpus_control_bits() -> None:
+    # As the ops drawn so far leave them: at reset CR0.WP on and the rest off, CR4.PSE from
+    # a 32-bit PSE boot; an SMI clears CR4 and EFER, RSM restores them.
+    gen = Generator(random.Random(5), Header(boot=GuestMode.BIT32_PSE),
+                    kinds={"set", "smm", "mode"})
+    bits = [{CrBit.WP, CrBit.PSE}, {CrBit.WP, CrBit.PSE}]
+    saved: list[set[CrBit]] = [set(), set()]
+    in_smm = [False, False]
+    kinds = set()
+    for _ in range(2000):
+        op = gen.op()
+        kinds.add(type(op))
+        if isinstance(op, SetBit):
+            (bits[op.vcpu].add if op.on else bits[op.vcpu].discard)(op.bit)
+        elif isinstance(op, SetMode):
+            bits[op.vcpu].discard(CrBit.PSE)
+            if op.mode is GuestMode.BIT32_PSE:
+                bits[op.vcpu].add(CrBit.PSE)
+        elif isinstance(op, Smi) and not in_smm[op.vcpu]:
+            in_smm[op.vcpu], saved[op.vcpu] = True, bits[op.vcpu]
+            bits[op.vcpu] = bits[op.vcpu] & {CrBit.WP}
+        elif isinstance(op, Rsm) and in_smm[op.vcpu]:
+            in_smm[op.vcpu], bits[op.vcpu] = False, saved[op.vcpu]
+        assert [set(b) for b in gen.bits] == bits
+    assert kinds == {SetBit, SetMode, Smi, Rsm}
+
+
+def test_a_flip_sees_the_control_bits_the_program_leaves() -> None:
+    context = Program(Header(boot=GuestMode.LONG4),
+                      (SetBit(0, CrBit.WP, False), SetBit(0, CrBit.SMAP, True),
+                       SetMode(1, GuestMode.BIT32_PSE, 1)))
+    for seed in range(50):
+        gen = Generator(random.Random(seed), context.header, context)
+        assert gen.bits == [{CrBit.SMAP}, {CrBit.WP, CrBit.PSE}]
+        op = gen.flip(0)
+        assert op.vcpu == 0 and op.on == (op.bit is not CrBit.SMAP)
