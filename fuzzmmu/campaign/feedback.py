@@ -14,9 +14,9 @@ from KVM's structure, never from the bug catalog:
   indirect, in which address spaces, under how many roles, write-tracked or not; per shadow
   page its role bits (those of the guest's control registers too), whether it is unsync or
   leads to unsync pages, and how many parents link it (a table shared by parents with
-  different rights counts those rights); a gfn write-tracked in one address space and mapped by leaf
-  sptes in the other, writable or not; the vCPUs' MMIO caches (valid, generation current,
-  cached in this address space); roots that went obsolete.
+  different rights counts those rights); a gfn write-tracked in one address space and mapped
+  by leaf sptes in the other, writable or not; the vCPUs' MMIO caches (valid, generation
+  current, cached in this address space); roots that went obsolete.
 
 Counts inside a feature are bucketed as AFL buckets hit counts (1, 2, 3, 4-7, 8-15, ...). A
 feature is a tuple of small ints, its first the family; the harness folds its hash

@@ -237,11 +237,12 @@ class Generator:
     def _track(self, op: Op) -> None:
         """The vCPU's SMM state and control bits after ``op``."""
         if isinstance(op, SetBit):
-            self.bits[op.vcpu] = self.bits[op.vcpu] | {op.bit} if op.on else \
-                self.bits[op.vcpu] - {op.bit}
+            bits = self.bits[op.vcpu]
+            self.bits[op.vcpu] = bits | {op.bit} if op.on else bits - {op.bit}
         elif isinstance(op, SetMode):
-            pse = op.mode is GuestMode.BIT32_PSE
-            self.bits[op.vcpu] = self.bits[op.vcpu] - {CrBit.PSE} | ({CrBit.PSE} if pse else set())
+            # A mode switch sets CR4.PSE for 32-bit paging with PSE and clears it otherwise.
+            bits = self.bits[op.vcpu] - {CrBit.PSE}
+            self.bits[op.vcpu] = bits | {CrBit.PSE} if op.mode is GuestMode.BIT32_PSE else bits
         elif isinstance(op, Smi) and not self.in_smm[op.vcpu]:
             self.in_smm[op.vcpu] = True
             self._saved_bits[op.vcpu] = self.bits[op.vcpu]
