@@ -115,10 +115,14 @@ def main() -> int:
     args = ap.parse_args()
     old, new = args.old.resolve(), args.new.resolve()
     seeds = sorted(p for p in (new / "corpus").iterdir() if p.suffix == "")
-    sample = Path(tempfile.mkdtemp(prefix="fuzzmmu-tp-")) / "inputs.hex"
-    subprocess.run([sys.executable, str(new / "bench" / "outcomes.py"), "inputs",
-                    str(args.programs), "-o", str(sample)], env=_env(new), check=True)
-    (o_rate, o_steps), (n_rate, n_steps) = loop_pair(old, new, sample, args.native)
+    sample_dir = Path(tempfile.mkdtemp(prefix="fuzzmmu-tp-"))
+    try:
+        sample = sample_dir / "inputs.hex"
+        subprocess.run([sys.executable, str(new / "bench" / "outcomes.py"), "inputs",
+                        str(args.programs), "-o", str(sample)], env=_env(new), check=True)
+        (o_rate, o_steps), (n_rate, n_steps) = loop_pair(old, new, sample, args.native)
+    finally:
+        shutil.rmtree(sample_dir, ignore_errors=True)
     print(f"uninstrumented run(), {args.programs} programs (CPU time, side by side):")
     print(f"  old {o_rate:8.1f} programs/s {o_steps:9.1f} steps/s")
     print(f"  new {n_rate:8.1f} programs/s {n_steps:9.1f} steps/s   ({n_rate / o_rate:.2f}x)")

@@ -361,7 +361,7 @@ class Campaign:
 
     def _run(self, cfg: CampaignConfig) -> CampaignResult:
         target = ProcessTree(target_command(cfg), env=target_environment(cfg),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, scratch=True)
         self._target = target
         if self.stop_signal is not None:  # it came while libFuzzer was being started
             target.send(signal.SIGTERM)

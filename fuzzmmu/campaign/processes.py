@@ -14,6 +14,11 @@ SIGKILL. In case the campaign process itself dies without stopping it (SIGKILL, 
   sentinel stops the group the same way (what the parent-death signal cannot reach: fork
   mode's jobs, whose parent is a shell that does not die with libFuzzer).
 
+libFuzzer's fork mode keeps its jobs' corpora and logs in a temporary directory. It removes it on
+SIGTERM, not on SIGHUP or SIGKILL, and even on SIGTERM a job still writing into it can leave it
+behind. So a tree may get a scratch directory of its own as ``TMPDIR``, removed once the tree is
+gone: by ``close()``, or by the sentinel when the campaign died.
+
 The tree of a process is read from ``/proc`` (each process's parent in ``/proc/PID/stat``), as
 is its resident memory (``VmRSS`` in ``/proc/PID/status``); where there is no ``/proc`` those
 readings are empty and the group is still stopped through its process group.
@@ -24,9 +29,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -174,11 +181,12 @@ def parent_death_signal(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
 
 
 # Waits for end of file on stdin. A word first ("done") means the campaign stopped the group
-# itself; end of file alone means the campaign died: stop the group as the campaign would have.
+# itself; end of file alone means the campaign died: stop the group as the campaign would have,
+# then remove the tree's scratch directory (an empty argument: none).
 # Zombies do not count as running (orphans wait for init to reap them, which may take a while).
 _SENTINEL = """\
-import os, signal, sys, time
-pgid, grace = int(sys.argv[1]), float(sys.argv[2])
+import os, shutil, signal, sys, time
+pgid, grace, scratch = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 if sys.stdin.buffer.read():
     sys.exit(0)
 def send(sig):
@@ -207,6 +215,11 @@ if send(signal.SIGTERM):
         time.sleep(0.1)
     if running():
         send(signal.SIGKILL)
+        end = time.monotonic() + grace
+        while time.monotonic() < end and running():
+            time.sleep(0.1)
+if scratch:
+    shutil.rmtree(scratch, ignore_errors=True)
 """
 
 
@@ -215,11 +228,21 @@ class ProcessTree:
 
     def __init__(self, cmd: list[str], *, env: Mapping[str, str] | None = None,
                  stdout: int | IO[Any] | None = None, stderr: int | IO[Any] | None = None,
-                 grace: float = GRACE_S) -> None:
+                 grace: float = GRACE_S, scratch: bool = False) -> None:
+        """``scratch``: the tree gets a fresh directory as ``TMPDIR``, removed with the tree."""
         self.grace = grace
-        self.proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr,
-                                     start_new_session=True,
-                                     preexec_fn=parent_death_signal())
+        self.scratch: Path | None = None
+        if scratch:
+            self.scratch = Path(tempfile.mkdtemp(prefix="fuzzmmu-tree-"))
+            env = {**(os.environ if env is None else env), "TMPDIR": str(self.scratch)}
+        try:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr,
+                                         start_new_session=True,
+                                         preexec_fn=parent_death_signal())
+        except BaseException:
+            if self.scratch is not None:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+            raise
         self.pgid = self.proc.pid  # a session leader leads its own process group
         self._stopped = False
         self._sentinel: subprocess.Popen[bytes] | None = None
@@ -228,7 +251,8 @@ class ProcessTree:
             read, self._pipe = os.pipe()  # not inheritable: only this process holds the end
             try:
                 self._sentinel = subprocess.Popen(
-                    [sys.executable, "-I", "-S", "-c", _SENTINEL, str(self.pgid), str(grace)],
+                    [sys.executable, "-I", "-S", "-c", _SENTINEL, str(self.pgid), str(grace),
+                     str(self.scratch or "")],
                     stdin=read, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                     start_new_session=True)  # a signal for our group must not reach it
             finally:
@@ -295,7 +319,8 @@ class ProcessTree:
         return time.monotonic() - start
 
     def close(self) -> None:
-        """Tell the sentinel the tree was stopped here, and let it go. Call after stop()."""
+        """Tell the sentinel the tree was stopped here, and let it go; remove the scratch
+        directory. Call after stop()."""
         if self._pipe is not None:
             with contextlib.suppress(OSError):
                 os.write(self._pipe, b"done")
@@ -308,6 +333,8 @@ class ProcessTree:
                 self._sentinel.kill()
                 self._sentinel.wait()
             self._sentinel = None
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 @contextlib.contextmanager

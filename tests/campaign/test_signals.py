@@ -79,10 +79,13 @@ def _start(tmp_path: Path, jobs: int, *args: str) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "fuzzmmu.cli", "fuzz", "--corpus", str(tmp_path / "corpus"),
            "--crashes", str(tmp_path / "crashes"), "--stats", str(tmp_path / "stats.jsonl"),
            "--no-dashboard", "--seed", "1", "--max-time", "120", "--jobs", str(jobs), *args]
+    # A temporary directory of its own: what the tree leaves there is seen.
+    (tmp_path / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
     # A session of its own: the signals of this test go to the campaign process alone, and no
     # terminal signal meant for pytest reaches it.
     return subprocess.Popen(cmd, stdout=(tmp_path / "out.txt").open("wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def _stats(tmp_path: Path) -> list[dict]:
@@ -172,6 +175,9 @@ def test_a_signal_to_the_campaign_alone_stops_its_whole_tree(tmp_path: Path, sig
             proc.kill()
             proc.wait()
     out = (tmp_path / "out.txt").read_text()
+    # Nothing of the tree's temporary files is left (fork mode's directory of job corpora and
+    # logs included), whatever stopped it: the campaign, or its sentinel when it was killed.
+    assert not list((tmp_path / "tmp").iterdir())
     crashes = [p for p in (tmp_path / "crashes").iterdir() if is_crash_file(p)]
     if sig == signal.SIGKILL:
         assert rc == -signal.SIGKILL
@@ -190,9 +196,6 @@ def test_a_signal_to_the_campaign_alone_stops_its_whole_tree(tmp_path: Path, sig
         assert txt.read_text().startswith("# fuzzmmu")
         assert json.loads(side.read_text())["bugs"] == list(args[1:2])
     assert not [p.name for p in (tmp_path / "crashes").iterdir() if p.name.startswith(".")]
-    # libFuzzer's fork mode removes its temporary directory on SIGTERM, not on SIGHUP.
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    assert not [pid for pid in tree if (tmp / f"libFuzzerTemp.FuzzWithFork{pid}.dir").exists()]
     if sig == signal.SIGTERM and jobs > 1:
         # The corpus fork mode's parent was merging into when it stopped is resumed.
         again = subprocess.run(
@@ -236,14 +239,18 @@ def test_stats_carry_the_resident_memory_of_the_tree(tmp_path: Path) -> None:
 def test_process_tree_reads_and_stops_a_tree_that_ignores_sigterm(tmp_path: Path) -> None:
     """The unit under the campaign, on a tree of plain interpreters: a child that ignores
     SIGTERM is killed after the grace period, and nothing is left."""
-    script = ("import signal, subprocess, sys, time\n"
+    script = ("import os, signal, subprocess, sys, tempfile, time\n"
               "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "tempfile.mkstemp(dir=os.environ['TMPDIR'])\n"
               "time.sleep(60)\n")
-    tree = ProcessTree([sys.executable, "-c", script], grace=1.0)
+    tree = ProcessTree([sys.executable, "-c", script], grace=1.0, scratch=True)
+    scratch = tree.scratch
+    assert scratch is not None and scratch.is_dir()
     try:
         deadline = time.monotonic() + 10
-        while len(descendants(tree.pid)) < 2 and time.monotonic() < deadline:
+        while ((len(descendants(tree.pid)) < 2 or not list(scratch.iterdir()))
+               and time.monotonic() < deadline):
             time.sleep(0.05)
         members = descendants(tree.pid, process_table())
         assert len(members) == 2 and all(p.pgid == tree.pid for p in members)
@@ -256,6 +263,34 @@ def test_process_tree_reads_and_stops_a_tree_that_ignores_sigterm(tmp_path: Path
     assert tree.proc.returncode == -signal.SIGKILL
     assert not [p for p in members if _alive(p.pid, p.start)]
     assert tree_memory(tree.pid) is None
+    assert not scratch.exists()  # what the tree wrote in its TMPDIR went with it
+
+
+def test_the_sentinel_stops_the_tree_and_removes_its_scratch_when_the_owner_dies(
+        tmp_path: Path) -> None:
+    """An owner that dies without stopping its tree (SIGKILL, here os._exit): the sentinel
+    stops the tree, SIGKILL after the grace period for a process that ignores SIGTERM, then
+    removes the scratch directory the tree wrote into."""
+    sleeper = ("import os, signal, tempfile, time\n"
+               "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+               "tempfile.mkstemp(dir=os.environ['TMPDIR'])\n"
+               "time.sleep(60)\n")
+    owner = ("import os, sys, time\n"
+             "from fuzzmmu.campaign.processes import ProcessTree\n"
+             "tree = ProcessTree([sys.executable, '-c', sys.argv[1]], grace=1.0, scratch=True)\n"
+             "while not os.listdir(tree.scratch):\n"
+             "    time.sleep(0.05)\n"
+             "print(tree.pid, tree.scratch, flush=True)\n"
+             "os._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", owner, sleeper], capture_output=True, text=True,
+                         timeout=30, check=True, env={**os.environ, "TMPDIR": str(tmp_path)})
+    pid_text, scratch_text = out.stdout.split()
+    pid, scratch = int(pid_text), Path(scratch_text)
+    assert scratch.parent == tmp_path
+    deadline = time.monotonic() + 10
+    while scratch.exists() or ((s := _stat(pid)) is not None and s[1] not in ("Z", "X")):
+        assert time.monotonic() < deadline, f"{pid} or {scratch} outlived the owner"
+        time.sleep(0.05)
 
 
 def test_the_parent_death_signal_reaches_the_child() -> None:
