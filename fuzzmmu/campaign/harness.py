@@ -9,9 +9,10 @@ findings) are recorded instead of raised, so a campaign goes on past them.
 
 The mutator edits programs at the op level (records of the binary form), stacking a few of:
 insert an op aimed at the program's addresses and tables, delete, duplicate, swap, change one
-field of one op (one mixed-radix digit), access an accessed address again another way,
-change the machine configuration or boot mode, replace the tail with random records; part of
-the time it leaves the bytes to libFuzzer's own byte mutator.
+field of one op (one mixed-radix digit), access an accessed address again another way, map
+a mapped frame again through a neighbouring entry with other rights, change the machine
+configuration or boot mode, replace the tail with random records; part of the time it leaves
+the bytes to libFuzzer's own byte mutator.
 """
 
 from __future__ import annotations
@@ -39,7 +40,17 @@ from fuzzmmu.program.codec import (
     record_from_digits,
 )
 from fuzzmmu.program.generate import OP_KINDS, Generator, kinds_of
-from fuzzmmu.program.ops import BOOT_MODES, Access, Header, Interleave, Invlpg, Op, Program
+from fuzzmmu.program.ops import (
+    BOOT_MODES,
+    Access,
+    Header,
+    Interleave,
+    Invlpg,
+    Map,
+    Op,
+    Program,
+    WritePte,
+)
 from fuzzmmu.world.observe import AccessKind
 
 # How often an inserted op keeps to the kinds its program already has (swarm testing: a
@@ -331,10 +342,11 @@ def _fresh(rng: random.Random, d: _Draft) -> None:
 def _reaccess(rng: random.Random, d: _Draft) -> None:
     """Touch an address the program accessed once more, another way: a copy of one of its
     accesses with the kind, the privilege, EFLAGS.AC or the vCPU changed, somewhere after
-    it, now and then behind an INVLPG of the address or a control bit flipped. The second
-    access is checked against what the first left: KVM caches a walk's permissions in the
-    spte (and an MMIO translation in the vCPU), and its reuse by another kind of access is
-    where a cache that keys too little shows. Otherwise it takes a duplicate placed after its
+    it, now and then behind an INVLPG of the address, a control bit flipped, a memslot update
+    or a switch of address space. The second access is checked against what the first left:
+    KVM caches a walk's permissions in the spte (and an MMIO translation in the vCPU), and its
+    reuse by another kind of access, or in another context, is where a cache that keys too
+    little shows. Otherwise it takes a duplicate placed after its
     original and then a change that hits the copy's field."""
     spots = [i for i, rec in enumerate(d.recs) if record_digits(rec)[0] is Access]
     if not spots:
@@ -358,19 +370,71 @@ def _reaccess(rng: random.Random, d: _Draft) -> None:
     if rng.random() < 0.3:
         new.insert(0, op_record(Invlpg(op.vcpu, op.va)))
     at = rng.randint(i + 1, len(d.recs))
-    if rng.random() < 0.3:
-        # Behind a control bit flipped on the access's vCPU: KVM builds shadow pages under a
-        # role that holds the guest context (CR0.WP, CR4.SMEP/SMAP/PSE, EFER.NX;
-        # kvm_calc_cpu_role()) and keeps the sptes a walk made under it; the copy checks
-        # that what the first access left still holds under the new context.
+    event = rng.random()
+    if event < 0.45:
+        # Behind a change of what KVM keys its caches on, drawn from where the program is at
+        # that point; the copy checks that what the first access left still holds after it:
+        # a control bit of the access's vCPU flipped (shadow pages are built under a role
+        # that holds the guest context, CR0.WP, CR4.SMEP/SMAP/PSE, EFER.NX;
+        # kvm_calc_cpu_role()), a memslot update (MMIO sptes and the vCPU's MMIO cache carry
+        # the memslot generation they were made under; kvm_mmu_invalidate_mmio_sptes()), or
+        # an SMI or RSM of the vCPU (the other address space, role.smm).
         prefix = decode(d.header + b"".join(d.recs[:at]))
-        new.insert(0, op_record(Generator(rng, prefix.header, prefix).flip(op.vcpu)))
+        gen = Generator(rng, prefix.header, prefix)
+        change: Op = (gen.flip(op.vcpu) if event < 0.3 else
+                      gen.memslot_update() if event < 0.375 else gen.switch_space(op.vcpu))
+        new.insert(0, op_record(change))
     d.recs[at:at] = new
+
+
+# The bit of the address that picks the neighbouring entry of the table a map's leaf is in,
+# per level (PAE and long-mode tables; in 32-bit tables a level-2 neighbour is the same PDE).
+_NEIGHBOUR: Final = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
+_RIGHTS: Final = (1 << 1, 1 << 2, 1 << 63)  # W, U, NX
+
+
+def _alias(rng: random.Random, d: _Draft) -> None:
+    """Map a frame the program maps once more, with one right (W, U or NX) changed, through
+    the neighbouring entry of the same table (a copy of a map at the next address of its level,
+    or of a PTE write at the next slot), somewhere after the original; a map is then touched
+    through the alias, and now and then through the original again. One guest frame reached
+    through several guest entries is what KVM's rmaps (several sptes per gfn) and parent
+    lists (several parents per shadow page) exist for, and the rights differ along the ways:
+    a table is shadowed once per role, whose access is what the walk above it allowed
+    (kvm_mmu_get_child_sp(), role.access), and a large page's direct shadow page is shared
+    by every PDE that maps it with the same access."""
+    spots = [i for i, rec in enumerate(d.recs) if record_digits(rec)[0] in (Map, WritePte)]
+    if not spots:
+        _insert(rng, d)
+        return
+    i = rng.choice(spots)
+    op = decode_record(d.recs[i])
+    assert isinstance(op, Map | WritePte)
+    entry = replace(op.entry, flags=op.entry.flags ^ rng.choice(_RIGHTS))
+    new: list[Op]
+    if isinstance(op, WritePte):
+        slots = 4096 // op.width
+        near = [s for s in (op.index ^ 1, op.index + 1, op.index - 1)
+                if s != op.index and s in W.SLOTS and s < slots]
+        index = near[0] if near else rng.choice([s for s in W.SLOTS if s < slots])
+        new = [replace(op, index=index, entry=entry)]
+    else:
+        va = op.va ^ _NEIGHBOUR[op.level]
+        if va not in W.VAS:
+            va = rng.choice([v for v in W.VAS if v != op.va])
+        kind = rng.choices(_ACCESS_KINDS, (5, 4, 1))[0]
+        touch = Access(op.vcpu, kind, va, 0, 8, rng.choice((0, 0, 3)), False,
+                       rng.randrange(1, 256) if kind is AccessKind.WRITE else 0)
+        new = [replace(op, va=va, entry=entry), touch]
+        if rng.random() < 0.5:
+            new.append(replace(touch, va=op.va))
+    at = rng.randint(i + 1, len(d.recs))
+    d.recs[at:at] = [op_record(x) for x in new]
 
 
 _ACCESS_KINDS = tuple(AccessKind)
 _MUTATIONS = ((_insert, 25), (_delete, 12), (_duplicate, 7), (_swap, 7), (_change, 36),
-              (_reconfigure, 8), (_random_tail, 5), (_fresh, 5), (_reaccess, 8))
+              (_reconfigure, 8), (_random_tail, 5), (_fresh, 5), (_reaccess, 8), (_alias, 6))
 _KINDS = [m for m, _ in _MUTATIONS]
 _WEIGHTS = [w for _, w in _MUTATIONS]
 

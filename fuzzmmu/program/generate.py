@@ -218,6 +218,16 @@ class Generator:
         self._track(op)
         return op
 
+    def switch_space(self, vcpu: int) -> Op:
+        """``vcpu`` moved to its other address space: an SMI outside SMM, an RSM inside."""
+        op = Rsm(vcpu) if self.in_smm[vcpu] else Smi(vcpu)
+        self._track(op)
+        return op
+
+    def memslot_update(self) -> Memslot:
+        """A memslot update the VMM could make now (see ``_memslot``)."""
+        return self._memslot()
+
     def _mode(self) -> SetMode:
         op = SetMode(self.rng.randrange(2), self.rng.choice(list(GuestMode)),
                      self.rng.choice(W.ROOTS))

@@ -159,15 +159,15 @@ def test_a_swarm_s_scales_shape_the_programs_it_generates() -> None:
 def test_a_reaccess_touches_an_accessed_address_again_another_way() -> None:
     import random
 
-    from fuzzmmu.program.ops import Access, CrBit, Invlpg, SetBit
+    from fuzzmmu.program.ops import Access, CrBit, Invlpg, Memslot, SetBit, Smi
     from fuzzmmu.program.text import parse_program
 
     program = parse_program(SWARM_PROGRAM)
     data = encode(program)
     accesses = [op for op in program.ops if isinstance(op, Access)]
     changed = set()
-    flipped = 0
-    for seed in range(200):
+    flipped = slots = switched = 0
+    for seed in range(300):
         header, recs = harness._records(data)
         draft = harness._Draft(header, list(recs), program)
         harness._reaccess(random.Random(seed), draft)
@@ -175,11 +175,19 @@ def test_a_reaccess_touches_an_accessed_address_again_another_way() -> None:
         added = [op for op in ops if op not in program.ops]
         new = added[-1]
         assert isinstance(new, Access) and len(added) in (1, 2, 3)
-        # in front of the copy, maybe a control bit of its vCPU flipped, then an INVLPG
+        # in front of the copy, maybe a control bit of its vCPU flipped, a memslot update or
+        # an SMI of its vCPU, then an INVLPG
         if len(added) > 1 and isinstance(added[0], SetBit):
             flipped += 1
             # flipped: the program never set a bit, so CR0.WP is on and the others off
             assert added[0].vcpu == new.vcpu and added[0].on == (added[0].bit is not CrBit.WP)
+            added = added[1:]
+        elif len(added) > 1 and isinstance(added[0], Memslot):
+            slots += 1
+            added = added[1:]
+        elif len(added) > 1 and isinstance(added[0], Smi):
+            switched += 1  # the program has no SMI: the vCPU is outside SMM
+            assert added[0].vcpu == new.vcpu
             added = added[1:]
         assert all(isinstance(op, Invlpg) and op.va == new.va for op in added[:-1])
         # a copy of an earlier access with one field changed, placed after it
@@ -190,4 +198,67 @@ def test_a_reaccess_touches_an_accessed_address_again_another_way() -> None:
         changed |= {f for f in ("kind", "cpl", "ac", "vcpu")
                     if getattr(new, f) != getattr(origin[0], f)}
     assert changed == {"kind", "cpl", "ac", "vcpu"}
-    assert 30 < flipped < 90
+    assert 60 < flipped < 120  # 30%
+    assert 8 < slots < 40 and 8 < switched < 40  # 7.5% each
+
+
+ALIAS_PROGRAM = """\
+# fuzzmmu program v1
+config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot=4level
+map cpu0 root=current current 0x0 -> 0x5 P|W|U|A level=1 upper=W|U pool=0x8
+map cpu1 root=current current 0x201000 -> 0x0 P|W|U|A|D level=2 upper=W|U pool=0x8
+pte cpu0 table=0x9 index=0x100 -> 0xa P|W|U|A width=8
+read cpu0 0x0+0x0 width=8 cpl=0
+"""
+
+
+def test_an_alias_maps_a_mapped_frame_through_a_neighbouring_entry_with_other_rights() -> None:
+    import random
+
+    from fuzzmmu.program.ops import Access, Map, WritePte
+    from fuzzmmu.program.text import parse_program
+
+    program = parse_program(ALIAS_PROGRAM)
+    data = encode(program)
+    rights = {1 << 1, 1 << 2, 1 << 63}
+    seen: set[tuple[str, int]] = set()
+    for seed in range(300):
+        header, recs = harness._records(data)
+        draft = harness._Draft(header, list(recs), program)
+        harness._alias(random.Random(seed), draft)
+        ops = decode(draft.header + b"".join(draft.recs)).ops
+        added = [op for op in ops if op not in program.ops]
+        alias = added[0]
+        origin = next(op for op in program.ops
+                      if type(op) is type(alias) and op.entry.target == alias.entry.target)
+        # after its original, with the same target and exactly one right changed
+        assert ops.index(alias) > ops.index(origin)
+        assert alias.entry.flags ^ origin.entry.flags in rights
+        changed = alias.entry.flags ^ origin.entry.flags
+        if isinstance(alias, WritePte):
+            assert isinstance(origin, WritePte) and len(added) == 1
+            # the next slot of the same table
+            assert (alias.table, alias.width, alias.index) == (origin.table, 8, 0x101)
+            seen.add(("pte", changed))
+            continue
+        assert isinstance(alias, Map) and isinstance(origin, Map)
+        # the next address of the leaf's level: the neighbouring entry of the same table
+        assert alias.va == origin.va ^ {1: 0x1000, 2: 0x200000}[origin.level]
+        assert (alias.level, alias.pool, alias.vcpu) == (origin.level, origin.pool, origin.vcpu)
+        touches = added[1:]
+        assert 1 <= len(touches) <= 2 and all(isinstance(t, Access) for t in touches)
+        assert [t.va for t in touches] == [alias.va, origin.va][:len(touches)]
+        assert all(t.vcpu == origin.vcpu for t in touches)
+        seen.add((f"map{origin.level}", changed))
+    # every right changed on each of the three
+    assert seen == {(k, r) for k in ("pte", "map1", "map2") for r in rights}
+
+
+def test_an_alias_of_a_program_without_maps_inserts_an_op() -> None:
+    import random
+
+    data = encode(decode(b""))
+    header, recs = harness._records(data)
+    draft = harness._Draft(header, list(recs), decode(data))
+    harness._alias(random.Random(1), draft)
+    assert len(draft.recs) >= 1

@@ -173,3 +173,34 @@ def test_a_flip_sees_the_control_bits_the_program_leaves() -> None:
         assert gen.bits == [{CrBit.SMAP}, {CrBit.WP, CrBit.PSE}]
         op = gen.flip(0)
         assert op.vcpu == 0 and op.on == (op.bit is not CrBit.SMAP)
+
+
+def test_a_switch_of_address_space_is_the_move_the_vcpu_can_make() -> None:
+    context = Program(Header(boot=GuestMode.LONG4), (Smi(1),))
+    gen = Generator(random.Random(1), context.header, context)
+    # cpu0 is outside SMM, cpu1 inside: an SMI for one, an RSM for the other, and back
+    assert [gen.switch_space(0), gen.switch_space(1)] == [Smi(0), Rsm(1)]
+    assert [gen.switch_space(0), gen.switch_space(1)] == [Rsm(0), Smi(1)]
+
+
+def test_a_memslot_update_is_one_kvm_takes_on_the_slots_the_program_leaves() -> None:
+    context = Program(Header(boot=GuestMode.LONG4),
+                      (Memslot(0, 1, MemslotChange.DELETE), Memslot(1, 2, MemslotChange.DELETE)))
+    taken = 0
+    for seed in range(100):
+        gen = Generator(random.Random(seed), context.header, context)
+        assert {(m.as_id, m.slot_id) for m in gen.memslots.all_slots()} == {(0, 0), (1, 0),
+                                                                           (1, 1)}
+        before = gen.memslots.copy()
+        op = gen.memslot_update()
+        try:  # what KVM_SET_USER_MEMORY_REGION says to it on the slots the program left
+            old, new = before.check(
+                MemslotUpdate(op.change, op.as_id, op.slot, op.base, op.npages, op.hva))
+        except MemslotError:
+            continue  # now and then one drawn blindly, as a VMM may err
+        taken += 1
+        if old is not new:
+            before.install(old, new)
+        assert sorted(map(str, gen.memslots.all_slots())) == sorted(
+            map(str, before.all_slots()))  # and the generator follows it
+    assert taken >= 80
