@@ -61,13 +61,25 @@ SETTINGS = settings_from_environment(os.environ)
 
 if SETTINGS.feedback.lines:
     with atheris.instrument_imports(include=["fuzzmmu"], exclude=uninstrumented_modules()):
-        from fuzzmmu.campaign.harness import Suppression, crossover, mutate, test_one_input
+        from fuzzmmu.campaign.harness import (
+            Suppression,
+            crossover,
+            exit_on_error,
+            mutate,
+            test_one_input,
+        )
 
         if SETTINGS.target == "kvm":
             # Loaded here, not at the first input, so that its modules are instrumented.
             import fuzzmmu.kvm.target  # noqa: F401
 else:
-    from fuzzmmu.campaign.harness import Suppression, crossover, mutate, test_one_input
+    from fuzzmmu.campaign.harness import (
+        Suppression,
+        crossover,
+        exit_on_error,
+        mutate,
+        test_one_input,
+    )
 
 if SETTINGS.feedback.state:
     from fuzzmmu.campaign.feedback import CounterMap
@@ -86,10 +98,12 @@ def TestOneInput(data: bytes) -> None:
                    suppress=SUPPRESS)
 
 
+@exit_on_error
 def CustomMutator(data: bytes, max_size: int, seed: int) -> bytes:
     return mutate(data, max_size, seed, atheris.Mutate, SETTINGS.byte_share)
 
 
+@exit_on_error
 def CustomCrossover(data1: bytes, data2: bytes, max_size: int, seed: int) -> bytes:
     return crossover(data1, data2, max_size, seed)
 

@@ -17,7 +17,12 @@ the bytes to libFuzzer's own byte mutator.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
 import random
+import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -464,3 +469,33 @@ def crossover(data1: bytes, data2: bytes, max_size: int, seed: int) -> bytes:
     cut_a = rng.randrange(len(a) + 1)
     cut_b = rng.randrange(len(b) + 1)
     return _join(header, a[:cut_a] + b[cut_b:], max_size)
+
+
+# The exit status of a target whose mutator or crossover raised (EX_SOFTWARE, sysexits.h).
+MUTATOR_FAILED: Final = 70
+
+
+def exit_on_error(fn: Callable[..., bytes]) -> Callable[..., bytes]:
+    """``fn`` (the custom mutator or crossover), ending the process when it raises. libFuzzer
+    calls them from C++, and an exception escaping one prints its traceback and then leaves
+    the process hanging (Atheris 3): a campaign would sit without running a program until its
+    time ran out. Instead the call that reproduces it (both are deterministic in their
+    arguments) and the traceback go to stderr, whose last lines the campaign reports, and the
+    process exits with MUTATOR_FAILED."""
+
+    names = list(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def guarded(*args: bytes | int) -> bytes:
+        try:
+            return fn(*args)
+        except Exception:
+            given = ", ".join(f"{n}=bytes.fromhex({a.hex()!r})" if isinstance(a, bytes)
+                              else f"{n}={a!r}" for n, a in zip(names, args, strict=False))
+            print(f"fuzzmmu: {fn.__name__} raised on {given} (mutate() and crossover() of "
+                  "fuzzmmu.campaign.harness are deterministic in these)", file=sys.stderr)
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(MUTATOR_FAILED)
+
+    return guarded

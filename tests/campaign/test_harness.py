@@ -4,6 +4,7 @@ divergence of each kind surfaces as its own exception from its own function."""
 from __future__ import annotations
 
 import traceback
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -262,3 +263,46 @@ def test_an_alias_of_a_program_without_maps_inserts_an_op() -> None:
     draft = harness._Draft(header, list(recs), decode(data))
     harness._alias(random.Random(1), draft)
     assert len(draft.recs) >= 1
+
+
+def test_a_mutator_that_raises_ends_the_process_with_the_call_that_reproduces_it() -> None:
+    import subprocess
+    import sys
+
+    script = ("from fuzzmmu.campaign.harness import exit_on_error\n"
+              "@exit_on_error\n"
+              "def CustomMutator(data, max_size, seed):\n"
+              "    return data[:max_size // seed]\n"
+              "assert CustomMutator(b'abc', 4, 2) == b'ab'\n"  # quiet while it works
+              "CustomMutator(b'ab', 10, 0)\n"
+              "print('not reached')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == harness.MUTATOR_FAILED, out.stderr
+    assert "not reached" not in out.stdout
+    assert ("CustomMutator raised on data=bytes.fromhex('6162'), max_size=10, seed=0"
+            in out.stderr)
+    assert out.stderr.rstrip().endswith("ZeroDivisionError: integer division or modulo by zero")
+
+
+def test_the_target_stops_when_its_mutator_raises_instead_of_hanging(tmp_path: Path) -> None:
+    """Atheris leaves a process whose custom mutator raised hanging; the target exits."""
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "seed").write_bytes(Path("corpus/4level-basic").read_bytes())
+    script = ("import runpy, sys\n"
+              "import fuzzmmu.campaign.harness as h\n"
+              "def mutate(data, max_size, seed, *rest):\n"
+              "    raise RuntimeError('a bug in the mutator')\n"
+              "h.mutate = mutate\n"
+              "sys.argv = ['harnesses/shadow_mmu_fuzzer.py'] + sys.argv[1:]\n"
+              "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", script, str(corpus), "-runs=1000", "-seed=1",
+                          "-max_len=516"], capture_output=True, text=True, timeout=60,
+                         env={"FUZZMMU_FEEDBACK": "state", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == harness.MUTATOR_FAILED, out.stderr[-2000:]
+    assert "RuntimeError: a bug in the mutator" in out.stderr
+    assert "CustomMutator raised on data=bytes.fromhex(" in out.stderr
