@@ -3,7 +3,9 @@ divergence of each kind surfaces as its own exception from its own function."""
 
 from __future__ import annotations
 
+import random
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from fuzzmmu.campaign.harness import RAISERS, crossover, mutate
 from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
 from fuzzmmu.program.codec import HEADER_SIZE, MAX_OPS, RECORD_SIZE, decode, encode
 from fuzzmmu.program.files import read_program
+from fuzzmmu.program.ops import Op, Program
 
 MAX_LEN = HEADER_SIZE + RECORD_SIZE * MAX_OPS
 
@@ -157,23 +160,27 @@ def test_a_swarm_s_scales_shape_the_programs_it_generates() -> None:
     assert share_of_maps(4.0) > 0.6 > 0.35 > share_of_maps(1.0) > 0.3 > 0.15 > share_of_maps(0.25)
 
 
+def _mutated(mutation: Callable[[random.Random, harness._Draft], None], program: Program,
+             seed: int) -> tuple[tuple[Op, ...], list[Op]]:
+    """The ops of ``program`` after one ``mutation`` with ``seed``, and those it added."""
+    header, recs = harness._records(encode(program))
+    draft = harness._Draft(header, list(recs), program)
+    mutation(random.Random(seed), draft)
+    ops = decode(draft.header + b"".join(draft.recs)).ops
+    return ops, [op for op in ops if op not in program.ops]
+
+
 def test_a_reaccess_touches_an_accessed_address_again_another_way() -> None:
-    import random
 
     from fuzzmmu.program.ops import Access, CrBit, Invlpg, Memslot, SetBit, Smi
     from fuzzmmu.program.text import parse_program
 
     program = parse_program(SWARM_PROGRAM)
-    data = encode(program)
     accesses = [op for op in program.ops if isinstance(op, Access)]
     changed = set()
     flipped = slots = switched = 0
     for seed in range(300):
-        header, recs = harness._records(data)
-        draft = harness._Draft(header, list(recs), program)
-        harness._reaccess(random.Random(seed), draft)
-        ops = decode(draft.header + b"".join(draft.recs)).ops
-        added = [op for op in ops if op not in program.ops]
+        ops, added = _mutated(harness._reaccess, program, seed)
         new = added[-1]
         assert isinstance(new, Access) and len(added) in (1, 2, 3)
         # in front of the copy, maybe a control bit of its vCPU flipped, a memslot update or
@@ -214,21 +221,15 @@ read cpu0 0x0+0x0 width=8 cpl=0
 
 
 def test_an_alias_maps_a_mapped_frame_through_a_neighbouring_entry_with_other_rights() -> None:
-    import random
 
     from fuzzmmu.program.ops import Access, Map, WritePte
     from fuzzmmu.program.text import parse_program
 
     program = parse_program(ALIAS_PROGRAM)
-    data = encode(program)
     rights = {1 << 1, 1 << 2, 1 << 63}
     seen: set[tuple[str, int]] = set()
     for seed in range(300):
-        header, recs = harness._records(data)
-        draft = harness._Draft(header, list(recs), program)
-        harness._alias(random.Random(seed), draft)
-        ops = decode(draft.header + b"".join(draft.recs)).ops
-        added = [op for op in ops if op not in program.ops]
+        ops, added = _mutated(harness._alias, program, seed)
         alias = added[0]
         origin = next(op for op in program.ops
                       if type(op) is type(alias) and op.entry.target == alias.entry.target)
