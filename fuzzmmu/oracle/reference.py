@@ -159,8 +159,11 @@ class ReferenceMachine:
 
     # ------------------------------------------------------------------ accesses
 
-    def _outcome(self, v: int, gpa: int, write: bool, width: int, value: int) -> Observation:
-        pfn = self.phys.gfn_to_pfn(self.cpus[v].smm, gpa >> PAGE_SHIFT)
+    def _outcome(self, v: int, gpa: int, write: bool, width: int, value: int,
+                 as_id: int | None = None) -> Observation:
+        """What an access to ``gpa`` gives, in address space ``as_id`` (default: the vCPU's)."""
+        pfn = self.phys.gfn_to_pfn(self.cpus[v].smm if as_id is None else as_id,
+                                   gpa >> PAGE_SHIFT)
         if pfn < 0:
             return Observation(ObsKind.MMIO, gpa, value if write else mmio_read_value(gpa, width))
         hpa = (pfn << PAGE_SHIFT) | (gpa & 0xFFF)
@@ -327,7 +330,7 @@ class ReferenceMachine:
                     # writes too; searching for one costs a walk per journalled write, so
                     # only when the state comparison fails (forgo_optional_walk).
                     search = (cpu, acc, gva, write, width, value, model,
-                              self._search_start(c, page))
+                              self._search_start(c, page), c.smm)
                 if self.optional:
                     # An access that needed this walk depends on what earlier optional walks
                     # wrote into its entries; one that may not have walked (it is optional
@@ -391,22 +394,24 @@ class ReferenceMachine:
 
     def _speculative_match(self, v: int, cpu: CpuState, acc: Access, page: int, gva: int,
                            write: bool, width: int, value: int, model: Observation,
-                           start: int | None = None, end: int | None = None
-                           ) -> tuple[Observation, int] | None:
+                           start: int | None = None, end: int | None = None,
+                           as_id: int | None = None) -> tuple[Observation, int] | None:
         """The outcome equal to ``model`` of a translation the processor may have cached
         since the page was last invalidated without the guest using it: one the tables gave
         at some moment since then, with every A flag already set (a speculative walk needs
         none set: SDM §4.10.2.3 lets a processor cache translations for addresses it never
         accesses). Found by taking the journal of memory writes back one write at a time and
         walking after each; the memory is as it was afterwards. Returns the outcome and the
-        gfn it reaches."""
+        gfn it reaches. ``as_id``: the address space the access ran in (default: the vCPU's
+        now)."""
         c = self.cpus[v]
         if start is None:
             start = self._search_start(c, page)
         backing, journal = self.phys.backing, self.journal
         if (len(journal) if end is None else end) <= start:
             return None
-        view = self.views[c.smm]
+        space = c.smm if as_id is None else as_id
+        view = self.views[space]
         # Rights are checked when a cached translation is used: walk for the translation only.
         bare = cpu.replace(cr4=cpu.cr4 & ~(CR4_SMEP | CR4_SMAP), eflags_ac=True)
         found: list[TlbEntry] = []
@@ -430,7 +435,7 @@ class ReferenceMachine:
                 continue  # a write through a clean translation walks the tables again
             else:
                 spec = self._outcome(v, (entry.gpa_page << PAGE_SHIFT) | (gva & 0xFFF), write,
-                                     width, value)
+                                     width, value, space)
             if spec == model:
                 return spec, entry.gpa_page
         return None
@@ -527,10 +532,11 @@ class ReferenceMachine:
         # after it.
         since = _take_back(backing, self.journal[opt.journal_at + len(opt.writes):])
         undone = _undo(backing, opt.writes)
-        cpu, acc, gva, write, width, value, model, start = opt.search
+        cpu, acc, gva, write, width, value, model, start, as_id = opt.search
         try:
             return self._speculative_match(opt.vcpu, cpu, acc, opt.page, gva, write, width,
-                                           value, model, start, opt.journal_at) is not None
+                                           value, model, start, opt.journal_at,
+                                           as_id) is not None
         finally:
             _redo(backing, undone)
             _put_back(backing, since)
@@ -749,8 +755,9 @@ class OptionalWalk(NamedTuple):
     journal_at: int  # where its writes start in the journal (if journalled)
     # What to search a speculative translation with, when no cached one explained the access:
     # (cpu state, access, address, write, width, value, the model's outcome, where the
-    # search starts: the page's last invalidation as it was then).
-    search: tuple[CpuState, Access, int, bool, int, int, Observation, int] | None
+    # search starts: the page's last invalidation as it was then, and the address space the
+    # access ran in: an SMI or RSM before the search must not move it to the other one).
+    search: tuple[CpuState, Access, int, bool, int, int, Observation, int, int] | None
     # The entries the walk read: (host address, entry size, the A/D bits the walk sets there).
     reads: tuple[tuple[int, int, int], ...]
     # Whether a later walk through its entries keeps some of its bits (``_settle``): taking it
