@@ -848,11 +848,12 @@ class Executor:
         mm, rm = m.phys.backing, r.phys.backing
         if not (all(mm.same_frame(rm, f) for f in mm.dirty)
                 and all(f in mm.dirty or mm.same_frame(rm, f) for f in rm.dirty)):
-            if r.forgo_optional_walk():  # the access may have used a cached translation
+            differing = {f for f in mm.dirty | rm.dirty if not mm.same_frame(rm, f)}
+            # the access may have used a cached translation
+            if r.forgo_optional_walk(differing):
                 return self._state_divergence(r, i, op, mode)
             # the lowest frame that differs names the divergence
-            pfn = min(f for f in mm.dirty | rm.dirty if not mm.same_frame(rm, f))
-            return self._memory_divergence(r, i, op, mode, pfn)
+            return self._memory_divergence(r, i, op, mode, min(differing))
         r.optional.clear()  # what the comparison accepted is final
         return None
 

@@ -12,7 +12,7 @@ outcome, adopts the allowed outcome that matches it and returns whether one did.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Final, NamedTuple
 
 from fuzzmmu.arch.bits import (
@@ -481,7 +481,30 @@ class ReferenceMachine:
         """Where in the journal the page's translations were last invalidated (for ``c``)."""
         return max(c.flushed_at, c.invalidated_at.get(page, 0), self.barrier)
 
-    def forgo_optional_walk(self) -> bool:
+    def _to_forgo(self, differing: Collection[int] | None) -> int:
+        """Which optional walk to take back: the latest that wrote in the ``differing`` frames
+        if it may go alone (the later ones staying), else the latest."""
+        last = len(self.optional) - 1
+        if differing is not None:
+            for at in range(last, -1, -1):
+                if any(addr >> PAGE_SHIFT in differing for addr, *_ in self.optional[at].writes):
+                    if at == last or self._alone(at):
+                        return at
+                    break
+        return last
+
+    def _alone(self, at: int) -> bool:
+        """Whether the optional walk at ``at`` may be taken back while the later ones stay: no
+        later optional walk went through an entry it wrote (whose A/D bits that walk then
+        found set and did not write itself), and no later journalled write touched one."""
+        opt = self.optional[at]
+        written = {addr for addr, *_ in opt.writes}
+        if any(addr in written for later in self.optional[at + 1:] for addr, *_ in later.reads):
+            return False
+        return not any(addr in written
+                       for addr, *_ in self.journal[opt.journal_at + len(opt.writes):])
+
+    def forgo_optional_walk(self, differing: Collection[int] | None = None) -> bool:
         """Take back the last access's walk when a cached (or, with unsync pages, a
         speculative) translation explains the access just as well: its A/D writes and the
         translation it cached. Whether it was taken back.
@@ -490,16 +513,25 @@ class ReferenceMachine:
         reference follows the tables (the one outcome every processor may show) and keeps this
         record; the executor takes the walk back only if the state comparison needs it, e.g. a
         write through a translation cached while the leaf was dirty, after the guest rewrote
-        the leaf clean without an invalidation: no D is due then (SDM §4.8, §4.10.2.3)."""
+        the leaf clean without an invalidation: no D is due then (SDM §4.8, §4.10.2.3).
+
+        ``differing``: the host frames where the comparison failed. Only a walk that wrote
+        there can mend it: the latest such walk is taken back even when later optional walks
+        stay, if nothing after it depends on its writes (``_alone``)."""
         backing = self.phys.backing
         while self.optional:  # the latest first: no later access depends on it
-            opt = self.optional.pop()
+            at = self._to_forgo(differing)
+            opt = self.optional.pop(at)
             if opt.search is not None and not self._explained_without(opt):
                 # It is final after all, and so is every earlier walk it read through.
                 self._settle_host(_by_entry(opt.reads))
                 continue
             _undo(backing, opt.writes)
-            del self.journal[opt.journal_at:opt.journal_at + len(opt.writes)]  # never happened
+            if at == len(self.optional):
+                del self.journal[opt.journal_at:opt.journal_at + len(opt.writes)]  # never happened
+            # else its journal entries stay, where later walks and searches count positions:
+            # nothing after them touches those addresses, so taking the journal back past
+            # them restores what memory holds anyway.
             if opt.kept and self.speculative:
                 # The bits later walks kept were set by them, later than the journal could
                 # now say: search no speculative translation from before this point.
