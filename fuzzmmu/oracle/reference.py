@@ -519,7 +519,7 @@ class ReferenceMachine:
         there can mend it: the latest such walk is taken back even when later optional walks
         stay, if nothing after it depends on its writes (``_alone``)."""
         backing = self.phys.backing
-        while self.optional:  # the latest first: no later access depends on it
+        while self.optional:  # the latest first (no later access depends on it), or _alone
             at = self._to_forgo(differing)
             opt = self.optional.pop(at)
             if opt.search is not None and not self._explained_without(opt):
