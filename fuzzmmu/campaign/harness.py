@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
+from fuzzmmu.arch.bits import PTE_NX, PTE_U, PTE_W
 from fuzzmmu.campaign.feedback import CounterMap, StateFeedback
 from fuzzmmu.campaign.settings import SettingsError
 from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
@@ -351,8 +352,8 @@ def _reaccess(rng: random.Random, d: _Draft) -> None:
     or a switch of address space. The second access is checked against what the first left:
     KVM caches a walk's permissions in the spte (and an MMIO translation in the vCPU), and its
     reuse by another kind of access, or in another context, is where a cache that keys too
-    little shows. Otherwise it takes a duplicate placed after its
-    original and then a change that hits the copy's field."""
+    little shows. Otherwise it takes a duplicate placed after its original and then a change
+    that hits the copy's field."""
     spots = [i for i, rec in enumerate(d.recs) if record_digits(rec)[0] is Access]
     if not spots:
         _insert(rng, d)
@@ -395,7 +396,7 @@ def _reaccess(rng: random.Random, d: _Draft) -> None:
 # The bit of the address that picks the neighbouring entry of the table a map's leaf is in,
 # per level (PAE and long-mode tables; in 32-bit tables a level-2 neighbour is the same PDE).
 _NEIGHBOUR: Final = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
-_RIGHTS: Final = (1 << 1, 1 << 2, 1 << 63)  # W, U, NX
+_RIGHTS: Final = (PTE_W, PTE_U, PTE_NX)
 
 
 def _alias(rng: random.Random, d: _Draft) -> None:

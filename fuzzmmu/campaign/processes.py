@@ -209,15 +209,14 @@ def running():
         except (OSError, ValueError, IndexError):
             continue
     return False
-if send(signal.SIGTERM):
+def wait():
     end = time.monotonic() + grace
     while time.monotonic() < end and running():
         time.sleep(0.1)
-    if running():
-        send(signal.SIGKILL)
-        end = time.monotonic() + grace
-        while time.monotonic() < end and running():
-            time.sleep(0.1)
+    return not running()
+if send(signal.SIGTERM) and not wait():
+    send(signal.SIGKILL)
+    wait()
 if scratch:
     shutil.rmtree(scratch, ignore_errors=True)
 """
@@ -240,8 +239,7 @@ class ProcessTree:
                                          start_new_session=True,
                                          preexec_fn=parent_death_signal())
         except BaseException:
-            if self.scratch is not None:
-                shutil.rmtree(self.scratch, ignore_errors=True)
+            self._remove_scratch()
             raise
         self.pgid = self.proc.pid  # a session leader leads its own process group
         self._stopped = False
@@ -333,6 +331,9 @@ class ProcessTree:
                 self._sentinel.kill()
                 self._sentinel.wait()
             self._sentinel = None
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
