@@ -7,6 +7,7 @@ import random
 import pytest
 
 from fuzzmmu.model.mmu.internal import Point
+from fuzzmmu.program import world as W
 from fuzzmmu.program.generate import OP_KINDS, Generator, kinds_of, op_kind
 from fuzzmmu.program.ops import (
     Access,
@@ -204,3 +205,23 @@ def test_a_memslot_update_is_one_kvm_takes_on_the_slots_the_program_leaves() -> 
         assert sorted(map(str, gen.memslots.all_slots())) == sorted(
             map(str, before.all_slots()))  # and the generator follows it
     assert taken >= 80
+
+
+def test_a_deleted_region_comes_back_to_its_own_address_space_often_whole() -> None:
+    # A VMM deletes a slot and registers the region again (QEMU does to change a slot): the
+    # creates drawn after a delete bring the region back to its address space, under its old
+    # slot id, and often as much of it as one update can.
+    context = Program(Generator(random.Random(0)).random_header(),
+                      (Memslot(1, 0, MemslotChange.DELETE),))
+    creates = back = whole = 0
+    for seed in range(400):
+        gen = Generator(random.Random(seed), context.header, context, kinds={"memslot"})
+        op = gen.op()
+        if op.change is not MemslotChange.CREATE:
+            continue
+        creates += 1
+        if (op.as_id, op.slot, op.base, op.hva) == (1, 0, 0, 0):
+            back += 1
+            whole += op.npages == max(W.SLOT_SIZES)
+    assert back > creates / 2
+    assert whole > back / 2
