@@ -10,9 +10,10 @@ findings) are recorded instead of raised, so a campaign goes on past them.
 The mutator edits programs at the op level (records of the binary form), stacking a few of:
 insert an op aimed at the program's addresses and tables, delete, duplicate, swap, change one
 field of one op (one mixed-radix digit), access an accessed address again another way, map
-a mapped frame again through a neighbouring entry with other rights, change the machine
-configuration or boot mode, replace the tail with random records; part of the time it leaves
-the bytes to libFuzzer's own byte mutator.
+a mapped frame again through a neighbouring entry with other rights, take a memslot away
+from under an access and give it back, change the machine configuration or boot mode,
+replace the tail with random records; part of the time it leaves the bytes to libFuzzer's
+own byte mutator.
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ from fuzzmmu.program.ops import (
     Interleave,
     Invlpg,
     Map,
+    Memslot,
     Op,
     Program,
     WritePte,
 )
+from fuzzmmu.world.memslots import MemslotChange
 from fuzzmmu.world.observe import AccessKind
 
 # How often an inserted op keeps to the kinds its program already has (swarm testing: a
@@ -393,6 +396,38 @@ def _reaccess(rng: random.Random, d: _Draft) -> None:
     d.recs[at:at] = new
 
 
+def _vacate(rng: random.Random, d: _Draft) -> None:
+    """Take the memory from under an access and give it back: a memslot of the address space
+    the access's vCPU is in is deleted just before the access, and created again (its base
+    and host pages, as much of it as one update of the world's sizes brings back) somewhere
+    after it, followed by the same access once more. KVM caches that a gfn has no memslot,
+    and trusts that only while the memslot generation stays (MMIO sptes and the vCPU's MMIO
+    cache carry it: mark_mmio_spte(), vcpu_cache_mmio_info()) or until it rebuilds what it
+    cached (a dummy root, a PAE root entry left empty: mmu_alloc_shadow_roots()); the
+    copy checks that what the first access made of the absence does not outlive it."""
+    spots = [i for i, rec in enumerate(d.recs) if record_digits(rec)[0] is Access]
+    if not spots:
+        _insert(rng, d)
+        return
+    i = rng.choice(spots)
+    op = decode_record(d.recs[i])
+    assert isinstance(op, Access)
+    prefix = decode(d.header + b"".join(d.recs[:i]))
+    gen = Generator(rng, prefix.header, prefix)
+    as_id = int(gen.in_smm[op.vcpu])
+    slots = [m for m in gen.memslots.slots(as_id)
+             if m.base_gfn in W.SLOT_BASES and m.hva in W.SLOT_HVAS]
+    if not slots:
+        _reaccess(rng, d)
+        return
+    slot = rng.choice(slots)
+    npages = max([n for n in W.SLOT_SIZES if n <= slot.npages], default=min(W.SLOT_SIZES))
+    back = Memslot(as_id, slot.slot_id, MemslotChange.CREATE, slot.base_gfn, npages, slot.hva)
+    at = rng.randint(i + 1, len(d.recs))
+    d.recs[at:at] = [op_record(back), d.recs[i]]
+    d.recs.insert(i, op_record(Memslot(as_id, slot.slot_id, MemslotChange.DELETE)))
+
+
 # The bit of the address that picks the neighbouring entry of the table a map's leaf is in,
 # per level (PAE and long-mode tables; in 32-bit tables a level-2 neighbour is the same PDE).
 _NEIGHBOUR: Final = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
@@ -440,7 +475,8 @@ def _alias(rng: random.Random, d: _Draft) -> None:
 
 _ACCESS_KINDS = tuple(AccessKind)
 _MUTATIONS = ((_insert, 25), (_delete, 12), (_duplicate, 7), (_swap, 7), (_change, 36),
-              (_reconfigure, 8), (_random_tail, 5), (_fresh, 5), (_reaccess, 8), (_alias, 6))
+              (_reconfigure, 8), (_random_tail, 5), (_fresh, 5), (_reaccess, 8), (_alias, 6),
+              (_vacate, 4))
 _KINDS = [m for m, _ in _MUTATIONS]
 _WEIGHTS = [w for _, w in _MUTATIONS]
 

@@ -266,6 +266,50 @@ def test_an_alias_of_a_program_without_maps_inserts_an_op() -> None:
     assert len(draft.recs) >= 1
 
 
+VACATE_PROGRAM = """\
+# fuzzmmu program v1
+config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot=4level
+map cpu0 root=current current 0x1000 -> 0x5 P|W|A level=1 upper=W|A pool=0x8
+read cpu0 0x1000+0x0 width=8 cpl=0
+smi cpu1
+read cpu1 0x200000+0x0 width=8 cpl=0
+"""
+
+
+def test_a_vacate_takes_a_memslot_from_under_an_access_and_gives_it_back() -> None:
+    from fuzzmmu.program import world as W
+    from fuzzmmu.program.ops import Access, Memslot
+    from fuzzmmu.program.text import parse_program
+    from fuzzmmu.world.layout import DEFAULT_SLOTS
+    from fuzzmmu.world.memslots import MemslotChange
+
+    program = parse_program(VACATE_PROGRAM)
+    boot_slots = {(m.as_id, m.slot_id): m for m in DEFAULT_SLOTS}
+    seen = set()
+    for seed in range(200):
+        header, recs = harness._records(encode(program))
+        draft = harness._Draft(header, list(recs), program)
+        harness._vacate(random.Random(seed), draft)
+        ops = decode(draft.header + b"".join(draft.recs)).ops
+        assert len(ops) == len(program.ops) + 3
+        k = next(i for i, op in enumerate(ops) if isinstance(op, Memslot))
+        delete, access = ops[k], ops[k + 1]
+        assert isinstance(delete, Memslot) and delete.change is MemslotChange.DELETE
+        assert isinstance(access, Access) and access in program.ops
+        # the address space the access's vCPU is in: cpu1 is in SMM
+        assert delete.as_id == access.vcpu
+        j = next(i for i, op in enumerate(ops) if i > k and isinstance(op, Memslot))
+        back = ops[j]
+        assert isinstance(back, Memslot) and back.change is MemslotChange.CREATE
+        slot = boot_slots[delete.as_id, delete.slot]
+        assert (back.as_id, back.slot, back.base, back.hva) == (
+            delete.as_id, delete.slot, slot.base_gfn, slot.hva)
+        assert back.npages == max(n for n in W.SLOT_SIZES if n <= slot.npages)
+        assert ops[j + 1] == access  # the same access once more
+        seen.add((delete.as_id, delete.slot))
+    assert seen == set(boot_slots)
+
+
 def test_a_mutator_that_raises_ends_the_process_with_the_call_that_reproduces_it() -> None:
     import subprocess
     import sys
