@@ -348,6 +348,17 @@ def _fresh(rng: random.Random, d: _Draft) -> None:
     d.recs = [r for op in program.ops for r in _op_records(program.header, op)]
 
 
+def _pick_access(rng: random.Random, d: _Draft) -> tuple[int, Access] | None:
+    """One of the draft's accesses and its record's index; None when it has none."""
+    spots = [i for i, rec in enumerate(d.recs) if record_digits(rec)[0] is Access]
+    if not spots:
+        return None
+    i = rng.choice(spots)
+    op = decode_record(d.recs[i])
+    assert isinstance(op, Access)
+    return i, op
+
+
 def _reaccess(rng: random.Random, d: _Draft) -> None:
     """Touch an address the program accessed once more, another way: a copy of one of its
     accesses with the kind, the privilege, EFLAGS.AC or the vCPU changed, somewhere after
@@ -357,13 +368,11 @@ def _reaccess(rng: random.Random, d: _Draft) -> None:
     reuse by another kind of access, or in another context, is where a cache that keys too
     little shows. Otherwise it takes a duplicate placed after its original and then a change
     that hits the copy's field."""
-    spots = [i for i, rec in enumerate(d.recs) if record_digits(rec)[0] is Access]
-    if not spots:
+    picked = _pick_access(rng, d)
+    if picked is None:
         _insert(rng, d)
         return
-    i = rng.choice(spots)
-    op = decode_record(d.recs[i])
-    assert isinstance(op, Access)
+    i, op = picked
     field = rng.randrange(4)
     if field == 0:
         kind = rng.choice([k for k in _ACCESS_KINDS if k is not op.kind])
@@ -405,13 +414,11 @@ def _vacate(rng: random.Random, d: _Draft) -> None:
     cache carry it: mark_mmio_spte(), vcpu_cache_mmio_info()) or until it rebuilds what it
     cached (a dummy root, a PAE root entry left empty: mmu_alloc_shadow_roots()); the
     copy checks that what the first access made of the absence does not outlive it."""
-    spots = [i for i, rec in enumerate(d.recs) if record_digits(rec)[0] is Access]
-    if not spots:
+    picked = _pick_access(rng, d)
+    if picked is None:
         _insert(rng, d)
         return
-    i = rng.choice(spots)
-    op = decode_record(d.recs[i])
-    assert isinstance(op, Access)
+    i, op = picked
     prefix = decode(d.header + b"".join(d.recs[:i]))
     gen = Generator(rng, prefix.header, prefix)
     as_id = int(gen.in_smm[op.vcpu])
