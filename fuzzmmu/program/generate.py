@@ -299,9 +299,9 @@ class Generator:
         # A VMM re-registering a region it deleted (QEMU deletes and re-creates a slot to
         # change it): the region's address space, base and host pages, under its old slot id
         # where that is free, half the time as much of it as one update of the world's sizes
-        # brings back. (Drawn as any other create, a region came back to its own address
-        # space in a quarter of the creates that meant to, and whole in a quarter of those:
-        # what KVM cached about the gfns while they had no memslot was seldom put to the test.)
+        # brings back. (Drawn as any other create, after a delete of memslot 0 fewer than half
+        # the creates brought the region back and one in eight covered its page tables: what
+        # KVM cached about the gfns while they had no memslot was seldom put to the test.)
         if self.deleted and _bit(r, 0.6):
             g = r.choice(self.deleted)
             ids = [s for a, s in free_ids if a == g.as_id]
