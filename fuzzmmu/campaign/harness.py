@@ -428,7 +428,7 @@ def _vacate(rng: random.Random, d: _Draft) -> None:
         _reaccess(rng, d)
         return
     slot = rng.choice(slots)
-    npages = max([n for n in W.SLOT_SIZES if n <= slot.npages], default=min(W.SLOT_SIZES))
+    npages = max(n for n in W.SLOT_SIZES if n <= slot.npages)  # a slot has a page at least
     back = Memslot(as_id, slot.slot_id, MemslotChange.CREATE, slot.base_gfn, npages, slot.hva)
     at = rng.randint(i + 1, len(d.recs))
     d.recs[at:at] = [op_record(back), d.recs[i]]

@@ -310,7 +310,7 @@ class Generator:
                 sizes = [n for n in W.SLOT_SIZES if n <= g.npages and self._valid(
                     MemslotUpdate(change, g.as_id, slot, g.base_gfn, n))]
                 if sizes:
-                    npages = sizes[-1] if _bit(r, 0.5) else r.choice(sizes)
+                    npages = max(sizes) if _bit(r, 0.5) else r.choice(sizes)
                     return Memslot(g.as_id, slot, change, g.base_gfn, npages, g.hva)
         as_id, slot = r.choice(free_ids)
 
