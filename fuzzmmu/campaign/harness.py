@@ -57,6 +57,7 @@ from fuzzmmu.program.ops import (
     Memslot,
     Op,
     Program,
+    Store,
     WritePte,
 )
 from fuzzmmu.world.memslots import MemslotChange
@@ -435,6 +436,34 @@ def _vacate(rng: random.Random, d: _Draft) -> None:
     d.recs.insert(i, op_record(Memslot(as_id, slot.slot_id, MemslotChange.DELETE)))
 
 
+def _fill(rng: random.Random, d: _Draft) -> None:
+    """Give memory to a gfn the program maps without any: a frame one of its maps names (at
+    the address one of its accesses touches, if there is one) that has no memslot in the
+    address space of the access's vCPU gets one, created somewhere after the access, and the
+    access runs again after that. What KVM made of the gfn while it had no memory, an MMIO
+    spte or the vCPU's MMIO cache under the memslot generation of then (mark_mmio_spte(),
+    vcpu_cache_mmio_info()), must not outlive the memslot; vacate's converse."""
+    picked = _pick_access(rng, d)
+    if picked is None:
+        _insert(rng, d)
+        return
+    i, op = picked
+    prefix = decode(d.header + b"".join(d.recs[:i]))
+    gen = Generator(rng, prefix.header, prefix)
+    as_id = int(gen.in_smm[op.vcpu])
+    maps = [m for m in prefix.flat_ops() if isinstance(m, Map)]
+    creates = [c for t in dict.fromkeys(m.entry.target for m in maps if m.va == op.va)
+               if (c := gen.cover(as_id, t)) is not None] or [
+               c for t in dict.fromkeys(m.entry.target for m in maps)
+               if (c := gen.cover(as_id, t)) is not None]
+    if not creates:
+        _vacate(rng, d)
+        return
+    at = rng.randint(i + 1, len(d.recs))
+    d.recs.insert(at, op_record(rng.choice(creates)))
+    d.recs.insert(rng.randint(at + 1, len(d.recs)), d.recs[i])
+
+
 # The bit of the address that picks the neighbouring entry of the table a map's leaf is in,
 # per level (PAE and long-mode tables; in 32-bit tables a level-2 neighbour is the same PDE).
 _NEIGHBOUR: Final = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
@@ -451,13 +480,14 @@ def _alias(rng: random.Random, d: _Draft) -> None:
     a table is shadowed once per role, whose access is what the walk above it allowed
     (kvm_mmu_get_child_sp(), role.access), and a large page's direct shadow page is shared
     by every PDE that maps it with the same access."""
-    spots = [i for i, rec in enumerate(d.recs) if record_digits(rec)[0] in (Map, WritePte)]
+    spots = [i for i, rec in enumerate(d.recs)
+             if record_digits(rec)[0] in (Map, WritePte, Store)]
     if not spots:
         _insert(rng, d)
         return
     i = rng.choice(spots)
     op = decode_record(d.recs[i])
-    assert isinstance(op, Map | WritePte)
+    assert isinstance(op, Map | WritePte | Store)
     entry = replace(op.entry, flags=op.entry.flags ^ rng.choice(_RIGHTS))
     new: list[Op]
     if isinstance(op, WritePte):
@@ -466,6 +496,13 @@ def _alias(rng: random.Random, d: _Draft) -> None:
                 if s != op.index and s in W.SLOTS and s < slots]
         index = near[0] if near else rng.choice([s for s in W.SLOTS if s < slots])
         new = [replace(op, index=index, entry=entry)]
+    elif isinstance(op, Store):
+        # The entry next to the one stored to, as a table of 8-byte entries has it (a store
+        # may be of any width and offset; the world's offsets sit around its slots).
+        near = [o for o in (op.offset ^ 8, op.offset + 8, op.offset - 8)
+                if o in W.STORE_OFFSETS and o + op.width <= 4096]
+        new = [replace(op, offset=rng.choice(near) if near else
+                       rng.choice(W.STORE_OFFSETS), entry=entry)]
     else:
         va = op.va ^ _NEIGHBOUR[op.level]
         if va not in W.VAS:
@@ -483,7 +520,7 @@ def _alias(rng: random.Random, d: _Draft) -> None:
 _ACCESS_KINDS = tuple(AccessKind)
 _MUTATIONS = ((_insert, 25), (_delete, 12), (_duplicate, 7), (_swap, 7), (_change, 36),
               (_reconfigure, 8), (_random_tail, 5), (_fresh, 5), (_reaccess, 8), (_alias, 6),
-              (_vacate, 4))
+              (_vacate, 4), (_fill, 4))
 _KINDS = [m for m, _ in _MUTATIONS]
 _WEIGHTS = [w for _, w in _MUTATIONS]
 

@@ -216,13 +216,14 @@ config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot=4level
 map cpu0 root=current current 0x0 -> 0x5 P|W|U|A level=1 upper=W|U pool=0x8
 map cpu1 root=current current 0x201000 -> 0x0 P|W|U|A|D level=2 upper=W|U pool=0x8
 pte cpu0 table=0x9 index=0x100 -> 0xa P|W|U|A width=8
+store cpu1 frame=0xa offset=0x10 width=8 -> 0x6 P|W|A|D
 read cpu0 0x0+0x0 width=8 cpl=0
 """
 
 
 def test_an_alias_maps_a_mapped_frame_through_a_neighbouring_entry_with_other_rights() -> None:
 
-    from fuzzmmu.program.ops import Access, Map, WritePte
+    from fuzzmmu.program.ops import Access, Map, Store, WritePte
     from fuzzmmu.program.text import parse_program
 
     program = parse_program(ALIAS_PROGRAM)
@@ -243,6 +244,13 @@ def test_an_alias_maps_a_mapped_frame_through_a_neighbouring_entry_with_other_ri
             assert (alias.table, alias.width, alias.index) == (origin.table, 8, 0x101)
             seen.add(("pte", changed))
             continue
+        if isinstance(alias, Store):
+            assert isinstance(origin, Store) and len(added) == 1
+            # an entry next to the one stored to, in the same frame
+            assert (alias.frame, alias.width, alias.vcpu) == (origin.frame, 8, 1)
+            assert alias.offset in (0x8, 0x18)
+            seen.add(("store", changed))
+            continue
         assert isinstance(alias, Map) and isinstance(origin, Map)
         # the next address of the leaf's level: the neighbouring entry of the same table
         assert alias.va == origin.va ^ {1: 0x1000, 2: 0x200000}[origin.level]
@@ -252,8 +260,8 @@ def test_an_alias_maps_a_mapped_frame_through_a_neighbouring_entry_with_other_ri
         assert [t.va for t in touches] == [alias.va, origin.va][:len(touches)]
         assert all(t.vcpu == origin.vcpu for t in touches)
         seen.add((f"map{origin.level}", changed))
-    # every right changed on each of the three
-    assert seen == {(k, r) for k in ("pte", "map1", "map2") for r in rights}
+    # every right changed on each of the four
+    assert seen == {(k, r) for k in ("pte", "store", "map1", "map2") for r in rights}
 
 
 def test_an_alias_of_a_program_without_maps_inserts_an_op() -> None:
@@ -308,6 +316,53 @@ def test_a_vacate_takes_a_memslot_from_under_an_access_and_gives_it_back() -> No
         assert ops[j + 1] == access  # the same access once more
         seen.add((delete.as_id, delete.slot))
     assert seen == set(boot_slots)
+
+
+FILL_PROGRAM = """\
+# fuzzmmu program v1
+config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot=4level
+map cpu0 root=current current 0x1000 -> 0x30 P|W|A level=1 upper=W|A pool=0x8
+map cpu0 root=current current 0x0 -> 0x5 P|W|A level=1 upper=W|A pool=0x8
+read cpu0 0x1000+0x0 width=8 cpl=0
+smi cpu1
+read cpu1 0x0+0x0 width=8 cpl=0
+"""
+
+
+def test_a_fill_gives_memory_to_a_mapped_gfn_that_has_none_and_accesses_it_again() -> None:
+    from fuzzmmu.program.ops import Access, Memslot
+    from fuzzmmu.program.text import parse_program
+    from fuzzmmu.world.layout import MMIO_HOLE
+    from fuzzmmu.world.memslots import MemslotChange
+
+    program = parse_program(FILL_PROGRAM)
+    filled = vacated = 0
+    regions = set()
+    for seed in range(200):
+        header, recs = harness._records(encode(program))
+        draft = harness._Draft(header, list(recs), program)
+        harness._fill(random.Random(seed), draft)
+        ops = decode(draft.header + b"".join(draft.recs)).ops
+        slots = [i for i, op in enumerate(ops) if isinstance(op, Memslot)]
+        if len(slots) == 2:  # cpu1's access: gfn 0x30 is SMRAM in SMM, so vacate instead
+            vacated += 1
+            continue
+        filled += 1
+        assert len(ops) == len(program.ops) + 2 and len(slots) == 1
+        create = ops[slots[0]]
+        assert isinstance(create, Memslot) and create.change is MemslotChange.CREATE
+        # the hole's gfn 0x30 in address space 0 (cpu0 is outside SMM), in a free slot, the
+        # region within the hole
+        assert create.as_id == 0 and create.slot in (2, 3)
+        assert create.base <= 0x30 < create.base + create.npages
+        assert set(range(create.base, create.base + create.npages)) <= set(MMIO_HOLE)
+        regions.add((create.base, create.npages))
+        # after the access to the address mapped to it, and the same access after it
+        access = program.ops[2]
+        assert ops.index(access) < slots[0]
+        assert access in ops[slots[0] + 1:] and isinstance(access, Access)
+    assert filled > 60 and vacated > 60
+    assert regions == {(0x30, 1), (0x30, 4), (0x30, 8)}
 
 
 def test_a_mutator_that_raises_ends_the_process_with_the_call_that_reproduces_it() -> None:
