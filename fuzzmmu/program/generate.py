@@ -233,16 +233,15 @@ class Generator:
         ``as_id`` (a region of the world's bases and sizes over it, in a free slot), mostly
         with the region's own host pages; None where none fits or the gfn has memory."""
         r = self.rng
-        if self.memslots.lookup(as_id, gfn) is not None:
+        slot = next((s for s in range(4) if s not in self.memslots.spaces[as_id]), None)
+        if slot is None or self.memslots.lookup(as_id, gfn) is not None:
             return None
-        spaces = self.memslots.spaces
-        ids = [s for s in range(4) if s not in spaces[as_id]]
-        regions = [(s, b, n) for s in ids[:1] for b in W.SLOT_BASES for n in W.SLOT_SIZES
+        regions = [(b, n) for b in W.SLOT_BASES for n in W.SLOT_SIZES
                    if b <= gfn < b + n and self._valid(MemslotUpdate(
-                       MemslotChange.CREATE, as_id, s, b, n))]
+                       MemslotChange.CREATE, as_id, slot, b, n))]
         if not regions:
             return None
-        slot, base, npages = r.choice(regions)
+        base, npages = r.choice(regions)
         hvas = [h for h in W.SLOT_HVAS if h + npages <= HOST_PAGES]
         hva = base if base in hvas and _bit(r, 0.7) else r.choice(hvas)
         return Memslot(as_id, slot, MemslotChange.CREATE, base, npages, hva)
