@@ -11,9 +11,9 @@ The mutator edits programs at the op level (records of the binary form), stackin
 insert an op aimed at the program's addresses and tables, delete, duplicate, swap, change one
 field of one op (one mixed-radix digit), access an accessed address again another way, map
 a mapped frame again through a neighbouring entry with other rights, take a memslot away
-from under an access and give it back, change the machine configuration or boot mode,
-replace the tail with random records; part of the time it leaves the bytes to libFuzzer's
-own byte mutator.
+from under an access and give it back, give memory to a gfn a map names without any, change
+the machine configuration or boot mode, replace the tail with random records; part of the
+time it leaves the bytes to libFuzzer's own byte mutator.
 """
 
 from __future__ import annotations
