@@ -63,7 +63,6 @@ if SETTINGS.feedback.lines:
     with atheris.instrument_imports(include=["fuzzmmu"], exclude=uninstrumented_modules()):
         from fuzzmmu.campaign.harness import (
             Suppression,
-            crossover,
             exit_on_error,
             mutate,
             test_one_input,
@@ -75,7 +74,6 @@ if SETTINGS.feedback.lines:
 else:
     from fuzzmmu.campaign.harness import (
         Suppression,
-        crossover,
         exit_on_error,
         mutate,
         test_one_input,
@@ -103,17 +101,16 @@ def CustomMutator(data: bytes, max_size: int, seed: int) -> bytes:
     return mutate(data, max_size, seed, atheris.Mutate, SETTINGS.byte_share)
 
 
-@exit_on_error
-def CustomCrossover(data1: bytes, data2: bytes, max_size: int, seed: int) -> bytes:
-    return crossover(data1, data2, max_size, seed)
-
-
 def main() -> None:
     if SETTINGS.byte_share >= 1.0:
         atheris.Setup(sys.argv, TestOneInput)
     else:
-        atheris.Setup(sys.argv, TestOneInput, custom_mutator=CustomMutator,
-                      custom_crossover=CustomCrossover)
+        # No custom crossover: libFuzzer would pick it for half of its mutations (its
+        # MutationDispatcher chooses between the custom mutator and the custom crossover),
+        # and a splice of two programs, a prefix of one and a suffix of the other, seldom
+        # keeps what either reached. Without it the campaign ran 17% more programs a second
+        # and found at least as much (README, Performance).
+        atheris.Setup(sys.argv, TestOneInput, custom_mutator=CustomMutator)
     atheris.Fuzz()
 
 

@@ -1,4 +1,4 @@
-"""What the Atheris target runs: one input, and the op-level mutator and crossover.
+"""What the Atheris target runs: one input, and the op-level mutator.
 
 ``test_one_input`` decodes the bytes, runs model and reference, and raises only when they
 diverge: a distinct exception class per divergence kind, raised from a distinct function, so
@@ -542,27 +542,17 @@ def mutate(data: bytes, max_size: int, seed: int,
     return _join(draft.header, draft.recs, max_size)
 
 
-def crossover(data1: bytes, data2: bytes, max_size: int, seed: int) -> bytes:
-    """Splice programs: a prefix of one's ops, then a suffix of the other's."""
-    rng = random.Random(seed)
-    header, a = _records(data1)
-    _, b = _records(data2)
-    cut_a = rng.randrange(len(a) + 1)
-    cut_b = rng.randrange(len(b) + 1)
-    return _join(header, a[:cut_a] + b[cut_b:], max_size)
-
-
-# The exit status of a target whose mutator or crossover raised (EX_SOFTWARE, sysexits.h).
+# The exit status of a target whose mutator raised (EX_SOFTWARE, sysexits.h).
 MUTATOR_FAILED: Final = 70
 
 
 def exit_on_error(fn: Callable[..., bytes]) -> Callable[..., bytes]:
-    """``fn`` (the custom mutator or crossover), ending the process when it raises. libFuzzer
-    calls them from C++, and an exception escaping one prints its traceback and then leaves
-    the process hanging (Atheris 3): a campaign would sit without running a program until its
-    time ran out. Instead the call that reproduces it (both are deterministic in their
-    arguments) and the traceback go to stderr, whose last lines the campaign reports, and the
-    process exits with MUTATOR_FAILED."""
+    """``fn`` (the custom mutator), ending the process when it raises. libFuzzer calls it
+    from C++, and an exception escaping it prints its traceback and then leaves the process
+    hanging (Atheris 3): a campaign would sit without running a program until its time ran
+    out. Instead the call that reproduces it (it is deterministic in its arguments) and the
+    traceback go to stderr, whose last lines the campaign reports, and the process exits
+    with MUTATOR_FAILED."""
 
     names = list(inspect.signature(fn).parameters)
 
@@ -573,8 +563,8 @@ def exit_on_error(fn: Callable[..., bytes]) -> Callable[..., bytes]:
         except Exception:
             given = ", ".join(f"{n}=bytes.fromhex({a.hex()!r})" if isinstance(a, bytes)
                               else f"{n}={a!r}" for n, a in zip(names, args, strict=False))
-            print(f"fuzzmmu: {fn.__name__} raised on {given} (mutate() and crossover() of "
-                  "fuzzmmu.campaign.harness are deterministic in these)", file=sys.stderr)
+            print(f"fuzzmmu: {fn.__name__} raised on {given} (mutate() of "
+                  "fuzzmmu.campaign.harness is deterministic in these)", file=sys.stderr)
             traceback.print_exc()
             sys.stderr.flush()
             os._exit(MUTATOR_FAILED)

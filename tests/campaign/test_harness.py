@@ -1,9 +1,11 @@
-"""The fuzz target's pieces: the mutator and crossover stay inside the program space, and a
-divergence of each kind surfaces as its own exception from its own function."""
+"""The fuzz target's pieces: the mutator stays inside the program space and is the only one
+libFuzzer uses, and a divergence of each kind surfaces as its own exception from its own
+function."""
 
 from __future__ import annotations
 
 import random
+import re
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fuzzmmu.campaign import harness
-from fuzzmmu.campaign.harness import RAISERS, crossover, mutate
+from fuzzmmu.campaign.harness import RAISERS, mutate
 from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
 from fuzzmmu.program.codec import HEADER_SIZE, MAX_OPS, RECORD_SIZE, decode, encode
 from fuzzmmu.program.files import read_program
@@ -34,13 +36,21 @@ def test_mutate_any_bytes_gives_a_valid_program_within_max_size(data: bytes, see
     assert mutate(data, max_size, seed) == out  # deterministic in (data, max_size, seed)
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.binary(max_size=600), st.binary(max_size=600), st.integers(0, 2**32 - 1))
-def test_crossover_gives_a_valid_program(a: bytes, b: bytes, seed: int) -> None:
-    out = crossover(a, b, MAX_LEN, seed)
-    assert len(out) <= MAX_LEN
-    decode(out)
-    assert crossover(a, b, MAX_LEN, seed) == out
+def test_libfuzzer_mutates_only_through_the_op_level_mutator(tmp_path: Path) -> None:
+    """libFuzzer names the mutations behind each input it keeps ("MS: 2 Custom-Custom-"; its
+    own byte mutations too, which the op-level mutator hands a share of its calls); a custom
+    crossover would take half of the calls ("CustomCrossOver")."""
+    import subprocess
+    import sys
+
+    harness_py = Path(__file__).resolve().parents[2] / "harnesses" / "shadow_mmu_fuzzer.py"
+    out = subprocess.run([sys.executable, str(harness_py), "-runs=400", "-seed=1",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sequences = re.findall(r"MS: \d+ (\S+)", out.stderr)
+    assert sequences, out.stderr[-2000:]
+    used = [m for seq in sequences for m in seq.strip("-").split("-")]
+    assert "Custom" in used and "CustomCrossOver" not in used
 
 
 def test_mutate_uses_the_byte_mutator_for_its_share() -> None:
