@@ -360,6 +360,30 @@ def _pick_access(rng: random.Random, d: _Draft) -> tuple[int, Access] | None:
     return i, op
 
 
+@dataclass
+class _Site:
+    """Where one of the draft's accesses runs: its record's index, the access, the program
+    before it, a generator over that program (the memslots and SMM state it leaves) and the
+    address space the access's vCPU is in there."""
+
+    i: int
+    op: Access
+    prefix: Program
+    gen: Generator
+    as_id: int
+
+
+def _pick_site(rng: random.Random, d: _Draft) -> _Site | None:
+    """One of the draft's accesses with where it runs; None when the draft has none."""
+    picked = _pick_access(rng, d)
+    if picked is None:
+        return None
+    i, op = picked
+    prefix = decode(d.header + b"".join(d.recs[:i]))
+    gen = Generator(rng, prefix.header, prefix)
+    return _Site(i, op, prefix, gen, int(gen.in_smm[op.vcpu]))
+
+
 def _reaccess(rng: random.Random, d: _Draft) -> None:
     """Touch an address the program accessed once more, another way: a copy of one of its
     accesses with the kind, the privilege, EFLAGS.AC or the vCPU changed, somewhere after
@@ -415,15 +439,12 @@ def _vacate(rng: random.Random, d: _Draft) -> None:
     cache carry it: mark_mmio_spte(), vcpu_cache_mmio_info()) or until it rebuilds what it
     cached (a dummy root, a PAE root entry left empty: mmu_alloc_shadow_roots()); the
     copy checks that what the first access made of the absence does not outlive it."""
-    picked = _pick_access(rng, d)
-    if picked is None:
+    site = _pick_site(rng, d)
+    if site is None:
         _insert(rng, d)
         return
-    i, op = picked
-    prefix = decode(d.header + b"".join(d.recs[:i]))
-    gen = Generator(rng, prefix.header, prefix)
-    as_id = int(gen.in_smm[op.vcpu])
-    slots = [m for m in gen.memslots.slots(as_id)
+    i, as_id = site.i, site.as_id
+    slots = [m for m in site.gen.memslots.slots(as_id)
              if m.base_gfn in W.SLOT_BASES and m.hva in W.SLOT_HVAS]
     if not slots:
         _reaccess(rng, d)
@@ -443,25 +464,22 @@ def _fill(rng: random.Random, d: _Draft) -> None:
     access runs again after that. What KVM made of the gfn while it had no memory, an MMIO
     spte or the vCPU's MMIO cache under the memslot generation of then (mark_mmio_spte(),
     vcpu_cache_mmio_info()), must not outlive the memslot; vacate's converse."""
-    picked = _pick_access(rng, d)
-    if picked is None:
+    site = _pick_site(rng, d)
+    if site is None:
         _insert(rng, d)
         return
-    i, op = picked
-    prefix = decode(d.header + b"".join(d.recs[:i]))
-    gen = Generator(rng, prefix.header, prefix)
-    as_id = int(gen.in_smm[op.vcpu])
-    maps = [m for m in prefix.flat_ops() if isinstance(m, Map)]
-    creates = [c for t in dict.fromkeys(m.entry.target for m in maps if m.va == op.va)
+    gen, as_id = site.gen, site.as_id
+    maps = [m for m in site.prefix.flat_ops() if isinstance(m, Map)]
+    creates = [c for t in dict.fromkeys(m.entry.target for m in maps if m.va == site.op.va)
                if (c := gen.cover(as_id, t)) is not None] or [
                c for t in dict.fromkeys(m.entry.target for m in maps)
                if (c := gen.cover(as_id, t)) is not None]
     if not creates:
         _vacate(rng, d)
         return
-    at = rng.randint(i + 1, len(d.recs))
+    at = rng.randint(site.i + 1, len(d.recs))
     d.recs.insert(at, op_record(rng.choice(creates)))
-    d.recs.insert(rng.randint(at + 1, len(d.recs)), d.recs[i])
+    d.recs.insert(rng.randint(at + 1, len(d.recs)), d.recs[site.i])
 
 
 # The bit of the address that picks the neighbouring entry of the table a map's leaf is in,

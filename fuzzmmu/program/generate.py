@@ -230,8 +230,8 @@ class Generator:
 
     def cover(self, as_id: int, gfn: int) -> Memslot | None:
         """A create the VMM could make now that gives ``gfn`` memory in address space
-        ``as_id`` (a region of the world's bases and sizes over it, in a free slot), mostly
-        with the region's own host pages; None where none fits or the gfn has memory."""
+        ``as_id`` (a region of the world's bases and sizes over it, in the first free slot),
+        mostly with the region's own host pages; None where none fits or the gfn has memory."""
         r = self.rng
         slot = next((s for s in range(4) if s not in self.memslots.spaces[as_id]), None)
         if slot is None or self.memslots.lookup(as_id, gfn) is not None:

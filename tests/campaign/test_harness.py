@@ -305,10 +305,7 @@ def test_a_vacate_takes_a_memslot_from_under_an_access_and_gives_it_back() -> No
     boot_slots = {(m.as_id, m.slot_id): m for m in DEFAULT_SLOTS}
     seen = set()
     for seed in range(200):
-        header, recs = harness._records(encode(program))
-        draft = harness._Draft(header, list(recs), program)
-        harness._vacate(random.Random(seed), draft)
-        ops = decode(draft.header + b"".join(draft.recs)).ops
+        ops, _ = _mutated(harness._vacate, program, seed)
         assert len(ops) == len(program.ops) + 3
         k = next(i for i, op in enumerate(ops) if isinstance(op, Memslot))
         delete, access = ops[k], ops[k + 1]
@@ -349,10 +346,7 @@ def test_a_fill_gives_memory_to_a_mapped_gfn_that_has_none_and_accesses_it_again
     filled = vacated = 0
     regions = set()
     for seed in range(200):
-        header, recs = harness._records(encode(program))
-        draft = harness._Draft(header, list(recs), program)
-        harness._fill(random.Random(seed), draft)
-        ops = decode(draft.header + b"".join(draft.recs)).ops
+        ops, _ = _mutated(harness._fill, program, seed)
         slots = [i for i, op in enumerate(ops) if isinstance(op, Memslot)]
         if len(slots) == 2:  # cpu1's access: gfn 0x30 is SMRAM in SMM, so vacate instead
             vacated += 1
