@@ -115,7 +115,9 @@ class CampaignResult:
     interrupted: bool
     stopped_by: str | None = None  # the signal's name
     # libFuzzer ended with an error and no crash file to show for it (it could not start, or
-    # died): what it printed last. A campaign that ran nothing must not read as a clean one.
+    # died), or with one whose replay shows no divergence (an out-of-memory, a timeout, the
+    # target itself failing): what it printed last. A campaign that ran nothing must not read
+    # as a clean one, and a crash that is no divergence needs libFuzzer's word on it.
     failure: str | None = None
     unreadable: list[str] = field(default_factory=list)  # crash files that could not be replayed
 
@@ -419,9 +421,13 @@ class Campaign:
                     live.stop()
         code = target.proc.returncode or 0
         failure = None
-        if code and not interrupted and not self.crashes and not self.unreadable:
+        unexplained = [c for c in self.crashes.values() if c.divergence is None]
+        if code and not interrupted and not self.unreadable and (unexplained or
+                                                                 not self.crashes):
+            what = ("a crash file that replays without a divergence" if self.crashes
+                    else "no crash file")
             failure = (f"libFuzzer exited with code {code} after {self.stats.execs:,} programs "
-                       "and left no crash file; its last lines:\n" + "\n".join(self.tail))
+                       f"and left {what}; its last lines:\n" + "\n".join(self.tail))
         return CampaignResult(self.stats, list(self.crashes.values()), code, interrupted,
                               self.stop_signal.name if self.stop_signal is not None else None,
                               failure, list(self.unreadable))

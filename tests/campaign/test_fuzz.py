@@ -67,6 +67,17 @@ def test_a_target_that_fails_is_not_a_clean_campaign(tmp_path: Path) -> None:
     assert "ParseDictionaryFile" in res.stdout  # what libFuzzer said last
 
 
+def test_a_crash_that_is_no_divergence_comes_with_what_libfuzzer_said(tmp_path: Path) -> None:
+    # libFuzzer's RSS limit below what any Python process takes: the first check stops it
+    # with an out-of-memory crash file, whose replay shows no divergence.
+    res = _fuzz(tmp_path, "--max-time", "30", "--", "-rss_limit_mb=10")
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "replays without a divergence" in res.stdout and "oom-" in res.stdout
+    assert "the fuzz target failed" in res.stdout
+    assert "out-of-memory" in res.stdout  # libFuzzer's own words
+    assert "no divergence" not in res.stdout.replace("without a divergence", "")
+
+
 def test_a_crash_file_without_a_divergence_is_reported(tmp_path: Path) -> None:
     from rich.console import Console
 
