@@ -421,9 +421,9 @@ class Campaign:
                     live.stop()
         code = target.proc.returncode or 0
         failure = None
-        unexplained = [c for c in self.crashes.values() if c.divergence is None]
-        if code and not interrupted and not self.unreadable and (unexplained or
-                                                                 not self.crashes):
+        unexplained = any(c.divergence is None for c in self.crashes.values())
+        if code and not interrupted and not self.unreadable and (
+                unexplained or not self.crashes):
             what = ("a crash file that replays without a divergence" if self.crashes
                     else "no crash file")
             failure = (f"libFuzzer exited with code {code} after {self.stats.execs:,} programs "

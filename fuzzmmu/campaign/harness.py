@@ -468,17 +468,17 @@ def _fill(rng: random.Random, d: _Draft) -> None:
     if site is None:
         _insert(rng, d)
         return
-    gen, as_id = site.gen, site.as_id
+    def creates(maps: list[Map]) -> list[Memslot]:
+        return [c for t in dict.fromkeys(m.entry.target for m in maps)
+                if (c := site.gen.cover(site.as_id, t)) is not None]
+
     maps = [m for m in site.prefix.flat_ops() if isinstance(m, Map)]
-    creates = [c for t in dict.fromkeys(m.entry.target for m in maps if m.va == site.op.va)
-               if (c := gen.cover(as_id, t)) is not None] or [
-               c for t in dict.fromkeys(m.entry.target for m in maps)
-               if (c := gen.cover(as_id, t)) is not None]
-    if not creates:
+    found = creates([m for m in maps if m.va == site.op.va]) or creates(maps)
+    if not found:
         _vacate(rng, d)
         return
     at = rng.randint(site.i + 1, len(d.recs))
-    d.recs.insert(at, op_record(rng.choice(creates)))
+    d.recs.insert(at, op_record(rng.choice(found)))
     d.recs.insert(rng.randint(at + 1, len(d.recs)), d.recs[site.i])
 
 
@@ -516,9 +516,10 @@ def _alias(rng: random.Random, d: _Draft) -> None:
         new = [replace(op, index=index, entry=entry)]
     elif isinstance(op, Store):
         # The entry next to the one stored to, as a table of 8-byte entries has it (a store
-        # may be of any width and offset; the world's offsets sit around its slots).
+        # may be of any width and offset; the world's offsets sit around its slots and leave
+        # room for a store of any width).
         near = [o for o in (op.offset ^ 8, op.offset + 8, op.offset - 8)
-                if o in W.STORE_OFFSETS and o + op.width <= 4096]
+                if o in W.STORE_OFFSETS]
         new = [replace(op, offset=rng.choice(near) if near else
                        rng.choice(W.STORE_OFFSETS), entry=entry)]
     else:

@@ -75,7 +75,7 @@ def test_a_crash_that_is_no_divergence_comes_with_what_libfuzzer_said(tmp_path: 
     assert "replays without a divergence" in res.stdout and "oom-" in res.stdout
     assert "the fuzz target failed" in res.stdout
     assert "out-of-memory" in res.stdout  # libFuzzer's own words
-    assert "no divergence" not in res.stdout.replace("without a divergence", "")
+    assert "no divergence" not in res.stdout
 
 
 def test_a_crash_file_without_a_divergence_is_reported(tmp_path: Path) -> None:
