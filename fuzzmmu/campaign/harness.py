@@ -11,9 +11,13 @@ The mutator edits programs at the op level (records of the binary form), stackin
 insert an op aimed at the program's addresses and tables, delete, duplicate, swap, change one
 field of one op (one mixed-radix digit), access an accessed address again another way, map
 a mapped frame again through a neighbouring entry with other rights, take a memslot away
-from under an access and give it back, give memory to a gfn a map names without any, change
-the machine configuration or boot mode, replace the tail with random records; part of the
-time it leaves the bytes to libFuzzer's own byte mutator.
+from under an access and give it back, give memory to a gfn a map names without any, write
+an entry an access's walk read (one bit flipped, or a store across it and its neighbour),
+link a table the walk went through from a second entry with other rights and replay the
+accesses through it, change the machine configuration or boot mode, replace the tail with
+random records; part of the time it leaves the bytes to libFuzzer's own byte mutator. The
+two that follow a walk run the program up to the access (on the clean model and the
+reference; the mutator reads only the reference's tables and registers).
 """
 
 from __future__ import annotations
@@ -29,11 +33,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
-from fuzzmmu.arch.bits import PTE_NX, PTE_U, PTE_W
+from fuzzmmu.arch.bits import EFER_LMA, PTE_A, PTE_D, PTE_NX, PTE_P, PTE_U, PTE_W, PagingMode
+from fuzzmmu.arch.walker import Access as WalkAccess
+from fuzzmmu.arch.walker import WalkStep, walk_trace
 from fuzzmmu.campaign.feedback import CounterMap, StateFeedback
 from fuzzmmu.campaign.settings import SettingsError
+from fuzzmmu.model.machine import Machine
 from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
 from fuzzmmu.oracle.executor import Outcome, run
+from fuzzmmu.oracle.reference import ReferenceMachine
 from fuzzmmu.program import world as W
 from fuzzmmu.program.codec import (
     HEADER_SIZE,
@@ -49,7 +57,9 @@ from fuzzmmu.program.codec import (
 from fuzzmmu.program.generate import OP_KINDS, Generator, kinds_of
 from fuzzmmu.program.ops import (
     BOOT_MODES,
+    FLAG_BITS,
     Access,
+    Entry,
     Header,
     Interleave,
     Invlpg,
@@ -482,6 +492,174 @@ def _fill(rng: random.Random, d: _Draft) -> None:
     d.recs.insert(rng.randint(at + 1, len(d.recs)), d.recs[site.i])
 
 
+class _WalkOf:
+    """Runs nothing itself: an Observer for the executor that, once a program has run to its
+    end, records the reference's walk of one access from there (the entries it reads, and
+    whether they are 4 or 8 bytes)."""
+
+    def __init__(self, op: Access) -> None:
+        self.op = op
+        self.steps: list[WalkStep] = []
+        self.entry_size = 8
+
+    def __call__(self, op: Op, model: Machine, ref: ReferenceMachine) -> None:
+        pass
+
+    def end(self, model: Machine, ref: ReferenceMachine) -> None:
+        op = self.op
+        cpu = ref.cpus[op.vcpu]
+        if cpu.dead:
+            return
+        state = ref.cpu_state(op.vcpu, op.ac)
+        gva = op.va + op.offset
+        acc = WalkAccess(write=op.kind is AccessKind.WRITE, user=op.cpl == 3,
+                         fetch=op.kind is AccessKind.FETCH)
+        _, self.steps = walk_trace(ref.views[cpu.smm], state,
+                                   gva if cpu.efer & EFER_LMA else gva & 0xFFFFFFFF, acc)
+        self.entry_size = 4 if state.mode is PagingMode.BIT32 else 8
+
+
+# Bits of an entry a rewrite of it may flip: the rights, presence and the A/D bits (KVM keeps
+# each in its sptes or its shadow pages' roles: FNAME(sync_spte), kvm_mmu_page_role.access).
+_ENTRY_BITS: Final = (PTE_NX, PTE_W, PTE_U, PTE_P, PTE_A, PTE_D)
+_FLAG_MASK: Final = sum(FLAG_BITS.values())
+
+
+def _walked(rng: random.Random, d: _Draft
+            ) -> tuple[int, Access, tuple[WalkStep, ...], int] | None:
+    """One of the draft's accesses (its record's index and the op), the entries in guest
+    frames its walk reads where the program is then (as the reference walks them), and
+    their size (4 or 8 bytes); None when the draft has no access whose walk reads one."""
+    picked = _pick_access(rng, d)
+    if picked is None:
+        return None
+    i, op = picked
+    walked = _walk_after(d.header + b"".join(d.recs[:i]), op)
+    return None if walked is None else (i, op, *walked)
+
+
+# A corpus entry is mutated again and again (libFuzzer picks from a few thousand), so the
+# walks of its accesses are kept rather than run once more: a run of the program before the
+# access costs as much as a program does.
+@functools.lru_cache(maxsize=4096)
+def _walk_after(prefix: bytes, op: Access) -> tuple[tuple[WalkStep, ...], int] | None:
+    """The entries in guest frames that ``op``'s walk reads after the program ``prefix``,
+    and their size; None if it reads none (or the prefix diverges)."""
+    walk = _WalkOf(op)
+    if run(decode(prefix), observe=walk).divergence is not None:
+        return None
+    steps = [s for s in walk.steps if s.entry_gpa is not None and s.entry_gpa >> 12 < 64]
+    return (tuple(steps), walk.entry_size) if steps else None
+
+
+def _entry_read(rng: random.Random, step: WalkStep, size: int) -> Entry:
+    """The entry a walk read, as a program writes one (a target out of the world's becomes
+    one of its RAM frames)."""
+    target = (step.value >> 12) & (0xFFFFF if size == 4 else 0xFFFFFFFFFF)
+    flags = step.value & _FLAG_MASK & (0xFFF if size == 4 else ~0)
+    return Entry(target if target in W.TARGETS else rng.choice(W.TARGETS[:64]), flags)
+
+
+def _rewrite(rng: random.Random, d: _Draft) -> None:
+    """Write, after one of the program's accesses, to a guest page-table entry its walk read
+    (the reference walks it where the program is then): the entry again with one bit among
+    its rights, presence and A/D flipped, or a store of 2, 4 or 8 bytes that straddles it
+    and the entry next to it; the access runs again after that, now and then as another kind
+    of access. The tables an access walks are what KVM shadows for it, write-protects and
+    emulates the guest's stores to (kvm_mmu_pte_write(): one spte or two per store,
+    detect_write_misaligned(), the 32-bit PDE that maps two shadow PDEs); a store there is
+    where a shadow page and its guest table part ways."""
+    walked = _walked(rng, d)
+    if walked is None:
+        _reaccess(rng, d)
+        return
+    i, op, steps, size = walked
+    step = rng.choice(steps)
+    assert step.entry_gpa is not None
+    frame, at_byte = step.entry_gpa >> 12, step.entry_gpa & 0xFFF
+    read = _entry_read(rng, step, size)
+    bits = _ENTRY_BITS[1:] if size == 4 else _ENTRY_BITS  # a 4-byte entry has no NX
+    entry = replace(read, flags=read.flags ^ rng.choice(bits))
+    index = at_byte // size
+    straddle = [(o, w) for w in (2, 4, 8) for b in (at_byte, at_byte + size)
+                for o in range(b - w + 1, b) if o in _STORE_OFFSET_SET and o + w <= 4096]
+    vcpu = rng.choice((op.vcpu, op.vcpu, 1 - op.vcpu))
+    new: list[Op]
+    if straddle and (rng.random() < 0.5 or index not in W.SLOTS):
+        o, w = rng.choice(straddle)
+        new = [Store(vcpu, frame, o, w, entry)]
+    elif index in W.SLOTS:
+        new = [WritePte(vcpu, frame, index, entry, size)]
+    else:
+        _reaccess(rng, d)
+        return
+    again = op
+    if rng.random() < 0.3:
+        kind = rng.choice([k for k in _ACCESS_KINDS if k is not op.kind])
+        again = replace(op, kind=kind, seed=(op.seed or rng.randrange(1, 256))
+                        if kind is AccessKind.WRITE else 0)
+    new.append(again)
+    at = rng.randint(i + 1, len(d.recs))
+    d.recs[at:at] = [op_record(x) for x in new]
+
+
+def _share(rng: random.Random, d: _Draft) -> None:
+    """Point a second entry of a table one of the program's accesses walks through where the
+    walk's entry there points (the table below, or the page), with one right (W, U or NX)
+    changed, after the access; then the program's accesses that went through the first entry
+    (up to four, in their order) once more through the second (addresses that differ from
+    theirs at that level only), and now and then the first access through the first entry
+    again. A guest table linked from two parents with different rights is shadowed once per
+    access the walk down to it allows (role.access, kvm_mmu_get_child_sp()); a page reached
+    twice is two sptes in one rmap. The traffic of both ways through the shared table is
+    what shows whether KVM keys its shadow by what each way allows."""
+    walked = _walked(rng, d)
+    if walked is None:
+        _reaccess(rng, d)
+        return
+    i, op, steps, size = walked
+    # The address bits the mode translates: 64 in long mode, else 32.
+    mask = (1 << 64) - 1 if size == 8 and any(s.level == 4 for s in steps) else 0xFFFFFFFF
+    vas = _VAS_BY_LOW[mask]
+    shares = []
+    for step in steps:
+        assert step.entry_gpa is not None
+        bits = 10 if size == 4 else 9
+        shift = 12 + bits * (step.level - 1)
+        index = (step.entry_gpa & 0xFFF) // size
+        # The bits of an address that pick the way down to the entry's table and the entry.
+        above = mask & -(1 << shift)
+        for other in W.SLOTS:
+            va = vas.get((op.va & mask & ~(((1 << bits) - 1) << shift)) | (other << shift))
+            if other != index and other < 1 << bits and va is not None:
+                shares.append((step, other, va, above))
+    if not shares:
+        _rewrite(rng, d)
+        return
+    step, index, va, above = rng.choice(shares)
+    assert step.entry_gpa is not None
+    read = _entry_read(rng, step, size)
+    rights = _RIGHTS if size == 8 else _RIGHTS[:2]
+    new: list[Op] = [WritePte(op.vcpu, step.entry_gpa >> 12, index,
+                              replace(read, flags=read.flags ^ rng.choice(rights)), size)]
+    for rec in d.recs:
+        if record_digits(rec)[0] is Access and len(new) <= 4:
+            access = decode_record(rec)
+            assert isinstance(access, Access)
+            moved = vas.get((access.va & mask & ~above) | (va & above))
+            if (access.va ^ op.va) & above == 0 and moved is not None:
+                new.append(replace(access, va=moved))
+    if rng.random() < 0.5:
+        new.append(op)
+    at = rng.randint(i + 1, len(d.recs))
+    d.recs[at:at] = [op_record(x) for x in new]
+
+
+_STORE_OFFSET_SET: Final = frozenset(W.STORE_OFFSETS)
+# The world's addresses by the bits a mode translates (long mode: all; otherwise the low 32,
+# each standing for the first address that has them).
+_VAS_BY_LOW: Final = {(1 << 64) - 1: {va: va for va in W.VAS},
+                      0xFFFFFFFF: {va & 0xFFFFFFFF: va for va in reversed(W.VAS)}}
 # The bit of the address that picks the neighbouring entry of the table a map's leaf is in,
 # per level (PAE and long-mode tables; in 32-bit tables a level-2 neighbour is the same PDE).
 _NEIGHBOUR: Final = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
@@ -539,7 +717,7 @@ def _alias(rng: random.Random, d: _Draft) -> None:
 _ACCESS_KINDS = tuple(AccessKind)
 _MUTATIONS = ((_insert, 25), (_delete, 12), (_duplicate, 7), (_swap, 7), (_change, 36),
               (_reconfigure, 8), (_random_tail, 5), (_fresh, 5), (_reaccess, 8), (_alias, 6),
-              (_vacate, 4), (_fill, 4))
+              (_vacate, 4), (_fill, 4), (_rewrite, 5), (_share, 4))
 _KINDS = [m for m, _ in _MUTATIONS]
 _WEIGHTS = [w for _, w in _MUTATIONS]
 

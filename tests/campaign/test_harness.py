@@ -8,12 +8,14 @@ import random
 import re
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fuzzmmu.arch.bits import PTE_A, PTE_D, PTE_NX, PTE_P, PTE_U, PTE_W
 from fuzzmmu.campaign import harness
 from fuzzmmu.campaign.harness import RAISERS, mutate
 from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
@@ -410,3 +412,105 @@ def test_the_target_stops_when_its_mutator_raises_instead_of_hanging(tmp_path: P
     assert out.returncode == harness.MUTATOR_FAILED, out.stderr[-2000:]
     assert "RuntimeError: a bug in the mutator" in out.stderr
     assert "CustomMutator raised on data=bytes.fromhex(" in out.stderr
+
+
+REWRITE_PROGRAM = """\
+# fuzzmmu program v1
+config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot={boot}
+map cpu0 root=current current 0x1000 -> 0x5 P|W|U level=1 upper=W|U pool=0x8
+read cpu0 0x1000+0x0 width=8 cpl=3
+"""
+
+
+PRESENT_RW_USER = PTE_P | PTE_W | PTE_U  # how REWRITE_PROGRAM's map writes each entry
+
+
+@pytest.mark.parametrize(("boot", "size", "entries"), [
+    # 32-bit paging: the PDE in the boot root (frame 1), the PTE in the pool's first frame
+    ("32bit", 4, {(1, 0): 8, (8, 4): 5}),
+    # 4-level paging: PML4E, PDPTE, PDE, PTE in the root and three pool frames
+    ("4level", 8, {(1, 0): 8, (8, 0): 9, (9, 0): 10, (10, 8): 5}),
+])
+def test_a_rewrite_writes_an_entry_the_access_walked_and_accesses_again(
+        boot: str, size: int, entries: dict[tuple[int, int], int]) -> None:
+    from fuzzmmu.program.ops import Access, Store, WritePte
+    from fuzzmmu.program.text import parse_program
+
+    program = parse_program(REWRITE_PROGRAM.format(boot=boot))
+    access = program.ops[1]
+    assert isinstance(access, Access)
+    bits = {PTE_W, PTE_U, PTE_P, PTE_A, PTE_D} | ({PTE_NX} if size == 8 else set())
+    rewritten, straddled, flipped, kinds = set(), set(), set(), set()
+    for seed in range(300):
+        ops, _ = _mutated(harness._rewrite, program, seed)
+        assert ops[:2] == program.ops and len(ops) == 4
+        write, again = ops[2], ops[3]
+        # the access again, now and then as another kind of access
+        assert isinstance(again, Access)
+        assert replace(again, kind=access.kind, seed=0) == access
+        kinds.add(again.kind)
+        if isinstance(write, WritePte):
+            # an entry the walk read, with one bit of its rights, presence or A/D flipped
+            # (every entry on the way is present, writable and user)
+            assert write.width == size
+            assert write.entry.target == entries[write.table, write.index * size]
+            assert write.entry.flags ^ PRESENT_RW_USER in bits
+            rewritten.add(write.table)
+            flipped.add(write.entry.flags ^ PRESENT_RW_USER)
+        else:
+            # a store across the boundary of an entry the walk read and its neighbour's
+            assert isinstance(write, Store) and write.width in (2, 4, 8)
+            assert any(frame == write.frame and write.offset < b < write.offset + write.width
+                       for frame, at in entries for b in (at, at + size))
+            straddled.add(write.frame)
+    frames = {frame for frame, _ in entries}
+    assert rewritten == frames and straddled == frames
+    assert flipped == bits and len(kinds) == 3
+
+
+SHARE_PROGRAM = """\
+# fuzzmmu program v1
+config policy=zap mmio-gen-bits=19 maxphyaddr=40 mmu-pages=2000 boot=4level
+pte cpu0 table=0x1 index=0 -> 0x8 P|W|U|A width=8
+pte cpu0 table=0x8 index=0 -> 0x9 P|W|U|A width=8
+pte cpu0 table=0x9 index=0 -> 0xa P|U|A width=8
+pte cpu0 table=0x9 index=1 -> 0xb P|W|U|A width=8
+pte cpu0 table=0xa index=0 -> 0x5 P|W|U|A|D width=8
+pte cpu0 table=0xb index=0 -> 0x6 P|W|U|A|D width=8
+read cpu0 0x0+0x0 width=8 cpl=3
+write cpu0 0x200000+0x0 width=8 cpl=3 seed=0x1
+"""
+
+
+def test_a_share_links_a_walked_table_twice_and_replays_its_accesses_the_other_way() -> None:
+    from fuzzmmu.program.ops import Access, WritePte
+    from fuzzmmu.program.text import parse_program
+
+    program = parse_program(SHARE_PROGRAM)
+    entries = {(op.table, op.index): op.entry for op in program.ops if isinstance(op, WritePte)}
+    accesses = [op for op in program.ops if isinstance(op, Access)]
+    level_of = {0x1: 4, 0x8: 3, 0x9: 2, 0xA: 1, 0xB: 1}  # the table in each frame
+    levels, both = set(), 0
+    for seed in range(300):
+        ops, _ = _mutated(harness._share, program, seed)
+        k = next(i for i, op in enumerate(ops) if op not in program.ops)
+        link = ops[k]
+        assert isinstance(link, WritePte) and link.width == 8
+        # an entry the walk read, written again at another index of its table, one right
+        # (W, U or NX) changed
+        first = next(j for (t, j), e in entries.items()
+                     if t == link.table and j != link.index and e.target == link.entry.target)
+        assert link.entry.flags ^ entries[link.table, first].flags in (PTE_W, PTE_U, PTE_NX)
+        level = level_of[link.table]
+        levels.add(level)
+        shift = 12 + 9 * (level - 1)
+        # then the program's accesses through the first entry, in their order, through the
+        # second (addresses that differ at that level only), maybe the first access again
+        moved = [op for op in ops[k + 1:] if op not in accesses]
+        assert all(isinstance(m, Access) and m.va >> shift == moved[0].va >> shift
+                   and (m.va >> shift) & 511 == link.index for m in moved)
+        way = moved[0].va >> shift ^ link.index ^ first
+        assert [replace(m, va=0) for m in moved] == [
+            replace(a, va=0) for a in accesses if a.va >> shift == way]
+        both += len(moved) == 2
+    assert levels == {3, 2, 1} and both > 30
