@@ -16,8 +16,7 @@ an entry an access's walk read (one bit flipped, or a store across it and its ne
 link a table the walk went through from a second entry with other rights and replay the
 accesses through it, change the machine configuration or boot mode, replace the tail with
 random records; part of the time it leaves the bytes to libFuzzer's own byte mutator. The
-two that follow a walk run the program up to the access (on the clean model and the
-reference; the mutator reads only the reference's tables and registers).
+two that follow a walk run the program up to the access on the reference alone.
 """
 
 from __future__ import annotations
@@ -38,10 +37,9 @@ from fuzzmmu.arch.walker import Access as WalkAccess
 from fuzzmmu.arch.walker import WalkStep, walk_trace
 from fuzzmmu.campaign.feedback import CounterMap, StateFeedback
 from fuzzmmu.campaign.settings import SettingsError
-from fuzzmmu.model.machine import Machine
 from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
-from fuzzmmu.oracle.executor import Outcome, run
-from fuzzmmu.oracle.reference import ReferenceMachine
+from fuzzmmu.oracle.executor import AccessStep, Outcome, lower, run
+from fuzzmmu.oracle.reference import OutsideContract, ReferenceMachine
 from fuzzmmu.program import world as W
 from fuzzmmu.program.codec import (
     HEADER_SIZE,
@@ -60,6 +58,7 @@ from fuzzmmu.program.ops import (
     FLAG_BITS,
     Access,
     Entry,
+    GuestMode,
     Header,
     Interleave,
     Invlpg,
@@ -67,11 +66,12 @@ from fuzzmmu.program.ops import (
     Memslot,
     Op,
     Program,
+    SetMode,
     Store,
     WritePte,
 )
 from fuzzmmu.world.memslots import MemslotChange
-from fuzzmmu.world.observe import AccessKind
+from fuzzmmu.world.observe import DONE, AccessKind
 
 # How often an inserted op keeps to the kinds its program already has (swarm testing: a
 # lineage explores deep in a few kinds rather than thinly in all).
@@ -492,33 +492,6 @@ def _fill(rng: random.Random, d: _Draft) -> None:
     d.recs.insert(rng.randint(at + 1, len(d.recs)), d.recs[site.i])
 
 
-class _WalkOf:
-    """Runs nothing itself: an Observer for the executor that, once a program has run to its
-    end, records the reference's walk of one access from there (the entries it reads, and
-    whether they are 4 or 8 bytes)."""
-
-    def __init__(self, op: Access) -> None:
-        self.op = op
-        self.steps: list[WalkStep] = []
-        self.entry_size = 8
-
-    def __call__(self, op: Op, model: Machine, ref: ReferenceMachine) -> None:
-        pass
-
-    def end(self, model: Machine, ref: ReferenceMachine) -> None:
-        op = self.op
-        cpu = ref.cpus[op.vcpu]
-        if cpu.dead:
-            return
-        state = ref.cpu_state(op.vcpu, op.ac)
-        gva = op.va + op.offset
-        acc = WalkAccess(write=op.kind is AccessKind.WRITE, user=op.cpl == 3,
-                         fetch=op.kind is AccessKind.FETCH)
-        _, self.steps = walk_trace(ref.views[cpu.smm], state,
-                                   gva if cpu.efer & EFER_LMA else gva & 0xFFFFFFFF, acc)
-        self.entry_size = 4 if state.mode is PagingMode.BIT32 else 8
-
-
 # Bits of an entry a rewrite of it may flip: the rights, presence and the A/D bits (KVM keeps
 # each in its sptes or its shadow pages' roles: FNAME(sync_spte), kvm_mmu_page_role.access).
 _ENTRY_BITS: Final = (PTE_NX, PTE_W, PTE_U, PTE_P, PTE_A, PTE_D)
@@ -539,17 +512,40 @@ def _walked(rng: random.Random, d: _Draft
 
 
 # A corpus entry is mutated again and again (libFuzzer picks from a few thousand), so the
-# walks of its accesses are kept rather than run once more: a run of the program before the
-# access costs as much as a program does.
+# walks of its accesses are kept rather than made once more.
 @functools.lru_cache(maxsize=4096)
 def _walk_after(prefix: bytes, op: Access) -> tuple[tuple[WalkStep, ...], int] | None:
     """The entries in guest frames that ``op``'s walk reads after the program ``prefix``,
-    and their size; None if it reads none (or the prefix diverges)."""
-    walk = _WalkOf(op)
-    if run(decode(prefix), observe=walk).divergence is not None:
+    and their size; None if it reads none. Only the reference runs the program, each access
+    taken to see what the reference expects (what a correct model would: the mutator needs
+    the guest's tables, not a verdict), an interleave's ops one after the other; a program
+    that leaves the reference's contract reads none."""
+    program = decode(prefix)
+    h = program.header
+    r = ReferenceMachine(h.maxphyaddr, speculative=h.unsync)
+    boot = [] if h.boot is GuestMode.OFF else [SetMode(v, h.boot, W.BOOT_ROOT) for v in (0, 1)]
+    try:
+        for o in boot + program.flat_ops():
+            for step in lower(o, r):
+                got = (r.expected(step.vcpu, step.gva, step.akind, cpl=step.cpl, ac=step.ac,
+                                  width=step.width, value=step.value)
+                       if isinstance(step, AccessStep) else DONE)
+                step.on_ref(r, got)
+        cpu = r.cpus[op.vcpu]
+        if cpu.dead:
+            return None
+        state = r.cpu_state(op.vcpu, op.ac)
+        gva = op.va + op.offset
+        acc = WalkAccess(write=op.kind is AccessKind.WRITE, user=op.cpl == 3,
+                         fetch=op.kind is AccessKind.FETCH)
+        _, trace = walk_trace(r.views[cpu.smm], state,
+                              gva if cpu.efer & EFER_LMA else gva & 0xFFFFFFFF, acc)
+    except OutsideContract:
         return None
-    steps = [s for s in walk.steps if s.entry_gpa is not None and s.entry_gpa >> 12 < 64]
-    return (tuple(steps), walk.entry_size) if steps else None
+    finally:
+        r.release()
+    steps = tuple(s for s in trace if s.entry_gpa is not None and s.entry_gpa >> 12 < 64)
+    return (steps, 4 if state.mode is PagingMode.BIT32 else 8) if steps else None
 
 
 def _entry_read(rng: random.Random, step: WalkStep, size: int) -> Entry:
