@@ -617,10 +617,10 @@ def _share(rng: random.Random, d: _Draft) -> None:
     # The address bits the mode translates: 64 in long mode, else 32.
     mask = (1 << 64) - 1 if size == 8 and any(s.level == 4 for s in steps) else 0xFFFFFFFF
     vas = _VAS_BY_LOW[mask]
+    bits = 10 if size == 4 else 9  # index bits per level
     shares = []
     for step in steps:
         assert step.entry_gpa is not None
-        bits = 10 if size == 4 else 9
         shift = 12 + bits * (step.level - 1)
         index = (step.entry_gpa & 0xFFF) // size
         # The bits of an address that pick the way down to the entry's table and the entry.
@@ -656,6 +656,7 @@ _STORE_OFFSET_SET: Final = frozenset(W.STORE_OFFSETS)
 # each standing for the first address that has them).
 _VAS_BY_LOW: Final = {(1 << 64) - 1: {va: va for va in W.VAS},
                       0xFFFFFFFF: {va & 0xFFFFFFFF: va for va in reversed(W.VAS)}}
+
 # The bit of the address that picks the neighbouring entry of the table a map's leaf is in,
 # per level (PAE and long-mode tables; in 32-bit tables a level-2 neighbour is the same PDE).
 _NEIGHBOUR: Final = {1: 1 << 12, 2: 1 << 21, 3: 1 << 30}
