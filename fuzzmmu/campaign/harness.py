@@ -32,9 +32,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
-from fuzzmmu.arch.bits import EFER_LMA, PTE_A, PTE_D, PTE_NX, PTE_P, PTE_U, PTE_W, PagingMode
-from fuzzmmu.arch.walker import Access as WalkAccess
-from fuzzmmu.arch.walker import WalkStep, walk_trace
+from fuzzmmu.arch.bits import PTE_A, PTE_D, PTE_NX, PTE_P, PTE_U, PTE_W, PagingMode
+from fuzzmmu.arch.walker import WalkStep
 from fuzzmmu.campaign.feedback import CounterMap, StateFeedback
 from fuzzmmu.campaign.settings import SettingsError
 from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
@@ -394,6 +393,13 @@ def _pick_site(rng: random.Random, d: _Draft) -> _Site | None:
     return _Site(i, op, prefix, gen, int(gen.in_smm[op.vcpu]))
 
 
+def _as_other_kind(rng: random.Random, op: Access) -> Access:
+    """``op`` as another kind of access (a write stores a value: its seed, or a new one)."""
+    kind = rng.choice([k for k in _ACCESS_KINDS if k is not op.kind])
+    return replace(op, kind=kind,
+                   seed=(op.seed or rng.randrange(1, 256)) if kind is AccessKind.WRITE else 0)
+
+
 def _reaccess(rng: random.Random, d: _Draft) -> None:
     """Touch an address the program accessed once more, another way: a copy of one of its
     accesses with the kind, the privilege, EFLAGS.AC or the vCPU changed, somewhere after
@@ -410,9 +416,7 @@ def _reaccess(rng: random.Random, d: _Draft) -> None:
     i, op = picked
     field = rng.randrange(4)
     if field == 0:
-        kind = rng.choice([k for k in _ACCESS_KINDS if k is not op.kind])
-        seed = (op.seed or rng.randrange(1, 256)) if kind is AccessKind.WRITE else 0
-        op = replace(op, kind=kind, seed=seed)
+        op = _as_other_kind(rng, op)
     elif field == 1:
         op = replace(op, cpl=3 - op.cpl)
     elif field == 2:
@@ -531,21 +535,16 @@ def _walk_after(prefix: bytes, op: Access) -> tuple[tuple[WalkStep, ...], int] |
                                   width=step.width, value=step.value)
                        if isinstance(step, AccessStep) else DONE)
                 step.on_ref(r, got)
-        cpu = r.cpus[op.vcpu]
-        if cpu.dead:
+        if r.cpus[op.vcpu].dead:
             return None
-        state = r.cpu_state(op.vcpu, op.ac)
-        gva = op.va + op.offset
-        acc = WalkAccess(write=op.kind is AccessKind.WRITE, user=op.cpl == 3,
-                         fetch=op.kind is AccessKind.FETCH)
-        _, trace = walk_trace(r.views[cpu.smm], state,
-                              gva if cpu.efer & EFER_LMA else gva & 0xFFFFFFFF, acc)
+        _, trace = r.trace(op.vcpu, op.va + op.offset, op.kind, cpl=op.cpl, ac=op.ac)
+        size = 4 if r.cpu_state(op.vcpu, op.ac).mode is PagingMode.BIT32 else 8
     except OutsideContract:
         return None
     finally:
         r.release()
     steps = tuple(s for s in trace if s.entry_gpa is not None and s.entry_gpa >> 12 < 64)
-    return (steps, 4 if state.mode is PagingMode.BIT32 else 8) if steps else None
+    return (steps, size) if steps else None
 
 
 def _entry_read(rng: random.Random, step: WalkStep, size: int) -> Entry:
@@ -589,12 +588,7 @@ def _rewrite(rng: random.Random, d: _Draft) -> None:
     else:
         _reaccess(rng, d)
         return
-    again = op
-    if rng.random() < 0.3:
-        kind = rng.choice([k for k in _ACCESS_KINDS if k is not op.kind])
-        again = replace(op, kind=kind, seed=(op.seed or rng.randrange(1, 256))
-                        if kind is AccessKind.WRITE else 0)
-    new.append(again)
+    new.append(_as_other_kind(rng, op) if rng.random() < 0.3 else op)
     at = rng.randint(i + 1, len(d.recs))
     d.recs[at:at] = [op_record(x) for x in new]
 

@@ -43,12 +43,15 @@ from fuzzmmu.arch.walker import (
     Memory,
     PdpteLoadError,
     Walked,
+    WalkResult,
+    WalkStep,
     access_fault,
     fault_error_code,
     load_pdptrs,
     set_accessed_dirty,
     walk,
     walk_leaf,
+    walk_trace,
 )
 from fuzzmmu.world.layout import new_world
 from fuzzmmu.world.memslots import MemslotChange, MemslotError, MemslotUpdate, PhysMemory
@@ -237,6 +240,14 @@ class ReferenceMachine:
             return Observation(ObsKind.PF, gva, 0, res.error_code)
         assert res.gpa is not None
         return self._outcome(v, res.gpa, write, width, value)
+
+    def trace(self, v: int, gva: int, kind: AccessKind, *, cpl: int = 0, ac: bool = False
+              ) -> tuple[WalkResult, list[WalkStep]]:
+        """The walk of the current tables with every entry it reads (for the replay's
+        explanation and the mutator's aim; nothing is changed)."""
+        c = self.cpus[v]
+        gva = gva if c.efer & EFER_LMA else gva & 0xFFFFFFFF
+        return walk_trace(self.views[c.smm], self.cpu_state(v, ac), gva, _ACCESSES[kind, cpl == 3])
 
     def speculative_walk(self, v: int, gva: int, kind: AccessKind, *, cpl: int = 0,
                          ac: bool = False) -> None:

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fuzzmmu.arch.bits import EFER_LMA, PAGE_SHIFT, acc_str
-from fuzzmmu.arch.walker import Access, CpuState, WalkResult, WalkStep, walk_trace
+from fuzzmmu.arch.walker import CpuState, WalkResult, WalkStep
 from fuzzmmu.model.machine import Machine
 from fuzzmmu.model.mmu import spte as S
 from fuzzmmu.model.mmu.context import shadow_walk
@@ -20,7 +20,6 @@ from fuzzmmu.oracle.executor import AccessStep, Outcome, Step
 from fuzzmmu.oracle.reference import ReferenceMachine
 from fuzzmmu.program.text import format_header, format_op
 from fuzzmmu.ui.walkview import steps_table, verdict_str
-from fuzzmmu.world.observe import AccessKind
 
 
 @dataclass
@@ -45,9 +44,7 @@ def capture(model: Machine, ref: ReferenceMachine, step: Step) -> AccessView | N
     c = ref.cpus[v]
     gva = step.gva if c.efer & EFER_LMA else step.gva & 0xFFFFFFFF
     cpu = ref.cpu_state(v, step.ac)
-    acc = Access(write=step.akind is AccessKind.WRITE, user=step.cpl == 3,
-                 fetch=step.akind is AccessKind.FETCH)
-    res, steps = walk_trace(ref.phys.view(c.smm), cpu, gva, acc)
+    res, steps = ref.trace(v, gva, step.akind, cpl=step.cpl, ac=step.ac)
     vcpu = model.vcpus[v]
     mgva = gva if vcpu.efer & EFER_LMA else gva & 0xFFFFFFFF
     path = [(level, repr(sp), i, sp.sptv[i]) for sp, i, level in shadow_walk(model.kvm, vcpu,
