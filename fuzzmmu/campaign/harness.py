@@ -8,15 +8,16 @@ run it: fuzzmmu.kvm.support.host_program). Divergences with a suppressed signatu
 findings) are recorded instead of raised, so a campaign goes on past them.
 
 The mutator edits programs at the op level (records of the binary form), stacking a few of:
-insert an op aimed at the program's addresses and tables, delete, duplicate, swap, change one
-field of one op (one mixed-radix digit), access an accessed address again another way, map
-a mapped frame again through a neighbouring entry with other rights, take a memslot away
+insert an op aimed at the program's addresses and tables, delete, duplicate, swap, change
+one field of one op (one mixed-radix digit), access an accessed address again another way,
+map a mapped frame again through a neighbouring entry with other rights, take a memslot away
 from under an access and give it back, give memory to a gfn a map names without any, write
-an entry an access's walk read (one bit flipped, or a store across it and its neighbour),
-link a table the walk went through from a second entry with other rights and replay the
-accesses through it, change the machine configuration or boot mode, replace the tail with
-random records; part of the time it leaves the bytes to libFuzzer's own byte mutator. The
-two that follow a walk run the program up to the access on the reference alone.
+an entry an access's walk read (one bit flipped, or a store across it and its neighbour;
+after the access, or from the other vCPU while the access is inside KVM), link a table the
+walk went through from a second entry with other rights and replay the accesses through it,
+change the machine configuration or boot mode, replace the tail with random records; part of
+the time it leaves the bytes to libFuzzer's own byte mutator. The two that follow a walk run
+the program up to the access on the reference alone.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fuzzmmu.arch.bits import PTE_A, PTE_D, PTE_NX, PTE_P, PTE_U, PTE_W, PagingM
 from fuzzmmu.arch.walker import WalkStep
 from fuzzmmu.campaign.feedback import CounterMap, StateFeedback
 from fuzzmmu.campaign.settings import SettingsError
+from fuzzmmu.model.mmu.internal import Point
 from fuzzmmu.oracle.divergence import Divergence, DivergenceKind
 from fuzzmmu.oracle.executor import AccessStep, Outcome, lower, run
 from fuzzmmu.oracle.reference import OutsideContract, ReferenceMachine
@@ -69,6 +71,7 @@ from fuzzmmu.program.ops import (
     Store,
     WritePte,
 )
+from fuzzmmu.program.world import Extra
 from fuzzmmu.world.memslots import MemslotChange
 from fuzzmmu.world.observe import DONE, AccessKind
 
@@ -396,8 +399,12 @@ def _pick_site(rng: random.Random, d: _Draft) -> _Site | None:
 def _as_other_kind(rng: random.Random, op: Access) -> Access:
     """``op`` as another kind of access (a write stores a value: its seed, or a new one)."""
     kind = rng.choice([k for k in _ACCESS_KINDS if k is not op.kind])
-    return replace(op, kind=kind,
-                   seed=(op.seed or rng.randrange(1, 256)) if kind is AccessKind.WRITE else 0)
+    return _as_write(rng, op) if kind is AccessKind.WRITE else replace(op, kind=kind, seed=0)
+
+
+def _as_write(rng: random.Random, op: Access) -> Access:
+    """``op`` as a write (of its seed, or a new one)."""
+    return replace(op, kind=AccessKind.WRITE, seed=op.seed or rng.randrange(1, 256))
 
 
 def _reaccess(rng: random.Random, d: _Draft) -> None:
@@ -474,25 +481,39 @@ def _vacate(rng: random.Random, d: _Draft) -> None:
 def _fill(rng: random.Random, d: _Draft) -> None:
     """Give memory to a gfn the program maps without any: a frame one of its maps names (at
     the address one of its accesses touches, if there is one) that has no memslot in the
-    address space of the access's vCPU gets one, created somewhere after the access, and the
-    access runs again after that. What KVM made of the gfn while it had no memory, an MMIO
-    spte or the vCPU's MMIO cache under the memslot generation of then (mark_mmio_spte(),
-    vcpu_cache_mmio_info()), must not outlive the memslot; vacate's converse."""
+    address space of the access's vCPU gets one, created somewhere after the access (now and
+    then with the access inside the update), and the access runs again after that. What KVM
+    made of the gfn while it had no memory, an MMIO spte or the vCPU's MMIO cache under the
+    memslot generation of then (mark_mmio_spte(), vcpu_cache_mmio_info()), must not outlive
+    the memslot; vacate's converse."""
     site = _pick_site(rng, d)
     if site is None:
         _insert(rng, d)
         return
+    # The memslot is made where it goes in: what is free there, not at the access.
+    at = rng.randint(site.i + 1, len(d.recs))
+    there = Generator(rng, site.prefix.header, decode(d.header + b"".join(d.recs[:at])))
+
     def creates(maps: list[Map]) -> list[Memslot]:
         return [c for t in dict.fromkeys(m.entry.target for m in maps)
-                if (c := site.gen.cover(site.as_id, t)) is not None]
+                if (c := there.cover(site.as_id, t)) is not None]
 
     maps = [m for m in site.prefix.flat_ops() if isinstance(m, Map)]
     found = creates([m for m in maps if m.va == site.op.va]) or creates(maps)
     if not found:
         _vacate(rng, d)
         return
-    at = rng.randint(site.i + 1, len(d.recs))
-    d.recs.insert(at, op_record(rng.choice(found)))
+    create = rng.choice(found)
+    if rng.random() < 0.3:
+        # With a vCPU's access to the gfn inside the update, after the new generation is
+        # published and before the MMIO sptes of the old one are gone (install_new_memslots(),
+        # kvm_mmu_invalidate_mmio_sptes()): whatever it caches there must not outlive it.
+        inside = replace(site.op, vcpu=rng.randrange(2))
+        d.recs[at:at] = _op_records(d.start.header,
+                                    Interleave(Point.MEMSLOT_PUBLISH, create, (inside,)))
+        at += 2
+    else:
+        d.recs.insert(at, op_record(create))
     d.recs.insert(rng.randint(at + 1, len(d.recs)), d.recs[site.i])
 
 
@@ -500,6 +521,8 @@ def _fill(rng: random.Random, d: _Draft) -> None:
 # each in its sptes or its shadow pages' roles: FNAME(sync_spte), kvm_mmu_page_role.access).
 _ENTRY_BITS: Final = (PTE_NX, PTE_W, PTE_U, PTE_P, PTE_A, PTE_D)
 _FLAG_MASK: Final = sum(FLAG_BITS.values())
+# The extras an entry of each size can carry (a 4-byte entry has no bit 62).
+_EXTRAS: Final = {4: (Extra.RSVD, Extra.BIT13), 8: (Extra.RSVD, Extra.BIT13, Extra.BIT62)}
 
 
 def _walked(rng: random.Random, d: _Draft
@@ -558,12 +581,14 @@ def _entry_read(rng: random.Random, step: WalkStep, size: int) -> Entry:
 def _rewrite(rng: random.Random, d: _Draft) -> None:
     """Write, after one of the program's accesses, to a guest page-table entry its walk read
     (the reference walks it where the program is then): the entry again with one bit among
-    its rights, presence and A/D flipped, or a store of 2, 4 or 8 bytes that straddles it
-    and the entry next to it; the access runs again after that, now and then as another kind
-    of access. The tables an access walks are what KVM shadows for it, write-protects and
-    emulates the guest's stores to (kvm_mmu_pte_write(): one spte or two per store,
-    detect_write_misaligned(), the 32-bit PDE that maps two shadow PDEs); a store there is
-    where a shadow page and its guest table part ways."""
+    its rights, presence and A/D flipped or with a bit only some modes reserve, or a store
+    of 2, 4 or 8 bytes that straddles it and the entry next to it; the access runs again
+    after that, now and then as another kind of access, or from both vCPUs. Now and then
+    the other vCPU writes instead while the access is inside KVM (an interleave). The tables
+    an access walks are what KVM shadows for it, write-protects and emulates the guest's
+    stores to (kvm_mmu_pte_write(): one spte or two per store, detect_write_misaligned(),
+    the 32-bit PDE that maps two shadow PDEs); a store there is where a shadow page and its
+    guest table part ways."""
     walked = _walked(rng, d)
     if walked is None:
         _reaccess(rng, d)
@@ -573,24 +598,60 @@ def _rewrite(rng: random.Random, d: _Draft) -> None:
     assert step.entry_gpa is not None
     frame, at_byte = step.entry_gpa >> 12, step.entry_gpa & 0xFFF
     read = _entry_read(rng, step, size)
-    bits = _ENTRY_BITS[1:] if size == 4 else _ENTRY_BITS  # a 4-byte entry has no NX
-    entry = replace(read, flags=read.flags ^ rng.choice(bits))
+    if rng.random() < 0.25:
+        # A bit that is reserved in some modes, levels or page sizes only, not the others
+        # (SDM 4.3, 4.4.2, 4.5.4): what the walk of each vCPU, in its own mode, must check
+        # of a table that both reach (a shadow page's role keys its mode; is_rsvd_spte()).
+        entry = replace(read, extra=rng.choice(_EXTRAS[size]))
+    else:
+        bits = _ENTRY_BITS[1:] if size == 4 else _ENTRY_BITS  # a 4-byte entry has no NX
+        entry = replace(read, flags=read.flags ^ rng.choice(bits))
     index = at_byte // size
     straddle = [(o, w) for w in (2, 4, 8) for b in (at_byte, at_byte + size)
                 for o in range(b - w + 1, b) if o in _STORE_OFFSET_SET and o + w <= 4096]
     vcpu = rng.choice((op.vcpu, op.vcpu, 1 - op.vcpu))
-    new: list[Op]
+    write: Store | WritePte
     if straddle and (rng.random() < 0.5 or index not in W.SLOTS):
         o, w = rng.choice(straddle)
-        new = [Store(vcpu, frame, o, w, entry)]
+        write = Store(vcpu, frame, o, w, entry)
     elif index in W.SLOTS:
-        new = [WritePte(vcpu, frame, index, entry, size)]
+        write = WritePte(vcpu, frame, index, entry, size)
     else:
         _reaccess(rng, d)
         return
-    new.append(_as_other_kind(rng, op) if rng.random() < 0.3 else op)
+    again = _as_other_kind(rng, op) if rng.random() < 0.3 else op
+    new: list[Op] = [write, again]
+    if rng.random() < 0.3:
+        # And from the other vCPU: both walk the table through one shadow page when their
+        # roles agree, whatever each one's own context says of the entry.
+        new.append(replace(again, vcpu=1 - again.vcpu))
+    if rng.random() < 0.3 and _top_level(d.recs, i):
+        # Or the other vCPU writes the entry while the access is inside KVM, between its
+        # walk and its spte (an interleave), and then walks the same way itself: KVM walks
+        # the guest's tables unlocked and must see the entry change before it links what the
+        # walk read (FNAME(gpte_changed), mmu_invalidate_retry, the gpte re-read of
+        # FNAME(fetch)); the access runs again behind a TLB flush of its address.
+        write = replace(write, vcpu=1 - op.vcpu)
+        second = (write, replace(op, vcpu=1 - op.vcpu)) if rng.random() < 0.5 else (write,)
+        race = _op_records(d.start.header, Interleave(rng.choice(_RACE_POINTS), op, second))
+        d.recs[i:i + 1] = race
+        i += len(race) - 1
+        new[0] = Invlpg(op.vcpu, op.va)
     at = rng.randint(i + 1, len(d.recs))
     d.recs[at:at] = [op_record(x) for x in new]
+
+
+def _top_level(recs: list[bytes], i: int) -> bool:
+    """Whether record ``i`` is an op of its own, not part of an interleave."""
+    j = 0
+    while j < i:
+        kind, digits = record_digits(recs[j])
+        j += 3 + digits[-1][0] if kind is Interleave else 1  # header, first, 1 + seconds
+    return j == i
+
+
+# Where in KVM's fault path another vCPU can act while an access is inside it.
+_RACE_POINTS: Final = (Point.WALKED, Point.FAULTIN, Point.PRE_LEAF, Point.EMULATE)
 
 
 def _share(rng: random.Random, d: _Draft) -> None:
@@ -598,11 +659,12 @@ def _share(rng: random.Random, d: _Draft) -> None:
     walk's entry there points (the table below, or the page), with one right (W, U or NX)
     changed, after the access; then the program's accesses that went through the first entry
     (up to four, in their order) once more through the second (addresses that differ from
-    theirs at that level only), and now and then the first access through the first entry
-    again. A guest table linked from two parents with different rights is shadowed once per
-    access the walk down to it allows (role.access, kvm_mmu_get_child_sp()); a page reached
-    twice is two sptes in one rmap. The traffic of both ways through the shared table is
-    what shows whether KVM keys its shadow by what each way allows."""
+    theirs at that level only), now and then the first access through the first entry again,
+    and now and then a write each way. A guest table linked from two parents with different
+    rights is shadowed once per access the walk down to it allows (role.access,
+    kvm_mmu_get_child_sp()); a page reached twice is two sptes in one rmap. The traffic of
+    both ways through the shared table is what shows whether KVM keys its shadow by what
+    each way allows."""
     walked = _walked(rng, d)
     if walked is None:
         _reaccess(rng, d)
@@ -630,17 +692,25 @@ def _share(rng: random.Random, d: _Draft) -> None:
     assert step.entry_gpa is not None
     read = _entry_read(rng, step, size)
     rights = _RIGHTS if size == 8 else _RIGHTS[:2]
-    new: list[Op] = [WritePte(op.vcpu, step.entry_gpa >> 12, index,
-                              replace(read, flags=read.flags ^ rng.choice(rights)), size)]
+    link = WritePte(op.vcpu, step.entry_gpa >> 12, index,
+                    replace(read, flags=read.flags ^ rng.choice(rights)), size)
+    ways: list[Access] = []
     for rec in d.recs:
-        if record_digits(rec)[0] is Access and len(new) <= 4:
+        if record_digits(rec)[0] is Access and len(ways) < 4:
             access = decode_record(rec)
             assert isinstance(access, Access)
             moved = vas.get((access.va & mask & ~above) | (va & above))
             if (access.va ^ op.va) & above == 0 and moved is not None:
-                new.append(replace(access, va=moved))
+                ways.append(replace(access, va=moved))
     if rng.random() < 0.5:
-        new.append(op)
+        ways.append(op)
+    new: list[Op] = [link, *ways]
+    if ways and rng.random() < 0.3:
+        # Then both ways written, the second one first. A writable entry with D clear is
+        # shadowed read-only until its first write sets D (FNAME(fetch), the dirty-bit
+        # trick), in a shadow page that a way with fewer rights may share; what the first
+        # write makes writable must be only what its own way allows.
+        new += [_as_write(rng, ways[0]), Invlpg(op.vcpu, op.va), _as_write(rng, op)]
     at = rng.randint(i + 1, len(d.recs))
     d.recs[at:at] = [op_record(x) for x in new]
 

@@ -339,23 +339,25 @@ read cpu1 0x0+0x0 width=8 cpl=0
 
 
 def test_a_fill_gives_memory_to_a_mapped_gfn_that_has_none_and_accesses_it_again() -> None:
-    from fuzzmmu.program.ops import Access, Memslot
+    from fuzzmmu.model.mmu.internal import Point
+    from fuzzmmu.program.ops import Access, Interleave, Memslot
     from fuzzmmu.program.text import parse_program
     from fuzzmmu.world.layout import MMIO_HOLE
     from fuzzmmu.world.memslots import MemslotChange
 
     program = parse_program(FILL_PROGRAM)
-    filled = vacated = 0
+    filled = vacated = raced = 0
     regions = set()
     for seed in range(200):
         ops, _ = _mutated(harness._fill, program, seed)
-        slots = [i for i, op in enumerate(ops) if isinstance(op, Memslot)]
+        flat = Program(program.header, ops).flat_ops()
+        slots = [i for i, op in enumerate(flat) if isinstance(op, Memslot)]
         if len(slots) == 2:  # cpu1's access: gfn 0x30 is SMRAM in SMM, so vacate instead
             vacated += 1
             continue
         filled += 1
-        assert len(ops) == len(program.ops) + 2 and len(slots) == 1
-        create = ops[slots[0]]
+        assert len(slots) == 1
+        create = flat[slots[0]]
         assert isinstance(create, Memslot) and create.change is MemslotChange.CREATE
         # the hole's gfn 0x30 in address space 0 (cpu0 is outside SMM), in the first free
         # slot, the region within the hole
@@ -365,10 +367,38 @@ def test_a_fill_gives_memory_to_a_mapped_gfn_that_has_none_and_accesses_it_again
         regions.add((create.base, create.npages))
         # after the access to the address mapped to it, and the same access after it
         access = program.ops[2]
-        assert ops.index(access) < slots[0]
-        assert access in ops[slots[0] + 1:] and isinstance(access, Access)
-    assert filled > 60 and vacated > 60
+        assert isinstance(access, Access)
+        k = next(i for i, op in enumerate(ops) if create in (op, getattr(op, "first", None)))
+        assert ops.index(access) < k and access in ops[k + 1:]
+        if isinstance(ops[k], Interleave):
+            # now and then with the access, from either vCPU, inside the update: after its
+            # generation is published, before the MMIO sptes of the old one are zapped
+            assert ops[k].point is Point.MEMSLOT_PUBLISH and len(ops[k].second) == 1
+            assert replace(ops[k].second[0], vcpu=0) == access
+            raced += 1
+        else:
+            assert len(ops) == len(program.ops) + 2
+    assert filled > 60 and vacated > 60 and 15 < raced < filled // 2
     assert regions == {(0x30, 1), (0x30, 4), (0x30, 8)}
+
+
+def test_a_fill_takes_a_memslot_that_is_free_where_it_goes_in() -> None:
+    from fuzzmmu.program.ops import Memslot
+    from fuzzmmu.program.text import parse_program
+
+    # slot 2 is free at the access and taken after it
+    program = parse_program(FILL_PROGRAM.split("smi")[0]
+                            + "memslot as=0 slot=2 create base=0x40 npages=1 hva=0x30\n")
+    taken = {False: set(), True: set()}
+    for seed in range(100):
+        ops, _ = _mutated(harness._fill, program, seed)
+        flat = Program(program.header, ops).flat_ops()
+        made = [i for i, op in enumerate(flat) if isinstance(op, Memslot) and op.base != 0x40]
+        assert len(made) == 1
+        given = flat[made[0]]
+        assert isinstance(given, Memslot)
+        taken[made[0] > flat.index(program.ops[-1])].add(given.slot)
+    assert taken == {False: {2}, True: {3}}
 
 
 def test_a_mutator_that_raises_ends_the_process_with_the_call_that_reproduces_it() -> None:
@@ -433,30 +463,54 @@ PRESENT_RW_USER = PTE_P | PTE_W | PTE_U  # how REWRITE_PROGRAM's map writes each
 ])
 def test_a_rewrite_writes_an_entry_the_access_walked_and_accesses_again(
         boot: str, size: int, entries: dict[tuple[int, int], int]) -> None:
-    from fuzzmmu.program.ops import Access, Store, WritePte
+    from fuzzmmu.model.mmu.internal import Point
+    from fuzzmmu.program.ops import Access, Interleave, Invlpg, Store, WritePte
     from fuzzmmu.program.text import parse_program
+    from fuzzmmu.program.world import Extra
 
     program = parse_program(REWRITE_PROGRAM.format(boot=boot))
     access = program.ops[1]
     assert isinstance(access, Access)
     bits = {PTE_W, PTE_U, PTE_P, PTE_A, PTE_D} | ({PTE_NX} if size == 8 else set())
-    rewritten, straddled, flipped, kinds = set(), set(), set(), set()
-    for seed in range(300):
+    extras = {Extra.RSVD, Extra.BIT13} | ({Extra.BIT62} if size == 8 else set())
+    rewritten, straddled, flipped, kinds, marked = set(), set(), set(), set(), set()
+    points, others, after = set(), 0, 0
+    for seed in range(400):
         ops, _ = _mutated(harness._rewrite, program, seed)
-        assert ops[:2] == program.ops and len(ops) == 4
-        write, again = ops[2], ops[3]
-        # the access again, now and then as another kind of access
-        assert isinstance(again, Access)
-        assert replace(again, kind=access.kind, seed=0) == access
-        kinds.add(again.kind)
+        assert ops[0] == program.ops[0]
+        if isinstance(ops[1], Interleave):
+            # the other vCPU writes while the access is inside KVM, maybe walks the same way
+            # itself; the access runs again behind an INVLPG of its address
+            race = ops[1]
+            assert race.first == access and race.point in harness._RACE_POINTS
+            points.add(race.point)
+            write, rest = race.second[0], race.second[1:]
+            assert write.vcpu == 1 and rest in ((), (replace(access, vcpu=1),))
+            assert ops[2] == Invlpg(0, access.va)
+            again = ops[3:]
+        else:
+            assert ops[1] == access
+            write, again = ops[2], ops[3:]
+            after += 1
+        # the access again, now and then as another kind of access, or from both vCPUs
+        assert isinstance(again[0], Access) and again[0].vcpu == 0
+        assert replace(again[0], kind=access.kind, seed=0) == access
+        kinds.add(again[0].kind)
+        assert again[1:] in ((), (replace(again[0], vcpu=1),))
+        others += len(again) == 2
         if isinstance(write, WritePte):
             # an entry the walk read, with one bit of its rights, presence or A/D flipped
-            # (every entry on the way is present, writable and user)
+            # (every entry on the way is present, writable and user), or a bit that is
+            # reserved in some modes only
             assert write.width == size
             assert write.entry.target == entries[write.table, write.index * size]
-            assert write.entry.flags ^ PRESENT_RW_USER in bits
+            if write.entry.extra is Extra.NONE:
+                assert write.entry.flags ^ PRESENT_RW_USER in bits
+                flipped.add(write.entry.flags ^ PRESENT_RW_USER)
+            else:
+                assert write.entry.flags == PRESENT_RW_USER
+                marked.add(write.entry.extra)
             rewritten.add(write.table)
-            flipped.add(write.entry.flags ^ PRESENT_RW_USER)
         else:
             # a store across the boundary of an entry the walk read and its neighbour's
             assert isinstance(write, Store) and write.width in (2, 4, 8)
@@ -465,7 +519,21 @@ def test_a_rewrite_writes_an_entry_the_access_walked_and_accesses_again(
             straddled.add(write.frame)
     frames = {frame for frame, _ in entries}
     assert rewritten == frames and straddled == frames
-    assert flipped == bits and len(kinds) == 3
+    assert flipped == bits and marked == extras and len(kinds) == 3
+    assert points == set(harness._RACE_POINTS) and Point.MEMSLOT_PUBLISH not in points
+    assert 200 < after < 340 and 60 < others < 180
+
+
+def test_a_rewrite_races_only_an_access_of_its_own() -> None:
+    """An access that is part of an interleave is not made the first of another one."""
+    from fuzzmmu.program.text import parse_program
+
+    program = parse_program(REWRITE_PROGRAM.format(boot="4level").replace(
+        "read cpu0", "interleave at=walked\n  read cpu0") + "  zap-all\n" + "zap-all\n")
+    _, recs = harness._records(encode(program))
+    # map; interleave header, its read, its zap-all; zap-all
+    assert [harness._top_level(recs, i) for i in range(len(recs))] == [
+        True, True, False, False, True]
 
 
 SHARE_PROGRAM = """\
@@ -483,14 +551,15 @@ write cpu0 0x200000+0x0 width=8 cpl=3 seed=0x1
 
 
 def test_a_share_links_a_walked_table_twice_and_replays_its_accesses_the_other_way() -> None:
-    from fuzzmmu.program.ops import Access, WritePte
+    from fuzzmmu.program.ops import Access, Invlpg, WritePte
     from fuzzmmu.program.text import parse_program
+    from fuzzmmu.world.observe import AccessKind
 
     program = parse_program(SHARE_PROGRAM)
     entries = {(op.table, op.index): op.entry for op in program.ops if isinstance(op, WritePte)}
     accesses = [op for op in program.ops if isinstance(op, Access)]
     level_of = {0x1: 4, 0x8: 3, 0x9: 2, 0xA: 1, 0xB: 1}  # the table in each frame
-    levels, both = set(), 0
+    levels, both, written = set(), 0, 0
     for seed in range(300):
         ops, _ = _mutated(harness._share, program, seed)
         k = next(i for i, op in enumerate(ops) if op not in program.ops)
@@ -506,11 +575,27 @@ def test_a_share_links_a_walked_table_twice_and_replays_its_accesses_the_other_w
         shift = 12 + 9 * (level - 1)
         # then the program's accesses through the first entry, in their order, through the
         # second (addresses that differ at that level only), maybe the first access again
-        moved = [op for op in ops[k + 1:] if op not in accesses]
+        added = list(ops[k + 1:])
+        flushes = [j for j, op in enumerate(added) if isinstance(op, Invlpg)]
+        if flushes:
+            # then, now and then, both ways written: the second one's first replay as a
+            # write, an INVLPG and the walked access as a write
+            j, = flushes
+            first_write, flush, last_write = added[j - 1:j + 2]
+            assert isinstance(first_write, Access) and isinstance(last_write, Access)
+            assert isinstance(added[0], Access) and first_write.kind is AccessKind.WRITE
+            assert replace(first_write, kind=added[0].kind, seed=added[0].seed) == added[0]
+            walked = next(a for a in accesses
+                          if replace(last_write, kind=a.kind, seed=a.seed) == a)
+            assert flush == Invlpg(walked.vcpu, walked.va)
+            assert last_write.kind is AccessKind.WRITE and last_write.seed
+            del added[j - 1:j + 2]
+            written += 1
+        moved = [op for op in added if op not in accesses]
         assert all(isinstance(m, Access) and m.va >> shift == moved[0].va >> shift
                    and (m.va >> shift) & 511 == link.index for m in moved)
         way = moved[0].va >> shift ^ link.index ^ first
         assert [replace(m, va=0) for m in moved] == [
             replace(a, va=0) for a in accesses if a.va >> shift == way]
         both += len(moved) == 2
-    assert levels == {3, 2, 1} and both > 30
+    assert levels == {3, 2, 1} and both > 30 and 50 < written < 150
