@@ -620,6 +620,9 @@ def _rewrite(rng: random.Random, d: _Draft) -> None:
         _reaccess(rng, d)
         return
     again = _as_other_kind(rng, op) if rng.random() < 0.3 else op
+    # Behind an INVLPG, after which the guest must see the entry as written (SDM 4.10.4.1):
+    # without one, the translation the access made before may stand.
+    flush = rng.random() < 0.5
     new: list[Op] = [write, again]
     if rng.random() < 0.3:
         # And from the other vCPU: both walk the table through one shadow page when their
@@ -630,13 +633,15 @@ def _rewrite(rng: random.Random, d: _Draft) -> None:
         # walk and its spte (an interleave), and then walks the same way itself: KVM walks
         # the guest's tables unlocked and must see the entry change before it links what the
         # walk read (FNAME(gpte_changed), mmu_invalidate_retry, the gpte re-read of
-        # FNAME(fetch)); the access runs again behind a TLB flush of its address.
+        # FNAME(fetch)); the access runs again behind an INVLPG.
         write = replace(write, vcpu=1 - op.vcpu)
         second = (write, replace(op, vcpu=1 - op.vcpu)) if rng.random() < 0.5 else (write,)
         race = _op_records(d.start.header, Interleave(rng.choice(_RACE_POINTS), op, second))
         d.recs[i:i + 1] = race
         i += len(race) - 1
         new[0] = Invlpg(op.vcpu, op.va)
+    elif flush:
+        new.insert(1, Invlpg(op.vcpu, op.va))
     at = rng.randint(i + 1, len(d.recs))
     d.recs[at:at] = [op_record(x) for x in new]
 
