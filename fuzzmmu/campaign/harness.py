@@ -509,9 +509,9 @@ def _fill(rng: random.Random, d: _Draft) -> None:
         # published and before the MMIO sptes of the old one are gone (install_new_memslots(),
         # kvm_mmu_invalidate_mmio_sptes()): whatever it caches there must not outlive it.
         inside = replace(site.op, vcpu=rng.randrange(2))
-        d.recs[at:at] = _op_records(d.start.header,
-                                    Interleave(Point.MEMSLOT_PUBLISH, create, (inside,)))
-        at += 2
+        race = _op_records(d.start.header, Interleave(Point.MEMSLOT_PUBLISH, create, (inside,)))
+        d.recs[at:at] = race
+        at += len(race) - 1
     else:
         d.recs.insert(at, op_record(create))
     d.recs.insert(rng.randint(at + 1, len(d.recs)), d.recs[site.i])
