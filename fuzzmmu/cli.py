@@ -882,7 +882,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    console = Console(highlight=False)
+    # soft_wrap: a line longer than the terminal (a crash file's path, under a deep
+    # directory) is not broken in two, which would keep it from being copied whole.
+    console = Console(highlight=False, soft_wrap=True)
     return int(args.func(args, console))
 
 
